@@ -1,0 +1,1 @@
+"""Dataset fingerprint and nnU-Net-style experiment planning (spacing, normalisation, patch, topology)."""

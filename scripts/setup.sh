@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment and install pancreas_mtl into it (idempotent).
+#
+# On a machine without CUDA the CPU build of torch is installed first, pinned, so that nothing
+# later pulls a multi-GB CUDA build through torch's open version range. Machines with CUDA get
+# pip's usual torch build.
+#
+#   scripts/setup.sh            runtime dependencies
+#   scripts/setup.sh dev        plus the test dependencies
+#
+# Environment: PYTHON (interpreter, default python3), VENV (default .venv),
+# TORCH_CPU_VERSION (default 2.13.0), TORCH_INDEX_URL (optional index for the CPU wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="${1:-}"
+python="${PYTHON:-python3}"
+venv="${VENV:-.venv}"
+torch_cpu_version="${TORCH_CPU_VERSION:-2.13.0}"
+stamp="$venv/.installed${extras:+-$extras}"
+
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+    exit 0
+fi
+
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+
+if ! command -v nvidia-smi >/dev/null 2>&1 && ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+    echo "setup: no CUDA on this machine, installing the CPU build torch==$torch_cpu_version first"
+    "${pip[@]}" install -q "torch==$torch_cpu_version" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+fi
+
+target="."
+[ -n "$extras" ] && target=".[$extras]"
+echo "setup: installing pancreas_mtl ($target) into $venv"
+"${pip[@]}" install -q -e "$target"
+touch "$stamp"
