@@ -1,0 +1,161 @@
+"""Reading and writing 3D images: NIfTI through nibabel, NRRD/MHA through SimpleITK.
+
+Axis order is where this code meets the files. On disk (NIfTI) voxels are indexed (x, y, z) = (i, j, k)
+and the affine maps (i, j, k, 1) to RAS+ millimetres. In memory every array of this project is
+(Z, Y, X): ``array[k, j, i]``. The affine is kept exactly as the file has it, so a mask written back
+with it lands on the input's grid.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from pancreas_mtl.data.errors import DataError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+
+# ITK stores geometry in LPS; NIfTI affines are RAS.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D image in tensor axis order.
+
+    Attributes:
+        array: voxels, shape (Z, Y, X), dtype as stored in the file.
+        affine: 4x4 matrix mapping voxel index (x, y, z, 1) to RAS+ mm, as NIfTI stores it.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm, (z, y, x)."""
+        return spacing_from_affine(self.affine)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape)
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size (z, y, x) in mm: the lengths of the affine's (x, y, z) columns, reversed."""
+    column_lengths = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return tuple(float(s) for s in column_lengths[::-1])
+
+
+def image_suffix(path: str | Path) -> str | None:
+    """The supported suffix ``path`` ends with (``.nii.gz`` before ``.nii``), or None."""
+    name = str(path).lower()
+    return next((suffix for suffix in SUPPORTED_SUFFIXES if name.endswith(suffix)), None)
+
+
+def strip_suffix(path: str | Path) -> str:
+    """File name without its image suffix: ``quiz_0_041_0000.nii.gz`` -> ``quiz_0_041_0000``."""
+    name = Path(path).name
+    suffix = image_suffix(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read a 3D image; every failure is a DataError that names the file and the reason."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix is None:
+        raise DataError(path, f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise DataError(path, "file is empty (0 bytes)")
+    if suffix in NIFTI_SUFFIXES:
+        array, affine = _read_nifti(path)
+    else:
+        array, affine = _read_itk(path)
+    if array.ndim != 3:
+        raise DataError(path, f"expected a 3D image, found {array.ndim}D with shape {tuple(array.shape)} (x, y, z, ...)")
+    return Volume(array=array, affine=affine)
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except (EOFError, zlib.error, OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        raise DataError(path, f"cannot read NIfTI, the file is truncated or not an image ({type(exc).__name__}: {exc})") from exc
+    header_spacing = _raw_pixdim(path)
+    if header_spacing is not None and (np.any(header_spacing <= 0) or not np.all(np.isfinite(header_spacing))):
+        raise DataError(path, f"header voxel spacing (pixdim, x y z) must be positive, found {tuple(header_spacing)}")
+    # A trailing singleton axis (x, y, z, 1) is still a 3D volume.
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        return data, image.affine
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), np.asarray(image.affine, dtype=np.float64)
+
+
+def _raw_pixdim(path: Path) -> np.ndarray | None:
+    """pixdim[1:4] as written in the file. nibabel silently replaces zeros by 1 on load, which would
+    turn a broken header into a plausible but wrong 1 mm spacing."""
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            block = stream.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None  # nibabel reports the unreadable file
+    for size, offset, code in ((348, 76, "f"), (540, 104, "d")):  # NIfTI-1 and NIfTI-2 headers
+        for order in "<>":
+            if len(block) >= size and struct.unpack(order + "i", block[:4])[0] == size:
+                return np.asarray(struct.unpack(f"{order}4{code}", block[offset:offset + 4 * struct.calcsize(code)])[1:4])
+    return None
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        import SimpleITK as sitk
+    except ImportError as exc:
+        raise DataError(path, "reading .nrrd/.mha needs SimpleITK: pip install 'pancreas_mtl[itk]'") from exc
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise DataError(path, f"cannot read image, the file is truncated or not an image ({exc})") from exc
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+        return sitk.GetArrayFromImage(image), np.eye(4)
+    array = sitk.GetArrayFromImage(image)  # already (z, y, x)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps_affine = np.eye(4)
+    lps_affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)
+    lps_affine[:3, 3] = image.GetOrigin()
+    return array, _LPS_TO_RAS @ lps_affine
+
+
+def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, header: nib.Nifti1Header | None = None) -> Path:
+    """Write a (Z, Y, X) array as NIfTI atomically: a temporary name in the same folder, then a rename.
+
+    A reader never sees a half-written file under ``path``, even if the process is killed.
+    """
+    path = Path(path)
+    if image_suffix(path) not in NIFTI_SUFFIXES:
+        raise ValueError(f"{path}: write_nifti writes .nii.gz or .nii, not {path.suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)), affine, header=header)
+    image.set_data_dtype(array.dtype)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{image_suffix(path)}")
+    try:
+        nib.save(image, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,45 @@
+"""Running one function over many cases in worker processes, with a progress bar."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+
+def _limit_threads() -> None:
+    # Each worker handles one case at a time; letting every worker spawn a thread per core
+    # oversubscribes the machine.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def map_with_progress(function: Callable[..., Any], arguments: Sequence[tuple], *, num_workers: int = 0,
+                      desc: str = "", progress: bool = True) -> list[Any]:
+    """``[function(*args) for args in arguments]``, in order, over ``num_workers`` processes (0: inline).
+
+    Workers are spawned, not forked: forking a process whose OpenMP pool has run can deadlock.
+    """
+    arguments = list(arguments)
+    bar = tqdm(total=len(arguments), desc=desc, unit="case", disable=not progress or not arguments)
+    results: list[Any] = []
+    if num_workers <= 0 or len(arguments) <= 1:
+        for args in arguments:
+            results.append(function(*args))
+            bar.update()
+        bar.close()
+        return results
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(num_workers, len(arguments)), mp_context=context,
+                             initializer=_limit_threads) as pool:
+        futures = [pool.submit(function, *args) for args in arguments]
+        for future in futures:
+            results.append(future.result())
+            bar.update()
+    bar.close()
+    return results
