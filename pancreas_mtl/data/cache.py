@@ -1,0 +1,140 @@
+"""The preprocessing cache: every case preprocessed once per plan, reused until its source changes.
+
+Layout under the cache root of a dataset::
+
+    fingerprint.json
+    {plan.preprocessing_key()}/plan.json
+    {plan.preprocessing_key()}/{case}_image.npy, _seg.npy, _fg.npy, .json   (see cached_case.py)
+
+An entry is reused when its JSON exists, names the same source files with the same sizes and
+modification times, and its arrays load with the recorded shapes; otherwise it is rebuilt. Every
+file is written under a temporary name and renamed, the JSON last, so a run killed mid-write
+leaves no entry that looks complete, and two processes building the same entry do not corrupt it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from pancreas_mtl.data.cached_case import CachedCase
+from pancreas_mtl.data.checks import load_case
+from pancreas_mtl.data.errors import DataError, DatasetError, Problem
+from pancreas_mtl.data.layout import Case, DatasetIndex
+from pancreas_mtl.data.preprocessing import preprocess, sample_foreground_locations
+from pancreas_mtl.parallel import map_with_progress
+from pancreas_mtl.planning.plan import Plan, load_json, save_json
+
+CACHE_FORMAT_VERSION = 1
+
+
+def dataset_cache_root(cache_dir: str | Path, index: DatasetIndex) -> Path:
+    """Cache folder of one dataset: its name plus a hash of its location, so equal names do not collide."""
+    location = hashlib.sha1(str(index.root).encode()).hexdigest()[:8]
+    return Path(cache_dir).expanduser().resolve() / f"{index.name}-{location}"
+
+
+def _file_record(path: Path) -> list:
+    stat = Path(path).stat()
+    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _source_records(case: Case) -> list[list]:
+    return [_file_record(p) for p in (*case.image_paths, *([case.label_path] if case.label_path else []))]
+
+
+def _save_npy(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npy")
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cached_entry(folder: Path, case: Case, plan_key: str) -> CachedCase | None:
+    """The cached case if its entry is complete and current, else None."""
+    properties_path = folder / f"{case.case_id}.json"
+    try:
+        properties = load_json(properties_path)
+        if (properties.get("format_version") != CACHE_FORMAT_VERSION or properties.get("plan_key") != plan_key
+                or properties.get("sources") != _source_records(case) or properties.get("subtype") != case.subtype):
+            return None
+        entry = CachedCase.from_properties(folder, properties)
+        image = entry.load_image()
+        if image.shape != tuple(properties["image_shape"]):
+            return None
+        if entry.has_label:
+            if entry.load_seg().shape != entry.shape or entry.load_foreground_locations().shape[1] != 4:
+                return None
+        return entry
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        return None
+
+
+def build_entry(case: Case, plan: Plan, folder: Path, seed: int = 0) -> CachedCase | Problem:
+    """Preprocess one case into ``folder``; a bad case comes back as a Problem instead of raising."""
+    try:
+        loaded = load_case(case, set(plan.labels.values()))
+    except DataError as error:
+        return Problem.from_error(error)
+    result = preprocess(loaded, plan)
+    _save_npy(result.image, folder / f"{case.case_id}_image.npy")
+    label_voxel_counts = {}
+    if result.seg is not None:
+        _save_npy(result.seg, folder / f"{case.case_id}_seg.npy")
+        rng = np.random.default_rng([seed, int(hashlib.sha1(case.case_id.encode()).hexdigest()[:8], 16)])
+        _save_npy(sample_foreground_locations(result.seg, rng), folder / f"{case.case_id}_fg.npy")
+        counts = np.bincount(result.seg.ravel().astype(np.int64), minlength=plan.num_classes)
+        label_voxel_counts = {str(label): int(count) for label, count in enumerate(counts)}
+    properties = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "plan_key": plan.preprocessing_key(),
+        "case_id": case.case_id,
+        "subtype": case.subtype,
+        "split": case.split,
+        "has_label": result.seg is not None,
+        "sources": _source_records(case),
+        "original_shape": list(result.original_shape),
+        "original_spacing": list(result.original_spacing),
+        "affine": np.asarray(loaded.affine).tolist(),
+        "bbox": [list(b) for b in result.bbox],
+        "shape_after_preprocessing": list(result.image.shape[1:]),
+        "image_shape": list(result.image.shape),
+        "target_spacing": list(plan.target_spacing),
+        "label_voxel_counts": label_voxel_counts,
+    }
+    save_json(properties, folder / f"{case.case_id}.json")
+    return CachedCase.from_properties(folder, properties)
+
+
+def build_cache(index: DatasetIndex, plan: Plan, cache_root: str | Path, *, cases: list[Case] | None = None,
+                num_workers: int = 0, progress: bool = True, seed: int = 0) -> list[CachedCase]:
+    """Preprocess every case not yet cached for this plan; returns the cached cases in index order.
+
+    Raises DatasetError listing every case that could not be preprocessed; the good ones stay cached.
+    """
+    cases = index.cases if cases is None else cases
+    plan_key = plan.preprocessing_key()
+    folder = Path(cache_root) / plan_key
+    folder.mkdir(parents=True, exist_ok=True)
+    save_json(plan.to_dict(), folder / "plan.json")
+    entries: dict[str, CachedCase] = {}
+    todo = []
+    for case in cases:
+        entry = cached_entry(folder, case, plan_key)
+        if entry is None:
+            todo.append(case)
+        else:
+            entries[case.case_id] = entry
+    built = map_with_progress(build_entry, [(case, plan, folder, seed) for case in todo], num_workers=num_workers,
+                              desc=f"preprocess ({len(entries)} cached)", progress=progress)
+    problems = [result for result in built if isinstance(result, Problem)]
+    entries.update({result.case_id: result for result in built if isinstance(result, CachedCase)})
+    if problems:
+        raise DatasetError(problems, index.root)
+    return [entries[case.case_id] for case in cases]

@@ -1,0 +1,93 @@
+"""Resampling: shapes, the separate-axis rule, label preservation, and preprocessing order."""
+
+import numpy as np
+import pytest
+import torch
+
+from pancreas_mtl.data.checks import LoadedCase
+from pancreas_mtl.data.layout import Case
+from pancreas_mtl.data.preprocessing import normalize, preprocess, sample_foreground_locations
+from pancreas_mtl.data.resampling import resample_image, resample_segmentation, resampled_shape, separate_axis
+from pancreas_mtl.planning.plan import ChannelNormalization, Plan
+from tests.conftest import lps_affine, make_case_arrays
+
+
+def small_plan(target_spacing=(2.0, 0.8, 0.8)) -> Plan:
+    return Plan(preset="test", target_spacing=target_spacing, median_shape=(12, 28, 36), patch_size=(8, 16, 16),
+                batch_size=2, normalization=[ChannelNormalization("ct", -50.0, 150.0, 80.0, 40.0)],
+                kernel_sizes=[(1, 3, 3), (3, 3, 3)], strides=[(1, 1, 1), (2, 2, 2)], features_per_stage=[4, 8],
+                n_blocks_per_stage=[1, 1], n_conv_per_stage_decoder=[1])
+
+
+def test_resampled_shape_keeps_extent():
+    assert resampled_shape((60, 119, 184), (2.0, 0.74, 0.74), (4.0, 1.48, 1.48)) == (30, 60, 92)
+
+
+@pytest.mark.parametrize("spacing, target, expected", [
+    ((5.0, 0.7, 0.7), (5.0, 0.7, 0.7), 0),
+    ((2.0, 0.74, 0.74), (2.0, 0.73, 0.73), None),
+    ((0.7, 0.7, 4.0), (0.7, 0.7, 0.7), 2),
+])
+def test_separate_axis(spacing, target, expected):
+    assert separate_axis(spacing, target) == expected
+
+
+def test_identity_resampling_is_exact():
+    image = torch.randn(2, 5, 6, 7)
+    assert torch.equal(resample_image(image, (5, 6, 7)), image)
+
+
+def test_constant_image_stays_constant_and_shapes_follow():
+    image = torch.full((1, 10, 20, 30), 3.5)
+    for axis in (None, 0):
+        out = resample_image(image, (7, 33, 15), axis)
+        assert out.shape == (1, 7, 33, 15)
+        torch.testing.assert_close(out, torch.full_like(out, 3.5))
+
+
+def test_separate_axis_uses_nearest_along_it():
+    image = torch.arange(4, dtype=torch.float32).reshape(1, 4, 1, 1).expand(1, 4, 3, 3).contiguous()
+    out = resample_image(image, (8, 3, 3), axis=0)
+    assert set(out.unique().tolist()) <= {0.0, 1.0, 2.0, 3.0}  # no values between slices
+
+
+def test_segmentation_keeps_labels_and_small_structures():
+    seg = torch.zeros(20, 40, 40, dtype=torch.uint8)
+    seg[5:15, 10:30, 10:30] = 1
+    seg[8:12, 18:22, 18:22] = 2
+    out = resample_segmentation(seg, (10, 20, 20), labels=[0, 1, 2])
+    assert out.dtype == torch.uint8 and set(out.unique().tolist()) == {0, 1, 2}
+    up = resample_segmentation(seg, (40, 80, 80), labels=[0, 1, 2])
+    assert (up == 1).sum().item() == pytest.approx(8 * (seg == 1).sum().item(), rel=0.05)
+
+
+def test_normalize_ct_clips_then_zscores():
+    image = np.array([[[[-1000.0, 80.0, 1000.0]]]], dtype=np.float32)
+    out = normalize(image, [ChannelNormalization("ct", -50.0, 150.0, 80.0, 40.0)])
+    np.testing.assert_allclose(out[0, 0, 0], [(-50 - 80) / 40, 0.0, (150 - 80) / 40])
+    with pytest.raises(ValueError, match="unknown normalisation scheme"):
+        normalize(image, [ChannelNormalization("minmax")])
+
+
+def test_preprocess_crops_normalises_resamples():
+    image, mask = make_case_arrays(np.random.default_rng(0), shape_zyx=(12, 28, 36))
+    padded = np.zeros((14, 30, 40), np.float32)  # a zero border is cropped away
+    padded[1:13, 1:29, 2:38] = image
+    padded_mask = np.zeros((14, 30, 40), np.uint8)
+    padded_mask[1:13, 1:29, 2:38] = mask
+    loaded = LoadedCase(Case("c", (), None, 0, "train"), padded[None], padded_mask, lps_affine((2.0, 0.8, 0.8)))
+    result = preprocess(loaded, small_plan(target_spacing=(4.0, 1.6, 1.6)))
+    assert result.bbox == ((1, 13), (1, 29), (2, 38))
+    assert result.image.shape == (1, 6, 14, 18) and result.image.dtype == np.float32
+    assert result.seg.shape == (6, 14, 18) and set(np.unique(result.seg)) == {0, 1, 2}
+    assert result.image.max() <= (150 - 80) / 40 + 1e-5
+
+
+def test_foreground_locations_cover_each_label():
+    seg = np.zeros((10, 10, 10), np.int8)
+    seg[2:8, 2:8, 2:8] = 1
+    seg[4, 4, 4] = 2
+    rows = sample_foreground_locations(seg, np.random.default_rng(0), max_per_label=50)
+    assert rows.shape[1] == 4 and rows.dtype == np.int32
+    assert (rows[:, 0] == 2).sum() == 1 and (rows[:, 0] == 1).sum() == 50
+    assert all(seg[z, y, x] == label for label, z, y, x in rows)
