@@ -1,0 +1,269 @@
+"""Patch sampler and dataset: foreground oversampling, subtype balancing, shapes, padding, seeding, mmap reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from pancreas_mtl.data.augmentation import augmentation_region_size, build_augmentation
+from pancreas_mtl.data.cached_case import CachedCase
+from pancreas_mtl.data.errors import DataError
+from pancreas_mtl.data.sampling import (
+    PatchDataset,
+    PatchSampler,
+    build_training_dataset,
+    collate_patches,
+    read_region,
+)
+
+PATCH = (8, 16, 16)
+
+
+def write_case(folder: Path, case_id: str, shape=(24, 40, 40), subtype: int | None = 0,
+               pancreas_box=((10, 14), (18, 24), (18, 24)), lesion_box=((11, 13), (20, 22), (20, 22)),
+               has_label: bool = True) -> CachedCase:
+    """A cache entry as the preprocessor writes it: image = voxel index (so crops can be located), boxes of
+    pancreas (1) and lesion (2), every foreground voxel listed in the foreground locations."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(1, *shape)
+    np.save(folder / f"{case_id}_image.npy", image)
+    seg = np.zeros(shape, dtype=np.int8)
+    for label, box in ((1, pancreas_box), (2, lesion_box)):
+        if box is not None:
+            seg[tuple(slice(a, b) for a, b in box)] = label
+    if has_label:
+        np.save(folder / f"{case_id}_seg.npy", seg)
+        locations = np.concatenate([np.concatenate([np.full((n.shape[0], 1), label), n], axis=1)
+                                    for label in (1, 2) if len(n := np.argwhere(seg == label))] or
+                                   [np.zeros((0, 4), dtype=int)])
+        np.save(folder / f"{case_id}_fg.npy", locations.astype(np.int32))
+    properties = {"case_id": case_id, "subtype": subtype, "shape_after_preprocessing": list(shape),
+                  "has_label": has_label}
+    (folder / f"{case_id}.json").write_text(json.dumps(properties))
+    return CachedCase.from_properties(folder, properties)
+
+
+def patch_of(sampler: PatchSampler, region: np.ndarray) -> np.ndarray:
+    """The patch inside a sampled region (the sampler centres the patch in it)."""
+    m = sampler.region_margin
+    p = sampler.patch_size
+    return region[..., m[0]:m[0] + p[0], m[1]:m[1] + p[1], m[2]:m[2] + p[2]]
+
+
+def test_read_region_pads_outside_and_copies_inside():
+    array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(1, 4, 5, 6)
+    region = read_region(array, (-1, 2, 3), (3, 4, 4))
+    assert region.shape == (1, 3, 4, 4)
+    np.testing.assert_array_equal(region[0, 0], 0)
+    np.testing.assert_array_equal(region[0, 1:, :3, :3], array[0, :2, 2:5, 3:6])
+    np.testing.assert_array_equal(region[0, :, 3:, :], 0)
+    assert read_region(array, (10, 10, 10), (2, 2, 2)).sum() == 0
+
+
+@pytest.mark.parametrize("shape", [(24, 40, 40), (5, 40, 40), (5, 9, 11), (8, 16, 16)])
+@pytest.mark.parametrize("region", [None, (12, 22, 20)])
+def test_regions_and_patches_have_the_requested_size(tmp_path, shape, region):
+    case = write_case(tmp_path, "c0", shape=shape, pancreas_box=((1, 3), (2, 5), (2, 5)),
+                      lesion_box=((2, 3), (3, 4), (3, 4)))
+    sampler = PatchSampler([case], PATCH, region_size=region, oversample_foreground=0.5)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        drawn = sampler.sample(rng)
+        assert drawn["image"].shape == (1, *sampler.region_size) and drawn["image"].dtype == np.float32
+        assert drawn["seg"].shape == sampler.region_size and drawn["seg"].dtype == np.int8
+    transform = build_augmentation({"spatial": {"enabled": False}}, PATCH)
+    dataset = PatchDataset(sampler, transform, samples_per_epoch=5, seed=0)
+    for item in dataset:
+        assert item["image"].shape == (1, *PATCH) and item["image"].dtype == torch.float32
+        assert item["label"].shape == (1, *PATCH) and item["label"].dtype == torch.uint8
+
+
+def test_volume_smaller_than_patch_is_centred_and_padded(tmp_path):
+    shape = (5, 9, 16)
+    case = write_case(tmp_path, "small", shape=shape, pancreas_box=((0, 5), (0, 9), (0, 16)), lesion_box=None)
+    sampler = PatchSampler([case], PATCH, oversample_foreground=0.5)
+    expected_start = [-((p - s) // 2) if s < p else None for p, s in zip(PATCH, shape)]
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        drawn = sampler.sample(rng)
+        start = drawn["patch_start"]
+        assert [int(start[a]) if expected_start[a] is not None else None for a in range(3)] == expected_start
+        assert (drawn["seg"] == 1).sum() == np.prod(shape)  # the whole volume is inside the patch
+        assert drawn["image"][0, 0].sum() == 0  # padding is zero
+
+
+def test_foreground_oversampling_rate_matches_nnunet_expectation(tmp_path):
+    # A 2x2x2 lesion and nothing else: most random patches miss it.
+    box = ((3, 5), (30, 32), (4, 6))
+    case = write_case(tmp_path, "tiny_fg", pancreas_box=None, lesion_box=box)
+    sampler = PatchSampler([case], PATCH, oversample_foreground=1 / 3)
+    # Exact chance that a uniformly placed patch touches the lesion box.
+    low, high = sampler._start_range(case.shape)
+    hits = 1.0
+    for axis in range(3):
+        starts = np.arange(low[axis], high[axis] + 1)
+        hits *= np.mean((starts < box[axis][1]) & (starts + PATCH[axis] > box[axis][0]))
+    expected = 1 / 3 + 2 / 3 * hits
+    rng = np.random.default_rng(0)
+    n = 600
+    contains = [bool((patch_of(sampler, sampler.sample(rng)["seg"]) > 0).any()) for _ in range(n)]
+    fraction = np.mean(contains)
+    assert fraction >= 1 / 3 - 0.02
+    assert abs(fraction - expected) < 4 * np.sqrt(expected * (1 - expected) / n)
+
+
+def test_forced_foreground_always_contains_foreground(tmp_path):
+    case = write_case(tmp_path, "c0", pancreas_box=((0, 2), (0, 3), (37, 40)), lesion_box=((22, 24), (38, 40), (0, 2)))
+    sampler = PatchSampler([case], PATCH, region_size=(12, 20, 22), oversample_foreground=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        assert (patch_of(sampler, sampler.sample(rng)["seg"]) > 0).any()
+
+
+def test_lesion_centred_patches_contain_lesion(tmp_path):
+    case = write_case(tmp_path, "c0", pancreas_box=((2, 22), (2, 38), (2, 38)), lesion_box=((20, 22), (35, 37), (3, 5)))
+    rng = np.random.default_rng(0)
+    sampler = PatchSampler([case], PATCH, oversample_foreground=1.0, lesion_centred=1.0)
+    for _ in range(50):
+        drawn = sampler.sample(rng)
+        assert drawn["centred_on_label"] == 2
+        assert (patch_of(sampler, drawn["seg"]) == 2).any()
+    # Without the option the label is drawn uniformly among those present.
+    sampler = PatchSampler([case], PATCH, oversample_foreground=1.0, lesion_centred=0.0)
+    labels = [sampler.sample(rng)["centred_on_label"] for _ in range(400)]
+    assert abs(np.mean(np.array(labels) == 2) - 0.5) < 0.1
+
+
+def test_case_without_foreground_falls_back_to_random_patches(tmp_path):
+    case = write_case(tmp_path, "empty", pancreas_box=None, lesion_box=None)
+    sampler = PatchSampler([case], PATCH, oversample_foreground=1.0)
+    drawn = sampler.sample(np.random.default_rng(0))
+    assert drawn["centred_on_label"] is None and drawn["image"].shape == (1, *PATCH)
+
+
+def test_subtype_balanced_sampling_equalises_subtypes(tmp_path):
+    subtypes = [0] * 6 + [1] * 2 + [2]
+    cases = [write_case(tmp_path, f"c{i}", subtype=s) for i, s in enumerate(subtypes)]
+    rng = np.random.default_rng(0)
+    balanced = PatchSampler(cases, PATCH, case_sampling="subtype_balanced")
+    drawn = np.array([subtypes[balanced.draw_case(rng)] for _ in range(3000)])
+    np.testing.assert_allclose(np.bincount(drawn, minlength=3) / len(drawn), [1 / 3] * 3, atol=0.04)
+    uniform = PatchSampler(cases, PATCH, case_sampling="uniform")
+    drawn = np.array([subtypes[uniform.draw_case(rng)] for _ in range(3000)])
+    np.testing.assert_allclose(np.bincount(drawn, minlength=3) / len(drawn), [6 / 9, 2 / 9, 1 / 9], atol=0.04)
+
+
+def test_sampling_is_deterministic_given_a_seed(tmp_path):
+    cases = [write_case(tmp_path, f"c{i}", subtype=i) for i in range(3)]
+    patch = (8, 16, 16)
+    aug = {"spatial": {"rotation_prob": 0.5, "scaling_prob": 0.5}}
+    region = augmentation_region_size(aug, patch)
+
+    def items(seed):
+        torch.manual_seed(123)
+        dataset = PatchDataset(PatchSampler(cases, patch, region), build_augmentation(aug, patch), 6, seed=seed)
+        return [dataset[i] for i in range(6)]
+
+    first, again, other = items(0), items(0), items(1)
+    for a, b in zip(first, again):
+        assert a["case_id"] == b["case_id"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(first, other))
+
+
+def test_dataloader_workers_differ_and_runs_repeat(tmp_path):
+    cases = [write_case(tmp_path, f"c{i}", subtype=i) for i in range(3)]
+    dataset = PatchDataset(PatchSampler(cases, PATCH), samples_per_epoch=4, seed=0)
+
+    def run():
+        torch.manual_seed(7)
+        loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate_patches)
+        return [batch["image"] for batch in loader]
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    # Items 0 and 1 come from different workers: they must not be the same draw.
+    assert not torch.equal(first[0], first[1])
+    # A new epoch (new worker seeds) draws new patches.
+    torch.manual_seed(7)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate_patches)
+    epochs = [[batch["image"] for batch in loader] for _ in range(2)]
+    assert any(not torch.equal(a, b) for a, b in zip(*epochs))
+
+
+def test_nnunet_batch_position_rule(tmp_path):
+    dataset = PatchDataset(PatchSampler([write_case(tmp_path, "c0")], PATCH), samples_per_epoch=4, batch_size=2)
+    rng = np.random.default_rng(0)
+    assert [dataset._force_foreground(i, rng) for i in range(4)] == [False, True, False, True]
+
+
+def test_reads_only_from_memory_maps(tmp_path, monkeypatch):
+    case = write_case(tmp_path, "c0")
+    seen = []
+    original_image, original_seg = CachedCase.load_image, CachedCase.load_seg
+
+    def spy_image(self, mmap=True):
+        array = original_image(self, mmap=mmap)
+        seen.append(isinstance(array, np.memmap))
+        return array
+
+    def spy_seg(self, mmap=True):
+        array = original_seg(self, mmap=mmap)
+        seen.append(isinstance(array, np.memmap))
+        return array
+
+    monkeypatch.setattr(CachedCase, "load_image", spy_image)
+    monkeypatch.setattr(CachedCase, "load_seg", spy_seg)
+    sampler = PatchSampler([case], PATCH)
+    drawn = sampler.sample(np.random.default_rng(0))
+    assert seen and all(seen)
+    assert not isinstance(drawn["image"], np.memmap)  # a copy of the slab, not a view on the file
+    start = drawn["patch_start"]
+    full = np.load(case.image_path)
+    np.testing.assert_array_equal(drawn["image"], read_region(full, start, PATCH))
+
+
+def test_dataset_items_and_collate(tmp_path):
+    cases = [write_case(tmp_path, "c0", subtype=2), write_case(tmp_path, "c1", subtype=None)]
+    dataset = PatchDataset(PatchSampler(cases, PATCH, oversample_foreground=1.0, lesion_centred=1.0),
+                           samples_per_epoch=3, seed=0)
+    items = [dataset[i] for i in range(3)]
+    for item in items:
+        assert item["has_lesion"] is True
+        assert item["subtype"] in (2, -1) and item["case_id"] in ("c0", "c1")
+        assert set(torch.unique(item["label"]).tolist()) <= {0, 1, 2}
+    batch = collate_patches(items)
+    assert batch["image"].shape == (3, 1, *PATCH) and batch["label"].shape == (3, 1, *PATCH)
+    assert batch["subtype"].dtype == torch.int64 and batch["has_lesion"].dtype == torch.bool
+    assert batch["case_id"] == [item["case_id"] for item in items]
+
+
+def test_rejects_unlabelled_cases_and_bad_sizes(tmp_path):
+    unlabelled = write_case(tmp_path, "test_case", has_label=False)
+    with pytest.raises(DataError, match="test_case"):
+        PatchSampler([unlabelled], PATCH)
+    case = write_case(tmp_path, "c0")
+    with pytest.raises(ValueError, match="region_size"):
+        PatchSampler([case], PATCH, region_size=(4, 16, 16))
+    with pytest.raises(ValueError, match="case_sampling"):
+        PatchSampler([case], PATCH, case_sampling="balanced")
+    with pytest.raises(ValueError, match="transform"):
+        PatchDataset(PatchSampler([case], PATCH, region_size=(10, 16, 16)), transform=None)
+
+
+def test_training_dataset_with_nnunet_augmentation_in_workers(tmp_path):
+    cases = [write_case(tmp_path, f"c{i}", subtype=i) for i in range(3)]
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "augmentation" / "nnunet.yaml")
+    dataset = build_training_dataset(cases, PATCH, cfg, samples_per_epoch=4, oversample_foreground=1.0,
+                                     lesion_centred=1.0, case_sampling="subtype_balanced", seed=0)
+    assert dataset.sampler.region_size == augmentation_region_size(cfg, PATCH)
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_patches)
+    for batch in loader:
+        assert batch["image"].shape == (2, 1, *PATCH) and batch["label"].shape == (2, 1, *PATCH)
+        assert set(torch.unique(batch["label"]).tolist()) <= {0, 1, 2}
+        assert len(batch["case_id"]) == 2
