@@ -23,7 +23,9 @@ def map_with_progress(function: Callable[..., Any], arguments: Sequence[tuple], 
                       desc: str = "", progress: bool = True) -> list[Any]:
     """``[function(*args) for args in arguments]``, in order, over ``num_workers`` processes (0: inline).
 
-    Workers are spawned, not forked: forking a process whose OpenMP pool has run can deadlock.
+    On Linux workers are forked (a spawned worker re-imports the entry script, lightning and all,
+    about ten seconds each here); torch resets its thread pool in a forked child, and each worker
+    is limited to one thread so the workers do not oversubscribe the cores.
     """
     arguments = list(arguments)
     bar = tqdm(total=len(arguments), desc=desc, unit="case", disable=not progress or not arguments)
@@ -34,7 +36,8 @@ def map_with_progress(function: Callable[..., Any], arguments: Sequence[tuple], 
             bar.update()
         bar.close()
         return results
-    context = multiprocessing.get_context("spawn")
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
     with ProcessPoolExecutor(max_workers=min(num_workers, len(arguments)), mp_context=context,
                              initializer=_limit_threads) as pool:
         futures = [pool.submit(function, *args) for args in arguments]

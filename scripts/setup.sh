@@ -35,4 +35,9 @@ target="."
 [ -n "$extras" ] && target=".[$extras]"
 echo "setup: installing pancreas_mtl ($target) into $venv"
 "${pip[@]}" install -q -e "$target"
+if [ "$extras" = dev ]; then
+    # nnU-Net's network package, for the weight-parity tests only. Its declared dependencies pull
+    # timm, torchvision and a newer CUDA torch; the ResEnc UNet imports without them.
+    "${pip[@]}" install -q --no-deps "dynamic-network-architectures==0.4.4" "einops>=0.7"
+fi
 touch "$stamp"

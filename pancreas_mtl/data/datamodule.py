@@ -1,0 +1,124 @@
+"""The LightningDataModule: random augmented patches for training, whole cases for validation."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from pancreas_mtl.data.augmentation import augmentation_region_size, build_augmentation
+from pancreas_mtl.data.cached_case import CachedCase
+from pancreas_mtl.data.prepare import PreparedDataset
+from pancreas_mtl.data.sampling import PatchDataset, PatchSampler, collate_patches
+
+
+class WholeCaseDataset(Dataset):
+    """Whole preprocessed cases, for sliding-window validation.
+
+    Items: ``image`` (C, Z, Y, X) float32, ``label`` (1, Z, Y, X) uint8, ``subtype`` int (-1 unknown),
+    ``case_id`` str.
+    """
+
+    def __init__(self, cases: list[CachedCase]):
+        self.cases = cases
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case = self.cases[index]
+        seg = case.load_seg(mmap=False)
+        return {"image": torch.from_numpy(case.load_image(mmap=False)),
+                "label": torch.from_numpy(seg.astype(np.uint8)[None]),
+                "subtype": -1 if case.subtype is None else int(case.subtype),
+                "case_id": case.case_id}
+
+
+def collate_cases(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whole cases differ in shape: batches of one, with tensors given a batch axis."""
+    if len(items) != 1:
+        raise ValueError("whole-case batches hold one case")
+    item = items[0]
+    return {"image": item["image"][None], "label": item["label"][None],
+            "subtype": torch.tensor([item["subtype"]]), "case_id": [item["case_id"]]}
+
+
+def _plain(config: Mapping | DictConfig | None) -> dict:
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config or {})
+
+
+class PancreasDataModule(L.LightningDataModule):
+    """Training patches and validation cases of a prepared dataset.
+
+    Args:
+        prepared: the output of :func:`pancreas_mtl.data.prepare.prepare_dataset`.
+        data_cfg: the ``data`` config (batch_size, iterations_per_epoch, num_workers, sampling, ...).
+        augmentation_cfg: the ``augmentation`` config (conf/augmentation/).
+        seed: mixed into the patch sampler's seed.
+    """
+
+    def __init__(self, prepared: PreparedDataset, data_cfg: Mapping | DictConfig,
+                 augmentation_cfg: Mapping | DictConfig | None, seed: int = 0):
+        super().__init__()
+        self.prepared = prepared
+        self.data_cfg = _plain(data_cfg)
+        self.augmentation_cfg = _plain(augmentation_cfg)
+        self.seed = seed
+        self.train_dataset: PatchDataset | None = None
+        self.val_dataset: WholeCaseDataset | None = None
+
+    @property
+    def plan(self):
+        return self.prepared.plan
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.data_cfg.get("batch_size") or self.plan.batch_size)
+
+    def subtype_counts(self) -> dict[int, int]:
+        """Training cases per subtype (for class weights)."""
+        counts: dict[int, int] = {}
+        for case in self.prepared.cached(self.prepared.split.train):
+            if case.subtype is not None:
+                counts[case.subtype] = counts.get(case.subtype, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        patch_size = self.plan.patch_size
+        sampling = self.data_cfg.get("sampling", {})
+        sampler = PatchSampler(
+            self.prepared.cached(self.prepared.split.train), patch_size,
+            region_size=augmentation_region_size(self.augmentation_cfg, patch_size),
+            oversample_foreground=float(sampling.get("oversample_foreground", 1 / 3)),
+            lesion_centred=float(sampling.get("lesion_centred_probability", 0.0)),
+            case_sampling="subtype_balanced" if sampling.get("subtype_balanced") else "uniform")
+        self.train_dataset = PatchDataset(
+            sampler, build_augmentation(self.augmentation_cfg, patch_size),
+            samples_per_epoch=int(self.data_cfg.get("iterations_per_epoch", 250)) * self.batch_size,
+            seed=self.seed, batch_size=self.batch_size)
+        self.val_dataset = WholeCaseDataset(self.prepared.cached(self.prepared.split.val))
+
+    def _loader_options(self, workers: int) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_workers": workers, "pin_memory": bool(self.data_cfg.get("pin_memory", True))
+                                   and torch.cuda.is_available()}
+        if workers > 0:
+            options["persistent_workers"] = bool(self.data_cfg.get("persistent_workers", True))
+            options["prefetch_factor"] = int(self.data_cfg.get("prefetch_factor", 2))
+        return options
+
+    def train_dataloader(self) -> DataLoader:
+        # No shuffling: items are random already, and their position in the batch decides foreground forcing.
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
+                          collate_fn=collate_patches, **self._loader_options(int(self.data_cfg.get("num_workers", 0))))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=1, shuffle=False, collate_fn=collate_cases,
+                          **self._loader_options(min(1, int(self.data_cfg.get("num_workers", 0)))))
