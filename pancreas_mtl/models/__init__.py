@@ -1,0 +1,20 @@
+"""The network: residual encoder UNet backbone, subtype classification heads, and their multi-task wrapper.
+
+``build_model(cfg.model, plan)`` builds the network from the ``model`` config group once the plan is
+known; ``nnunet_io`` reads and writes nnU-Net v2 model folders.
+"""
+
+from pancreas_mtl.models.heads import (
+    ClassificationHead,
+    LesionAttentionHead,
+    MultiStageHead,
+    OneVsRestHead,
+    SingleStageHead,
+)
+from pancreas_mtl.models.multitask import MultiTaskNet, SegmentationOnly, build_model
+from pancreas_mtl.models.resenc_unet import ResEncUNet, UNetOutput, count_parameters
+
+__all__ = [
+    "ClassificationHead", "LesionAttentionHead", "MultiStageHead", "MultiTaskNet", "OneVsRestHead",
+    "ResEncUNet", "SegmentationOnly", "SingleStageHead", "UNetOutput", "build_model", "count_parameters",
+]

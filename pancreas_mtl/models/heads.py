@@ -1,0 +1,241 @@
+"""Lesion subtype classification heads on the backbone's decoder features.
+
+Every head is built as ``Head(decoder_channels, num_subtypes, **knobs)`` and called as
+``head(unet_output) -> class logits (B, num_subtypes)``, where ``unet_output`` is the backbone's
+:class:`~pancreas_mtl.models.resenc_unet.UNetOutput` (decoder features lowest resolution first,
+segmentation logits highest resolution first). ``decoder_channels`` are the channels of
+``unet_output.decoder_features`` in that order. A head declares the loss its logits are meant for
+(``loss_kind``: "ce" for softmax cross-entropy, "bce" for one-vs-rest binary cross-entropy) and turns
+logits into class probabilities with ``probabilities``. Segmentation only is no head at all (None).
+
+Adding a head: one class here with that constructor and call, plus ``conf/model/head/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pancreas_mtl.models.resenc_unet import UNetOutput
+
+POOLINGS = ("max", "avg", "avgmax")
+
+
+def global_pool(features: Tensor, pool: str) -> Tensor:
+    """features (B, C, Z, Y, X) -> (B, C) by global max, average, or their mean ("avgmax")."""
+    flat = features.flatten(2)
+    if pool == "max":
+        return flat.amax(dim=2)
+    if pool == "avg":
+        return flat.mean(dim=2)
+    return 0.5 * (flat.amax(dim=2) + flat.mean(dim=2))
+
+
+def _check_pool(pool: str) -> str:
+    if pool not in POOLINGS:
+        raise ValueError(f"unknown pooling {pool!r}, expected one of {POOLINGS}")
+    return pool
+
+
+def classifier_mlp(in_features: int, out_features: int, hidden: int = 0, dropout: float = 0.0) -> nn.Sequential:
+    """Dropout -> Linear(in, out) when ``hidden`` is 0, else Dropout -> Linear(in, hidden) ->
+    LeakyReLU -> Dropout -> Linear(hidden, out)."""
+    if hidden <= 0:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, out_features))
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.LeakyReLU(1e-2),
+                         nn.Dropout(dropout), nn.Linear(hidden, out_features))
+
+
+class ClassificationHead(nn.Module):
+    """Base class: holds the sizes every head needs and the softmax probabilities of CE heads.
+
+    Args:
+        decoder_channels: channels of each decoder stage's output, lowest resolution first.
+        num_subtypes: classes to predict.
+    """
+
+    loss_kind = "ce"
+
+    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int):
+        super().__init__()
+        if num_subtypes < 2:
+            raise ValueError(f"a classification head needs at least 2 subtypes, got {num_subtypes}; "
+                             "use model/head=none for segmentation only")
+        if not decoder_channels:
+            raise ValueError("a classification head needs at least one decoder stage")
+        self.decoder_channels = [int(c) for c in decoder_channels]
+        self.num_subtypes = int(num_subtypes)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """logits (B, K) -> class probabilities (B, K) summing to 1."""
+        return logits.float().softmax(dim=-1)
+
+
+class SingleStageHead(ClassificationHead):
+    """Global pooling on one decoder stage (default the last, full resolution) and a classifier.
+
+    Args:
+        decoder_channels, num_subtypes: see ``ClassificationHead``.
+        stage: index into the decoder stages, lowest resolution first (-1: full resolution).
+        pool: "max" (PANDA), "avg" or "avgmax".
+        hidden: hidden units of the classifier, 0 for a single linear layer.
+        dropout: dropout before each linear layer of the classifier.
+    """
+
+    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage: int = -1, pool: str = "max",
+                 hidden: int = 0, dropout: float = 0.0):
+        super().__init__(decoder_channels, num_subtypes)
+        self.stage = range(len(self.decoder_channels))[stage]  # IndexError names a bad index
+        self.pool = _check_pool(pool)
+        self.classifier = classifier_mlp(self.decoder_channels[self.stage], num_subtypes, hidden, dropout)
+
+    def forward(self, unet: UNetOutput) -> Tensor:
+        """unet: the backbone's output -> class logits (B, num_subtypes)."""
+        return self.classifier(global_pool(unet.decoder_features[self.stage], self.pool))
+
+
+class StagePooling(nn.Module):
+    """Global pooling plus Linear -> LeakyReLU on every decoder stage; returns (B, n_stages, features)."""
+
+    def __init__(self, decoder_channels: Sequence[int], stage_features: int, pool: str = "max"):
+        super().__init__()
+        self.pool = _check_pool(pool)
+        self.project = nn.ModuleList([nn.Linear(c, stage_features) for c in decoder_channels])
+        self.act = nn.LeakyReLU(1e-2)
+
+    def forward(self, decoder_features: Sequence[Tensor]) -> Tensor:
+        return torch.stack([self.act(project(global_pool(f, self.pool)))
+                            for project, f in zip(self.project, decoder_features)], dim=1)
+
+
+class MultiStageHead(ClassificationHead):
+    """PANDA's multi-stage head: global max pool + linear on every decoder stage, concatenated, then
+    a classifier MLP (REFERENCE section 3; trained with 0.3 x cross-entropy next to the segmentation loss).
+
+    Args:
+        decoder_channels, num_subtypes: see ``ClassificationHead``.
+        stage_features: width of each stage's linear projection.
+        hidden: hidden units of the classifier MLP, 0 for a single linear layer.
+        dropout: dropout before each linear layer of the classifier.
+        pool: "max" (PANDA), "avg" or "avgmax".
+    """
+
+    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage_features: int = 64,
+                 hidden: int = 128, dropout: float = 0.2, pool: str = "max"):
+        super().__init__(decoder_channels, num_subtypes)
+        self.stages = StagePooling(self.decoder_channels, stage_features, pool)
+        self.classifier = classifier_mlp(stage_features * len(self.decoder_channels), num_subtypes, hidden,
+                                         dropout)
+
+    def forward(self, unet: UNetOutput) -> Tensor:
+        """unet: the backbone's output -> class logits (B, num_subtypes)."""
+        return self.classifier(self.stages(unet.decoder_features).flatten(1))
+
+
+class OneVsRestHead(ClassificationHead):
+    """One binary classifier per subtype ("is it subtype k?") on the multi-stage pooled features.
+
+    Returns (B, K) independent logits meant for ``BCEWithLogitsLoss`` against one-hot targets. For
+    class probabilities use ``probabilities``: the sigmoids normalised to sum to 1 (the predicted
+    subtype is the argmax of the logits either way).
+
+    Args:
+        decoder_channels, num_subtypes: see ``ClassificationHead``.
+        stage_features: width of each stage's linear projection (shared by the binary heads).
+        hidden: hidden units of each binary head, 0 for a single linear layer.
+        dropout: dropout before each linear layer.
+        pool: "max", "avg" or "avgmax".
+    """
+
+    loss_kind = "bce"
+
+    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage_features: int = 64,
+                 hidden: int = 64, dropout: float = 0.2, pool: str = "max"):
+        super().__init__(decoder_channels, num_subtypes)
+        self.stages = StagePooling(self.decoder_channels, stage_features, pool)
+        in_features = stage_features * len(self.decoder_channels)
+        self.binary_heads = nn.ModuleList([classifier_mlp(in_features, 1, hidden, dropout)
+                                           for _ in range(num_subtypes)])
+
+    def forward(self, unet: UNetOutput) -> Tensor:
+        """unet: the backbone's output -> one binary logit per subtype (B, num_subtypes)."""
+        pooled = self.stages(unet.decoder_features).flatten(1)
+        return torch.cat([head(pooled) for head in self.binary_heads], dim=1)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        scores = logits.float().sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class LesionAttentionHead(ClassificationHead):
+    """Pooling where the network itself sees the lesion, then attention over the decoder stages (ours).
+
+    Per decoder stage i: the lesion probability p (softmax of the full-resolution segmentation
+    logits, lesion channel) is area-downsampled to the stage's resolution; voxel weights are
+    ``softmax(log p / T_i)`` with a learned temperature T_i (small T: the most lesion-like voxels,
+    T = 1: weighted by p, large T: uniform), blended with uniform weights by the stage's largest p, so
+    a patch where no lesion is predicted falls back to global average pooling. The pooled vector goes
+    through Linear -> LeakyReLU; a learned score per stage, softmaxed over stages, weighs the stages;
+    an MLP classifies the result.
+
+    The full-resolution logits are used at every stage so that the head computes the same thing with
+    and without deep supervision (training versus inference).
+
+    Args:
+        decoder_channels, num_subtypes: see ``ClassificationHead``.
+        lesion_channel: channel of the segmentation logits that is the lesion (label 2).
+        stage_features: width of each stage's projection and of the stage attention.
+        hidden: hidden units of the classifier MLP, 0 for a single linear layer.
+        dropout: dropout before each linear layer of the classifier.
+        init_temperature: starting T of every stage.
+        learn_temperature: learn T (else keep it fixed).
+        detach_attention: stop the classification loss from changing the segmentation through the
+            attention weights (the lesion is where the segmentation task says it is).
+    """
+
+    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, lesion_channel: int = 2,
+                 stage_features: int = 64, hidden: int = 128, dropout: float = 0.2,
+                 init_temperature: float = 1.0, learn_temperature: bool = True, detach_attention: bool = True):
+        super().__init__(decoder_channels, num_subtypes)
+        if init_temperature <= 0:
+            raise ValueError(f"init_temperature must be positive, got {init_temperature}")
+        self.lesion_channel = int(lesion_channel)
+        self.detach_attention = bool(detach_attention)
+        log_t = torch.full((len(self.decoder_channels),), math.log(init_temperature))
+        self.log_temperature = nn.Parameter(log_t, requires_grad=learn_temperature)
+        self.project = nn.ModuleList([nn.Linear(c, stage_features) for c in self.decoder_channels])
+        self.act = nn.LeakyReLU(1e-2)
+        self.stage_score = nn.Linear(stage_features, 1)
+        self.classifier = classifier_mlp(stage_features, num_subtypes, hidden, dropout)
+
+    def lesion_probability(self, seg_logits: Tensor) -> Tensor:
+        """seg_logits (B, K, Z, Y, X) -> lesion probability (B, 1, Z, Y, X), float32."""
+        if seg_logits.shape[1] <= self.lesion_channel:
+            raise ValueError(f"segmentation logits have {seg_logits.shape[1]} channels, the lesion is channel "
+                             f"{self.lesion_channel}")
+        probability = seg_logits.float().softmax(dim=1)[:, self.lesion_channel:self.lesion_channel + 1]
+        return probability.detach() if self.detach_attention else probability
+
+    def attention_weights(self, lesion_probability: Tensor, stage: int) -> Tensor:
+        """lesion_probability (B, 1, z, y, x) at the stage's resolution -> voxel weights (B, z*y*x) summing to 1."""
+        p = lesion_probability.flatten(1)
+        focused = (p.clamp_min(1e-6).log() / self.log_temperature[stage].exp()).softmax(dim=1)
+        gate = p.amax(dim=1, keepdim=True)  # ~0 where no lesion is predicted: uniform pooling
+        return gate * focused + (1.0 - gate) / p.shape[1]
+
+    def forward(self, unet: UNetOutput) -> Tensor:
+        """unet: the backbone's output -> class logits (B, num_subtypes)."""
+        probability = self.lesion_probability(unet.seg_logits[0])
+        tokens = []
+        for stage, (features, project) in enumerate(zip(unet.decoder_features, self.project)):
+            p = F.interpolate(probability, size=features.shape[2:], mode="area")
+            weights = self.attention_weights(p, stage)                         # (B, N)
+            pooled = torch.einsum("bn,bcn->bc", weights.to(features.dtype), features.flatten(2))
+            tokens.append(self.act(project(pooled)))
+        tokens = torch.stack(tokens, dim=1)                                    # (B, S, F)
+        stage_weights = self.stage_score(tokens).softmax(dim=1)                # (B, S, 1)
+        return self.classifier((stage_weights * tokens).sum(dim=1))

@@ -1,0 +1,110 @@
+"""The multi-task network: the segmentation backbone plus an optional subtype classification head.
+
+Built from the Hydra config group ``model`` (``conf/model/default.yaml``: ``backbone`` and ``head``)
+and a plan with :func:`build_model`, because the network's sizes are only known once the dataset
+has been planned. Tensors are (B, C, Z, Y, X).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from pancreas_mtl.models.heads import ClassificationHead
+from pancreas_mtl.models.resenc_unet import ResEncUNet, UNetOutput
+
+if TYPE_CHECKING:
+    from pancreas_mtl.planning.plan import Plan
+
+
+class MultiTaskNet(nn.Module):
+    """Shared encoder-decoder with segmentation outputs and, optionally, a classification head.
+
+    Args:
+        backbone: the segmentation network; its deep supervision setting decides how many
+            segmentation outputs ``forward`` returns.
+        head: a classification head called on the backbone's ``UNetOutput``, or None for
+            segmentation only.
+    """
+
+    def __init__(self, backbone: ResEncUNet, head: ClassificationHead | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def loss_kind(self) -> str | None:
+        """Loss the class logits are meant for: "ce", "bce" (one-vs-rest), or None without a head."""
+        return None if self.head is None else self.head.loss_kind
+
+    def forward_unet(self, x: Tensor) -> tuple[UNetOutput, Tensor | None]:
+        """The backbone's full output and the class logits (None without a head)."""
+        unet = self.backbone(x)
+        return unet, (None if self.head is None else self.head(unet))
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        """x (B, C, Z, Y, X) -> (segmentation logits, highest resolution first; class logits (B, K) or None)."""
+        unet, class_logits = self.forward_unet(x)
+        return unet.seg_logits, class_logits
+
+    def class_probabilities(self, class_logits: Tensor) -> Tensor:
+        """(B, K) class logits -> probabilities summing to 1, the way the head's loss defines them."""
+        if self.head is None:
+            raise RuntimeError("this network has no classification head")
+        return self.head.probabilities(class_logits)
+
+    def segmentation_only(self) -> SegmentationOnly:
+        """A view of this network returning only full-resolution segmentation logits, for MONAI's
+        ``sliding_window_inference`` (which stitches spatial outputs only). It shares the weights."""
+        return SegmentationOnly(self.backbone)
+
+
+class SegmentationOnly(nn.Module):
+    """x (B, C, Z, Y, X) -> full-resolution segmentation logits (B, num_classes, Z, Y, X), no head."""
+
+    def __init__(self, backbone: ResEncUNet):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x, deep_supervision=False).seg_logits[0]
+
+
+def build_model(model_cfg: Mapping | Any, plan: Plan) -> MultiTaskNet:
+    """The network for a plan from the ``model`` config group.
+
+    ``model_cfg.backbone`` and ``model_cfg.head`` are Hydra configs whose ``_target_`` is a factory
+    instantiated as a partial (``_partial_: true``); the sizes that come from the plan are filled in
+    here: the backbone's ``plan``, and for the head ``decoder_channels``, ``num_subtypes`` and (where
+    the head takes it and the config does not set it) ``lesion_channel``. A head config with
+    ``_target_: null`` (``model/head=none``) or no head config means segmentation only.
+
+    Example::
+
+        model = build_model(cfg.model, plan)   # python train.py model/head=lesion_attention
+    """
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.create(dict(model_cfg))
+    if model_cfg.get("backbone") is None:
+        raise ValueError("model config has no 'backbone' entry (expected e.g. conf/model/backbone/resenc.yaml)")
+    backbone = instantiate(model_cfg.backbone, _partial_=True)(plan=plan)
+
+    head_cfg = model_cfg.get("head")
+    if head_cfg is None or head_cfg.get("_target_") is None:
+        return MultiTaskNet(backbone, None)
+    if plan.num_subtypes < 2:
+        raise ValueError(f"the plan has {plan.num_subtypes} subtypes, a classification head needs at least 2; "
+                         "use model/head=none for segmentation only")
+    factory = instantiate(head_cfg, _partial_=True)
+    runtime = {"decoder_channels": backbone.decoder_channels, "num_subtypes": plan.num_subtypes}
+    if "lesion" in plan.labels:
+        runtime["lesion_channel"] = int(plan.labels["lesion"])
+    accepted = inspect.signature(factory).parameters
+    head = factory(**{k: v for k, v in runtime.items() if k in accepted and k not in factory.keywords})
+    return MultiTaskNet(backbone, head)

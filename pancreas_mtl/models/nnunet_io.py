@@ -1,0 +1,533 @@
+"""Import and export nnU-Net v2 model folders (plans.json, dataset.json, fold_k/checkpoint_final.pth).
+
+Formats are those of nnunetv2 >= 2.4 with dynamic-network-architectures' ``ResidualEncoderUNet``:
+``plans['configurations'][c]['architecture'] = {network_class_name, arch_kwargs, _kw_requires_import}``
+and checkpoints ``{network_weights, init_args, trainer_name, inference_allowed_mirroring_axes, ...}``.
+nnU-Net's arrays are (z, y, x) like ours when ``transpose_forward`` is [0, 1, 2], the only order
+accepted here. Checkpoints are read with ``torch.load(weights_only=True)``; the numpy scalars in
+nnU-Net's training log are allowed explicitly (``NUMPY_SAFE_GLOBALS``), nothing else is.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import statistics
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pancreas_mtl.models.resenc_unet import ResEncUNet
+from pancreas_mtl.planning.plan import ChannelNormalization, Fingerprint, Plan, load_json, save_json
+
+RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+CONV3D = ("torch.nn.modules.conv.Conv3d", "torch.nn.Conv3d")
+INSTANCENORM3D = ("torch.nn.modules.instancenorm.InstanceNorm3d", "torch.nn.InstanceNorm3d")
+LEAKYRELU = ("torch.nn.LeakyReLU", "torch.nn.modules.activation.LeakyReLU")
+ARCH_KWARGS = {"n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_blocks_per_stage",
+               "n_conv_per_stage_decoder", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op",
+               "dropout_op_kwargs", "nonlin", "nonlin_kwargs", "deep_supervision", "block",
+               "bottleneck_channels", "stem_channels"}
+NORMALIZATION_NAMES = {"ct": "CTNormalization", "zscore": "ZScoreNormalization"}
+ANISOTROPY_THRESHOLD = 3.0  # nnunetv2.configuration.ANISO_THRESHOLD
+
+
+class NnUNetFormatError(ValueError):
+    """An nnU-Net model folder, plans file or checkpoint that pancreas_mtl cannot use, and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# weights: our parameter names <-> nnU-Net's
+
+
+def _conv_norm_aliases(rest: str, theirs: str) -> list[str]:
+    """nnU-Net's ConvDropoutNormReLU registers its conv and norm twice: as .conv/.norm and in .all_modules."""
+    part, _, param = rest.partition(".")
+    index = {"conv": 0, "norm": 1}[part]
+    return [f"{theirs}.{part}.{param}", f"{theirs}.all_modules.{index}.{param}"]
+
+
+def nnunet_key_aliases(model: ResEncUNet) -> OrderedDict[str, list[str]]:
+    """For every state-dict key of ``model``, the keys nnU-Net's ResidualEncoderUNet stores it under.
+
+    The first alias is the canonical one; nnU-Net's state dict also holds every encoder tensor a
+    second time under ``decoder.encoder.`` (its decoder keeps a reference to the encoder).
+    """
+    aliases: OrderedDict[str, list[str]] = OrderedDict()
+    for key in model.state_dict():
+        if m := re.fullmatch(r"stem\.((?:conv|norm)\..+)", key):
+            encoder = _conv_norm_aliases(m[1], "encoder.stem.convs.0")
+        elif m := re.fullmatch(r"encoder\.(\d+)\.(\d+)\.(conv[12])\.(.+)", key):
+            encoder = _conv_norm_aliases(m[4], f"encoder.stages.{m[1]}.blocks.{m[2]}.{m[3]}")
+        elif m := re.fullmatch(r"encoder\.(\d+)\.(\d+)\.skip\.proj\.(.+)", key):
+            block = model.encoder[int(m[1])][int(m[2])]
+            index = 1 if "pool" in block.skip._modules else 0  # nnU-Net: Sequential(AvgPool?, projection)
+            encoder = _conv_norm_aliases(m[3], f"encoder.stages.{m[1]}.blocks.{m[2]}.skip.{index}")
+        elif m := re.fullmatch(r"decoder\.(\d+)\.upsample\.(.+)", key):
+            aliases[key] = [f"decoder.transpconvs.{m[1]}.{m[2]}"]
+            continue
+        elif m := re.fullmatch(r"decoder\.(\d+)\.convs\.(\d+)\.(.+)", key):
+            aliases[key] = _conv_norm_aliases(m[3], f"decoder.stages.{m[1]}.convs.{m[2]}")
+            continue
+        elif m := re.fullmatch(r"seg_heads\.(\d+)\.(.+)", key):
+            aliases[key] = [f"decoder.seg_layers.{m[1]}.{m[2]}"]
+            continue
+        else:
+            raise KeyError(f"no nnU-Net name known for parameter {key!r} of {type(model).__name__}")
+        aliases[key] = encoder + [f"decoder.{name}" for name in encoder]
+    return aliases
+
+
+def to_nnunet_state_dict(model: ResEncUNet) -> OrderedDict[str, Tensor]:
+    """The backbone's weights under every key nnU-Net's ResidualEncoderUNet.load_state_dict expects."""
+    weights: OrderedDict[str, Tensor] = OrderedDict()
+    state = model.state_dict()
+    for key, names in nnunet_key_aliases(model).items():
+        tensor = state[key].detach().to("cpu", copy=True).contiguous()
+        for name in names:
+            weights[name] = tensor  # one tensor under every alias, stored once by torch.save
+    return weights
+
+
+def _strip_wrappers(key: str) -> str:
+    """Keys saved from a DDP or torch.compile'd network carry 'module.' / '_orig_mod.' prefixes."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def load_nnunet_state_dict(model: ResEncUNet, weights: Mapping[str, Tensor], source: str = "state dict") -> None:
+    """Copy nnU-Net ResidualEncoderUNet weights into ``model``; every tensor must be there, with its shape.
+
+    Raises:
+        NnUNetFormatError: naming the missing, unexpected and mismatched keys of ``source``.
+    """
+    weights = {_strip_wrappers(k): v for k, v in weights.items()}
+    own = model.state_dict()
+    state, missing, mismatched, used = {}, [], [], set()
+    for key, names in nnunet_key_aliases(model).items():
+        found = next((n for n in names if n in weights), None)
+        if found is None:
+            missing.append(names[0])
+            continue
+        used.update(names)
+        if tuple(weights[found].shape) != tuple(own[key].shape):
+            mismatched.append(f"{found}: expected {tuple(own[key].shape)}, found {tuple(weights[found].shape)}")
+            continue
+        state[key] = weights[found]
+    unexpected = sorted(set(weights) - used)
+    if missing or mismatched or unexpected:
+        def listed(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+        problems = [f"{len(found)} {what}: {listed(found)}" for what, found in
+                    (("missing", missing), ("with another shape", mismatched), ("unexpected", unexpected)) if found]
+        raise NnUNetFormatError(f"{source}: the weights do not fit the ResidualEncoderUNet the plans describe; "
+                                + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# architecture: plans' arch_kwargs <-> our constructor
+
+
+def _per_stage(value: Any, n_stages: int, what: str, triple: bool = False) -> list:
+    """nnU-Net allows a scalar for "the same at every stage"; expand it and check the length."""
+    if not isinstance(value, (list, tuple)):
+        value = [value] * n_stages
+    if triple:
+        value = [tuple(int(v) for v in ([entry] * 3 if not isinstance(entry, (list, tuple)) else entry))
+                 for entry in value]
+    if len(value) != n_stages:
+        raise NnUNetFormatError(f"arch_kwargs['{what}'] has {len(value)} entries, expected {n_stages} (n_stages)")
+    return list(value)
+
+
+def resenc_kwargs_from_architecture(architecture: Mapping, in_channels: int, num_classes: int,
+                                    source: str = "plans") -> dict:
+    """ResEncUNet constructor arguments from a plans configuration's ``architecture`` entry.
+
+    Raises:
+        NnUNetFormatError: when the architecture is not a 3D ResidualEncoderUNet with BasicBlockD
+            blocks, InstanceNorm, LeakyReLU and no dropout, or its kwargs are inconsistent.
+    """
+    name = architecture.get("network_class_name", "")
+    if name.split(".")[-1] != "ResidualEncoderUNet":
+        raise NnUNetFormatError(f"{source}: architecture {name!r} is not supported; only {RESENC_CLASS} "
+                                "(nnU-Net's ResEnc presets) can be loaded")
+    kw = dict(architecture.get("arch_kwargs", {}))
+    unknown = sorted(set(kw) - ARCH_KWARGS)
+    if unknown:
+        raise NnUNetFormatError(f"{source}: unknown ResidualEncoderUNet arch_kwargs {unknown}")
+    checks = [
+        (kw.get("conv_op") in CONV3D, f"conv_op {kw.get('conv_op')!r}, expected Conv3d (3D only)"),
+        (kw.get("norm_op") in INSTANCENORM3D, f"norm_op {kw.get('norm_op')!r}, expected InstanceNorm3d"),
+        (kw.get("nonlin") in LEAKYRELU, f"nonlin {kw.get('nonlin')!r}, expected LeakyReLU"),
+        (kw.get("dropout_op") is None or float((kw.get("dropout_op_kwargs") or {}).get("p", 0.0)) == 0.0,
+         f"dropout_op {kw.get('dropout_op')!r} with {kw.get('dropout_op_kwargs')}, expected none"),
+        (str(kw.get("block") or "BasicBlockD").split(".")[-1] == "BasicBlockD",
+         f"block {kw.get('block')!r}, expected BasicBlockD"),
+        (kw.get("bottleneck_channels") is None, f"bottleneck_channels {kw.get('bottleneck_channels')!r}, expected None"),
+    ]
+    norm_kwargs = dict(kw.get("norm_op_kwargs") or {})
+    checks += [(norm_kwargs.get("affine", True) is True, f"norm_op_kwargs {norm_kwargs}, expected affine=True"),
+               (not norm_kwargs.get("track_running_stats", False),
+                f"norm_op_kwargs {norm_kwargs}, expected no running statistics")]
+    errors = [message for ok, message in checks if not ok]
+    if errors:
+        raise NnUNetFormatError(f"{source}: ResidualEncoderUNet kwargs differ from ours: " + "; ".join(errors))
+
+    n_stages = int(kw.get("n_stages", 0))
+    features = [int(f) for f in _per_stage(kw.get("features_per_stage"), n_stages, "features_per_stage")]
+    if kw.get("stem_channels") not in (None, features[0]):
+        raise NnUNetFormatError(f"{source}: stem_channels {kw['stem_channels']} differs from features_per_stage[0] "
+                                f"{features[0]}; only the default stem is supported")
+    decoder = kw.get("n_conv_per_stage_decoder")
+    decoder = [decoder] * (n_stages - 1) if not isinstance(decoder, (list, tuple)) else list(decoder)
+    return {
+        "in_channels": int(in_channels), "num_classes": int(num_classes), "features_per_stage": features,
+        "kernel_sizes": _per_stage(kw.get("kernel_sizes"), n_stages, "kernel_sizes", triple=True),
+        "strides": _per_stage(kw.get("strides"), n_stages, "strides", triple=True),
+        "n_blocks_per_stage": [int(n) for n in _per_stage(kw.get("n_blocks_per_stage"), n_stages,
+                                                          "n_blocks_per_stage")],
+        "n_conv_per_stage_decoder": [int(n) for n in decoder],
+        "conv_bias": bool(kw.get("conv_bias", False)),  # dynamic-network-architectures' default is False
+        "norm_eps": float(norm_kwargs.get("eps", 1e-5)),
+        "negative_slope": float((kw.get("nonlin_kwargs") or {}).get("negative_slope", 1e-2)),
+    }
+
+
+def architecture_from_model(model: ResEncUNet) -> dict:
+    """The plans ``architecture`` entry nnU-Net builds ``model``'s twin from."""
+    arch = model.arch
+    nonlin_kwargs: dict = {"inplace": True}
+    if arch["negative_slope"] != 1e-2:
+        nonlin_kwargs["negative_slope"] = arch["negative_slope"]
+    return {
+        "network_class_name": RESENC_CLASS,
+        "arch_kwargs": {
+            "n_stages": len(arch["features_per_stage"]), "features_per_stage": list(arch["features_per_stage"]),
+            "conv_op": CONV3D[0], "kernel_sizes": [list(k) for k in arch["kernel_sizes"]],
+            "strides": [list(s) for s in arch["strides"]], "n_blocks_per_stage": list(arch["n_blocks_per_stage"]),
+            "n_conv_per_stage_decoder": list(arch["n_conv_per_stage_decoder"]), "conv_bias": arch["conv_bias"],
+            "norm_op": INSTANCENORM3D[0], "norm_op_kwargs": {"eps": arch["norm_eps"], "affine": True},
+            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": LEAKYRELU[0], "nonlin_kwargs": nonlin_kwargs,
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# plans.json and dataset.json <-> Plan
+
+
+def _resolve_configuration(plans: Mapping, name: str, source: str) -> dict:
+    """A configuration with nnU-Net's ``inherits_from`` applied (the child's keys win, shallowly)."""
+    configurations = plans.get("configurations", {})
+    chain, seen = [], set()
+    while name is not None:
+        if name not in configurations:
+            raise NnUNetFormatError(f"{source}: no configuration {name!r} (found {sorted(configurations)})")
+        if name in seen:
+            raise NnUNetFormatError(f"{source}: configuration {name!r} inherits from itself")
+        seen.add(name)
+        chain.append(configurations[name])
+        name = configurations[name].get("inherits_from")
+    resolved: dict = {}
+    for configuration in reversed(chain):
+        resolved.update(configuration)
+    if "architecture" not in resolved:
+        raise NnUNetFormatError(f"{source}: configuration has no 'architecture' entry; plans written before "
+                                "nnunetv2 2.4 are not supported")
+    return resolved
+
+
+def _labels(dataset_json: Mapping, source: str) -> dict[str, int]:
+    labels = dataset_json.get("labels", {})
+    if any(not isinstance(v, int) for v in labels.values()):
+        raise NnUNetFormatError(f"{source}: region-based labels {labels} are not supported, expected one integer "
+                                "per label")
+    return {str(k): int(v) for k, v in labels.items()}
+
+
+def _channel_names(dataset_json: Mapping) -> dict[str, str]:
+    return dict(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+
+
+def plan_from_nnunet(plans: Mapping, dataset_json: Mapping, configuration: str = "3d_fullres",
+                     source: str = "plans") -> Plan:
+    """Our Plan of an nnU-Net plans configuration (no subtypes: nnU-Net has no classification)."""
+    if list(plans.get("transpose_forward", [0, 1, 2])) != [0, 1, 2]:
+        raise NnUNetFormatError(f"{source}: transpose_forward {plans['transpose_forward']} is not [0, 1, 2]; "
+                                "only plans in (z, y, x) order are supported")
+    config = _resolve_configuration(plans, configuration, source)
+    channels = _channel_names(dataset_json)
+    labels = _labels(dataset_json, source)
+    arch = resenc_kwargs_from_architecture(config["architecture"], len(channels), len(labels), source)
+    properties = plans.get("foreground_intensity_properties_per_channel", {})
+    normalization = []
+    for channel, (scheme, use_mask) in enumerate(zip(config["normalization_schemes"], config["use_mask_for_norm"])):
+        if scheme == "CTNormalization":
+            stats = properties.get(str(channel))
+            if stats is None:
+                raise NnUNetFormatError(f"{source}: channel {channel} uses CTNormalization but plans have no "
+                                        "foreground_intensity_properties_per_channel for it")
+            normalization.append(ChannelNormalization("ct", clip_low=float(stats["percentile_00_5"]),
+                                                      clip_high=float(stats["percentile_99_5"]),
+                                                      mean=float(stats["mean"]), std=float(stats["std"])))
+        elif scheme == "ZScoreNormalization" and not use_mask:
+            normalization.append(ChannelNormalization("zscore"))
+        else:
+            raise NnUNetFormatError(f"{source}: channel {channel} normalisation {scheme} (use_mask_for_norm "
+                                    f"{use_mask}) is not supported; expected CTNormalization or ZScoreNormalization "
+                                    "without mask")
+    spacing = tuple(float(s) for s in config["spacing"])
+    coarse = max(spacing) / min(spacing) > ANISOTROPY_THRESHOLD
+    return Plan(
+        preset=str(plans.get("plans_name", "nnunet")), target_spacing=spacing,
+        median_shape=tuple(round(float(m)) for m in config.get("median_image_size_in_voxels", config["patch_size"])),
+        patch_size=tuple(int(p) for p in config["patch_size"]), batch_size=int(config.get("batch_size", 2)),
+        normalization=normalization, kernel_sizes=arch["kernel_sizes"], strides=arch["strides"],
+        features_per_stage=arch["features_per_stage"], n_blocks_per_stage=arch["n_blocks_per_stage"],
+        n_conv_per_stage_decoder=arch["n_conv_per_stage_decoder"], num_input_channels=len(channels),
+        num_classes=len(labels), num_subtypes=0, labels=labels,
+        anisotropic_axis=spacing.index(max(spacing)) if coarse else None,
+    )
+
+
+def _intensity_properties(plan: Plan, fingerprint: Fingerprint | None) -> dict:
+    """nnU-Net's foreground_intensity_properties_per_channel. Without a fingerprint only what
+    CTNormalization reads (mean, std, 0.5 / 99.5 percentiles) is exact; median, min and max repeat them."""
+    properties = {}
+    for channel, norm in enumerate(plan.normalization):
+        if fingerprint is not None and channel < len(fingerprint.intensity):
+            stats = fingerprint.intensity[channel]
+            values = {"max": stats.max, "mean": stats.mean, "median": stats.median, "min": stats.min,
+                      "percentile_00_5": stats.percentile_00_5, "percentile_99_5": stats.percentile_99_5,
+                      "std": stats.std}
+        elif norm.scheme == "ct":
+            values = {"max": norm.clip_high, "mean": norm.mean, "median": norm.mean, "min": norm.clip_low,
+                      "percentile_00_5": norm.clip_low, "percentile_99_5": norm.clip_high, "std": norm.std}
+        else:
+            values = {"max": 0.0, "mean": 0.0, "median": 0.0, "min": 0.0, "percentile_00_5": 0.0,
+                      "percentile_99_5": 0.0, "std": 1.0}
+        properties[str(channel)] = {k: float(v) for k, v in values.items()}
+    return properties
+
+
+def nnunet_plans(model: ResEncUNet, plan: Plan, dataset_name: str = "Dataset001_Pancreas",
+                 plans_name: str | None = None, configuration: str = "3d_fullres",
+                 fingerprint: Fingerprint | None = None) -> dict:
+    """nnU-Net v2 plans.json for a network trained on ``plan`` (resampling: nnU-Net's defaults)."""
+    for scheme in (n.scheme for n in plan.normalization):
+        if scheme not in NORMALIZATION_NAMES:
+            raise NnUNetFormatError(f"normalisation scheme {scheme!r} has no nnU-Net equivalent")
+    if fingerprint is not None:
+        original_spacing = [statistics.median(s[a] for s in fingerprint.spacings) for a in range(3)]
+        original_shape = [statistics.median(s[a] for s in fingerprint.shapes_after_crop) for a in range(3)]
+    else:  # only used by nnU-Net's planners, not by its predictor
+        original_spacing, original_shape = list(plan.target_spacing), list(plan.median_shape)
+    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    preset = plan.preset if plan.preset in ("M", "L", "XL") else None
+    return {
+        "dataset_name": dataset_name,
+        "plans_name": plans_name or (f"nnUNetResEncUNet{preset}Plans" if preset else f"pancreas_mtl_{plan.preset}"),
+        "original_median_spacing_after_transp": [float(s) for s in original_spacing],
+        "original_median_shape_after_transp": [round(float(s)) for s in original_shape],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {configuration: {
+            "data_identifier": f"nnUNetPlans_{configuration}",
+            "preprocessor_name": "DefaultPreprocessor",
+            "batch_size": int(plan.batch_size),
+            "patch_size": [int(p) for p in plan.patch_size],
+            "median_image_size_in_voxels": [float(m) for m in plan.median_shape],
+            "spacing": [float(s) for s in plan.target_spacing],
+            "normalization_schemes": [NORMALIZATION_NAMES[n.scheme] for n in plan.normalization],
+            "use_mask_for_norm": [False] * len(plan.normalization),
+            "resampling_fn_data": "resample_data_or_seg_to_shape",
+            "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": resampling,
+            "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities_kwargs": {**resampling, "order": 1},
+            "architecture": architecture_from_model(model),
+            "batch_dice": False,
+        }},
+        "experiment_planner_used": f"nnUNetPlannerResEnc{preset}" if preset else "pancreas_mtl.planning.planner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": _intensity_properties(plan, fingerprint),
+    }
+
+
+def nnunet_dataset_json(plan: Plan, num_training: int = 0, file_ending: str = ".nii.gz") -> dict:
+    """A minimal nnU-Net v2 dataset.json for a plan: channel names, labels, file ending."""
+    names = {str(i): ("CT" if n.scheme == "ct" else f"channel_{i}") for i, n in enumerate(plan.normalization)}
+    return {"channel_names": names, "labels": dict(plan.labels), "numTraining": int(num_training),
+            "file_ending": file_ending}
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and model folders
+
+
+def _numpy_safe_globals() -> list:
+    """What nnU-Net checkpoints need beyond tensors: numpy scalars and dtypes (its training log holds
+    np.float64 values), under both numpy 2's and numpy 1's module names, and plain numpy arrays."""
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    scalar, reconstruct = core.multiarray.scalar, core.multiarray._reconstruct
+    dtype_classes = {type(np.dtype(code)) for code in "?bhilqBHILQefdgFD"} - {np.dtype}
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"),
+            (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            *sorted(dtype_classes, key=lambda c: c.__name__)]
+
+
+NUMPY_SAFE_GLOBALS = _numpy_safe_globals()
+
+
+def load_nnunet_checkpoint(path: str | Path) -> dict:
+    """torch.load(weights_only=True) of an nnU-Net checkpoint, with only numpy's scalar types allowed.
+
+    Raises:
+        NnUNetFormatError: naming the objects the file holds that are not allowed; the file is never
+            loaded with weights_only=False.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no nnU-Net checkpoint at {path}")
+    try:
+        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        try:
+            needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - the listing is only for the message
+            needed = ["(could not be listed)"]
+        raise NnUNetFormatError(
+            f"{path}: cannot be read with torch.load(weights_only=True); it holds objects outside the allowed "
+            f"tensors and numpy scalars: {needed}. pancreas_mtl does not load checkpoints unsafely; if you trust "
+            f"the file, re-save only its 'network_weights' and plain values. ({str(error).splitlines()[-1]})"
+        ) from None
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise NnUNetFormatError(f"{path}: not an nnU-Net checkpoint (expected a dict with 'network_weights')")
+    return checkpoint
+
+
+@dataclass
+class NnUNetModelInfo:
+    """What an nnU-Net model folder says besides the weights.
+
+    Attributes:
+        folder, checkpoint: where it was read from.
+        fold: the fold (int or "all").
+        configuration: the plans configuration the network was trained with ("3d_fullres").
+        trainer_name: nnU-Net trainer class that trained it.
+        inference_allowed_mirroring_axes: axes test-time mirroring may flip, None if not stored.
+        plans, dataset_json: the folder's JSON files as dicts.
+        plan: the same as our Plan (num_subtypes 0).
+    """
+
+    folder: Path
+    checkpoint: Path
+    fold: int | str
+    configuration: str
+    trainer_name: str
+    inference_allowed_mirroring_axes: tuple[int, ...] | None
+    plans: dict
+    dataset_json: dict
+    plan: Plan
+
+
+def load_nnunet_model_folder(folder: str | Path, fold: int | str = 0, checkpoint_name: str = "checkpoint_final.pth",
+                             configuration: str | None = None,
+                             deep_supervision: bool = False) -> tuple[ResEncUNet, NnUNetModelInfo]:
+    """Our ResEncUNet with the weights of an nnU-Net v2 training output folder.
+
+    Args:
+        folder: holds plans.json, dataset.json and fold_{fold}/{checkpoint_name}.
+        fold: which fold's checkpoint (int or "all").
+        checkpoint_name: checkpoint_final.pth or checkpoint_best.pth.
+        configuration: plans configuration; None takes the checkpoint's (init_args['configuration']).
+        deep_supervision: the returned network's setting (nnU-Net predicts without).
+    """
+    folder = Path(folder)
+    for name in ("plans.json", "dataset.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not an nnU-Net model folder: {name} is missing")
+    plans, dataset_json = load_json(folder / "plans.json"), load_json(folder / "dataset.json")
+    checkpoint_path = folder / f"fold_{fold}" / checkpoint_name
+    checkpoint = load_nnunet_checkpoint(checkpoint_path)
+    init_args = checkpoint.get("init_args") or {}
+    configuration = configuration or init_args.get("configuration") or "3d_fullres"
+    plan = plan_from_nnunet(plans, dataset_json, configuration, source=str(folder / "plans.json"))
+    config = _resolve_configuration(plans, configuration, str(folder / "plans.json"))
+    kwargs = resenc_kwargs_from_architecture(config["architecture"], plan.num_input_channels, plan.num_classes,
+                                             source=str(folder / "plans.json"))
+    model = ResEncUNet(**kwargs, deep_supervision=deep_supervision)
+    load_nnunet_state_dict(model, checkpoint["network_weights"], source=str(checkpoint_path))
+    axes = checkpoint.get("inference_allowed_mirroring_axes")
+    info = NnUNetModelInfo(folder=folder, checkpoint=checkpoint_path, fold=fold, configuration=configuration,
+                           trainer_name=str(checkpoint.get("trainer_name", "nnUNetTrainer")),
+                           inference_allowed_mirroring_axes=None if axes is None else tuple(int(a) for a in axes),
+                           plans=plans, dataset_json=dataset_json, plan=plan)
+    return model, info
+
+
+def export_nnunet_model_folder(model: nn.Module, plan: Plan, folder: str | Path, dataset_json: Mapping | None = None,
+                               fold: int | str = 0, *, fingerprint: Fingerprint | None = None,
+                               dataset_name: str = "Dataset001_Pancreas", plans_name: str | None = None,
+                               configuration: str = "3d_fullres", checkpoint_name: str = "checkpoint_final.pth",
+                               trainer_name: str = "nnUNetTrainer",
+                               inference_allowed_mirroring_axes: Sequence[int] = (0, 1, 2)) -> Path:
+    """Write ``folder`` as an nnU-Net v2 training output that nnUNetPredictor can load.
+
+    Writes plans.json, dataset.json and fold_{fold}/{checkpoint_name} holding the backbone's weights
+    under nnU-Net's key names, ``init_args`` (plans, configuration, fold, dataset_json),
+    ``trainer_name`` and ``inference_allowed_mirroring_axes``. Only the segmentation network is
+    exported (a MultiTaskNet's classification head has no place in nnU-Net); there is no optimizer
+    state, so nnU-Net can predict with the folder but not resume training from it.
+
+    Args:
+        model: a ResEncUNet, or a network with one as ``.backbone``.
+        plan: the plan it was trained with; must describe the same network.
+        folder: output folder (created).
+        dataset_json: nnU-Net dataset.json content; None writes a minimal one from the plan.
+        fold: fold name of the checkpoint folder.
+        fingerprint: the dataset fingerprint, for exact intensity properties and original medians.
+    """
+    backbone = getattr(model, "backbone", model)
+    if not isinstance(backbone, ResEncUNet):
+        raise TypeError(f"expected a ResEncUNet (or a network with one as .backbone), got {type(model).__name__}")
+    expected = {"in_channels": plan.num_input_channels, "num_classes": plan.num_classes,
+                "features_per_stage": list(plan.features_per_stage),
+                "kernel_sizes": [tuple(k) for k in plan.kernel_sizes], "strides": [tuple(s) for s in plan.strides],
+                "n_blocks_per_stage": list(plan.n_blocks_per_stage),
+                "n_conv_per_stage_decoder": list(plan.n_conv_per_stage_decoder)}
+    differences = [f"{k}: network {backbone.arch[k]}, plan {v}" for k, v in expected.items() if backbone.arch[k] != v]
+    if differences:
+        raise ValueError("the network does not match the plan: " + "; ".join(differences))
+
+    folder = Path(folder)
+    plans = nnunet_plans(backbone, plan, dataset_name, plans_name, configuration, fingerprint)
+    dataset_json = dict(dataset_json) if dataset_json is not None else nnunet_dataset_json(
+        plan, num_training=len(fingerprint.case_ids) if fingerprint is not None else 0)
+    save_json(plans, folder / "plans.json")
+    save_json(dataset_json, folder / "dataset.json")
+    checkpoint = {
+        "network_weights": to_nnunet_state_dict(backbone),
+        "init_args": {"plans": plans, "configuration": configuration, "fold": fold, "dataset_json": dataset_json},
+        "trainer_name": trainer_name,
+        "inference_allowed_mirroring_axes": tuple(int(a) for a in inference_allowed_mirroring_axes),
+    }
+    path = folder / f"fold_{fold}" / checkpoint_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return folder
