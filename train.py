@@ -1,8 +1,9 @@
 """Train a multi-task network: ``python train.py experiment=panda_multistage [key=value ...]``.
 
 Composes conf/train.yaml, prepares the dataset (discovery, checks, fingerprint, plan, preprocessing
-cache), builds the data module and, from the training issue on, the model and trainer. The run
-folder (Hydra's output dir) keeps the resolved config, the plan and the fingerprint.
+cache), builds the network, loss, LightningModule, loggers, callbacks and trainer, and fits. The run
+folder (Hydra's output dir) keeps the resolved config, the plan, the fingerprint, the checkpoints
+(which carry the plan and config too) and the logs. Returns ``optimized_metric`` for sweeps.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pancreas_mtl.data.datamodule import PancreasDataModule
 from pancreas_mtl.data.prepare import prepare_dataset
+from pancreas_mtl.logging_utils import build_loggers
+from pancreas_mtl.module import build_module, set_tf32
 from pancreas_mtl.planning.plan import save_json
 from pancreas_mtl.planning.planner import describe_plan
+from pancreas_mtl.run_info import write_run_info
 
 log = logging.getLogger("train")
 
@@ -40,18 +45,48 @@ def check_one_batch(datamodule: PancreasDataModule) -> None:
              tuple(batch["label"].shape), batch["subtype"].tolist(), batch["case_id"])
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def build_callbacks(cfg: DictConfig, with_logger: bool) -> list:
+    callbacks = []
+    for name, spec in (cfg.get("callbacks") or {}).items():
+        if not spec or not spec.get("_target_"):
+            continue
+        if name == "learning_rate_monitor" and not with_logger:
+            continue  # Lightning refuses it without a logger
+        callbacks.append(instantiate(spec))
+    return callbacks
+
+
+def train(cfg: DictConfig) -> float | None:
+    """The whole run for a composed config; returns ``cfg.optimized_metric`` (None if not logged)."""
     L.seed_everything(cfg.seed, workers=True)
     log.info("run folder %s", cfg.paths.output_dir)
+    write_run_info(Path(cfg.paths.output_dir))
     datamodule = prepare(cfg)
-    check_one_batch(datamodule)
     if cfg.prepare_only:
+        check_one_batch(datamodule)
         log.info("prepare_only: dataset planned, preprocessed and sampled; stopping before training")
         return None
-    log.warning("training is not part of this release yet (the model and trainer arrive with the training "
-                "issue); the dataset is prepared and cached in %s", cfg.data.cache_dir)
-    return None
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule.plan, datamodule.subtype_counts())
+    loggers = build_loggers(cfg.get("logger"), cfg.paths.output_dir, config=OmegaConf.to_container(cfg, resolve=True))
+    set_tf32(cfg.module.get("tf32"))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg, bool(loggers)))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
+            import wandb
+
+            wandb.finish()
+    metric = trainer.callback_metrics.get(cfg.optimized_metric)
+    log.info("finished: %s = %s; checkpoints in %s", cfg.optimized_metric,
+             None if metric is None else f"{float(metric):.4f}", Path(cfg.paths.output_dir) / "checkpoints")
+    return None if metric is None else float(metric)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,251 @@
+"""Experiment loggers from the ``logger`` config group, and best-effort images and tables sent to them.
+
+``build_loggers(cfg.logger, output_dir, config)`` instantiates every logger of the group; a W&B logger
+goes offline by itself when no credentials are found (``wandb.init`` fails at once without an API key,
+offline mode needs no network; ``wandb sync`` uploads the run later). Validation overlays are drawn
+with numpy alone (matplotlib and Pillow are not dependencies), written as PNG files and handed to
+TensorBoard or W&B where those are in use. Nothing here may stop a training run: image and table
+logging catch their errors and warn once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import netrc
+import os
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+WANDB_OFFLINE_MODES = ("offline", "dryrun", "disabled")
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+# --- loggers ----------------------------------------------------------------------------------------
+
+def wandb_credentials_available() -> bool:
+    """Whether ``wandb.init`` can authenticate: ``WANDB_API_KEY`` or an identity token file is set, or the
+    netrc file (``NETRC``, else ``~/.netrc``) has an entry for the W&B host (what ``wandb login`` writes)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_offline(requested: bool | str | None) -> bool:
+    """The W&B logger's ``offline`` flag: an explicit true/false is kept; ``auto`` (or null) is offline
+    when ``WANDB_MODE`` says so or when no credentials are found, online otherwise."""
+    if isinstance(requested, bool):
+        return requested
+    if requested not in (None, "auto"):
+        raise ValueError(f"logger offline must be true, false or auto, got {requested!r}")
+    if os.environ.get("WANDB_MODE", "").lower() in WANDB_OFFLINE_MODES:
+        return True
+    if wandb_credentials_available():
+        return False
+    log.warning("W&B: no API key (WANDB_API_KEY unset, no `wandb login`); logging offline. "
+                "Upload later with `wandb sync <run folder>/wandb/offline-run-*`")
+    return True
+
+
+def _target(entry: Mapping) -> str:
+    return str(entry.get("_target_") or "")
+
+
+def _require_tensorboard(name: str) -> None:
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise ModuleNotFoundError(
+            f"logger {name!r} (TensorBoardLogger) needs the tensorboard package, which is not installed: "
+            "run `pip install tensorboard` in this environment, or choose logger=csv or logger=wandb")
+
+
+def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Mapping | None = None) -> list:
+    """Every logger of the ``logger`` config group, with the resolved run config logged to each.
+
+    Args:
+        logger_cfg: ``{name: {_target_: ..., ...}}`` (conf/logger/*.yaml); entries without a ``_target_``
+            are skipped, so ``logger=null`` or an empty group gives no logger.
+        output_dir: the run folder; loggers without a ``save_dir`` write there.
+        config: the resolved run config (plain containers), stored as the run's hyperparameters (the
+            W&B run config, CSV hparams.yaml, TensorBoard hparams).
+
+    A W&B entry's ``offline: auto`` is decided by :func:`resolve_wandb_offline`.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    if logger_cfg is None:
+        return []
+    if not isinstance(logger_cfg, DictConfig):
+        logger_cfg = OmegaConf.create(dict(logger_cfg))
+    loggers = []
+    for name, entry in logger_cfg.items():
+        if not isinstance(entry, DictConfig) or not _target(entry):
+            continue
+        target = _target(entry)
+        overrides: dict[str, Any] = {}
+        if entry.get("save_dir") is None:
+            overrides["save_dir"] = str(output_dir)
+        wandb_config: dict[str, Any] = {}
+        if target.endswith("WandbLogger"):
+            overrides["offline"] = resolve_wandb_offline(entry.get("offline", "auto"))
+            if config is not None:
+                wandb_config["config"] = dict(config)  # goes to wandb.init(config=...)
+        elif target.endswith("TensorBoardLogger"):
+            _require_tensorboard(name)
+        Path(overrides.get("save_dir", entry.get("save_dir"))).mkdir(parents=True, exist_ok=True)
+        # a partial first: instantiate's own first parameter is called `config`
+        logger = instantiate(entry, _partial_=True, **overrides)(**wandb_config)
+        if config is not None and not target.endswith("WandbLogger"):
+            logger.log_hyperparams(dict(config))
+        loggers.append(logger)
+    return loggers
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+PANCREAS_COLOUR = np.array([40, 200, 60], dtype=np.float32)
+LESION_COLOUR = np.array([235, 40, 40], dtype=np.float32)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes (8-bit RGB, no interlace), with zlib alone."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
+    height, width = rgb.shape[:2]
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, width * 3)], axis=1)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+            + chunk(b"IEND", b""))
+
+
+def write_png(rgb: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_png(rgb))
+    return path
+
+
+def overlay_slice_index(label: np.ndarray, lesion_label: int = 2) -> int:
+    """Axial slice to show for a (Z, Y, X) label map: most lesion voxels, else most foreground, else the middle."""
+    for mask in (label == lesion_label, label > 0):
+        area = mask.reshape(mask.shape[0], -1).sum(1)
+        if area.max() > 0:
+            return int(area.argmax())
+    return label.shape[0] // 2
+
+
+def _contour(mask: np.ndarray) -> np.ndarray:
+    """Mask pixels with a 4-neighbour outside the mask (the image edge counts as outside)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def render_overlay(image: np.ndarray, true_labels: np.ndarray, pred_labels: np.ndarray,
+                   lesion_label: int = 2, min_size: int = 256) -> np.ndarray:
+    """Three panels of one axial slice: the image, the reference filled, the prediction filled with the
+    reference's contours on top (pancreas green, lesion red).
+
+    Args:
+        image: (Y, X) intensities, shown between their 1st and 99th percentiles.
+        true_labels, pred_labels: (Y, X) label maps (0 background, 1 pancreas, 2 lesion).
+        min_size: pixels are repeated so that the longer side is at least this large.
+
+    Returns (H, 3 W, 3) uint8.
+    """
+    low, high = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+    gray = np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255.0
+    base = np.repeat(gray[..., None].astype(np.float32), 3, axis=2)
+
+    def filled(labels: np.ndarray) -> np.ndarray:
+        out = base.copy()
+        for value, colour, alpha in ((1, PANCREAS_COLOUR, 0.35), (lesion_label, LESION_COLOUR, 0.5)):
+            mask = labels == value
+            out[mask] = (1 - alpha) * out[mask] + alpha * colour
+        return out
+
+    with_contours = filled(pred_labels)
+    for mask, colour in ((true_labels > 0, PANCREAS_COLOUR), (true_labels == lesion_label, LESION_COLOUR)):
+        with_contours[_contour(mask)] = colour
+    panels = np.concatenate([base, filled(true_labels), with_contours], axis=1)
+    scale = max(1, int(np.ceil(min_size / max(image.shape))))
+    panels = panels.repeat(scale, axis=0).repeat(scale, axis=1)
+    return np.clip(panels, 0, 255).astype(np.uint8)
+
+
+def log_image(loggers: Sequence, key: str, rgb: np.ndarray, step: int, caption: str = "",
+              png_path: str | Path | None = None) -> None:
+    """Send an (H, W, 3) uint8 image to every TensorBoard and W&B logger; others are skipped. Never raises."""
+    for logger in loggers:
+        kind = type(logger).__name__
+        try:
+            if kind == "TensorBoardLogger":
+                logger.experiment.add_image(key, rgb, global_step=step, dataformats="HWC")
+            elif kind == "WandbLogger":
+                # wandb.Image needs Pillow for arrays and files alike
+                logger.log_image(key=key, images=[str(png_path) if png_path else rgb], caption=[caption])
+        except Exception as error:  # noqa: BLE001 - images are a convenience, never a reason to stop
+            _warn_once(f"image:{kind}", f"could not log validation images to {kind} ({type(error).__name__}: "
+                                        f"{error}); PNG files are still written to the run folder")
+
+
+# --- tables -----------------------------------------------------------------------------------------
+
+def format_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str] | None = None) -> str:
+    """A fixed-width text table of a (K, K) confusion matrix; rows are true classes, columns predicted."""
+    k = matrix.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    width = max(6, *(len(n) for n in names), *(len(str(int(v))) for v in matrix.ravel()))
+    lines = ["true \\ pred".ljust(12) + "".join(n.rjust(width + 1) for n in names)]
+    for name, row in zip(names, matrix):
+        lines.append(name.ljust(12) + "".join(str(int(v)).rjust(width + 1) for v in row))
+    return "\n".join(lines)
+
+
+def log_confusion_matrix(loggers: Sequence, key: str, matrix: np.ndarray, step: int,
+                         class_names: Sequence[str] | None = None) -> None:
+    """The confusion matrix as a W&B table and plot, or TensorBoard text; other loggers are skipped. Never raises."""
+    names = list(class_names) if class_names is not None else [str(i) for i in range(matrix.shape[0])]
+    for logger in loggers:
+        kind = type(logger).__name__
+        try:
+            if kind == "WandbLogger":
+                import wandb
+
+                rows = [[names[t], names[p], int(matrix[t, p])] for t in range(len(names)) for p in range(len(names))]
+                y_true = [t for t in range(len(names)) for p in range(len(names)) for _ in range(int(matrix[t, p]))]
+                y_pred = [p for t in range(len(names)) for p in range(len(names)) for _ in range(int(matrix[t, p]))]
+                logger.experiment.log({
+                    f"{key}_table": wandb.Table(columns=["true", "predicted", "cases"], data=rows),
+                    key: wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=names),
+                    "trainer/global_step": step})
+            elif kind == "TensorBoardLogger":
+                text = "    " + format_confusion_matrix(matrix, names).replace("\n", "\n    ")
+                logger.experiment.add_text(key, text, global_step=step)
+        except Exception as error:  # noqa: BLE001
+            _warn_once(f"confusion:{kind}", f"could not log the confusion matrix to {kind} "
+                                            f"({type(error).__name__}: {error})")

@@ -1,0 +1,433 @@
+"""The LightningModule: multi-task training steps, whole-case sliding-window validation, optimizers.
+
+One case's path through validation: the whole preprocessed case (1, C, Z, Y, X) is tiled by MONAI's
+``sliding_window_inference`` at the plan's patch size with nnU-Net's settings (step 0.5 of the patch,
+Gaussian importance weights with sigma 1/8 of the patch); the stitched logits' argmax gives the label
+map, scored with whole-pancreas and lesion Dice; the classification head runs on the same windows and
+its per-window subtype probabilities are pooled by :func:`aggregate_window_predictions`. Scores go to
+the loggers as ``val/*`` at the end of the epoch. The checkpoint carries the plan and the resolved
+config (``checkpoint["pancreas_mtl"]``), so :func:`load_network` rebuilds the network from the file alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from pancreas_mtl import __version__
+from pancreas_mtl.evaluation.metrics import ClassificationMetrics, lesion_dice, whole_pancreas_dice
+from pancreas_mtl.logging_utils import (
+    format_confusion_matrix,
+    log_confusion_matrix,
+    log_image,
+    overlay_slice_index,
+    render_overlay,
+    write_png,
+)
+from pancreas_mtl.models.multitask import MultiTaskNet, build_model
+from pancreas_mtl.optim import as_factory
+from pancreas_mtl.planning.plan import Plan
+
+log = logging.getLogger(__name__)
+
+NONFINITE_POLICIES = ("skip", "stop")
+LOGGED_TRAIN_TERMS = ("loss", "seg", "dice", "ce", "cls")
+DEFAULT_VALIDATION: dict[str, Any] = {
+    "sw_batch_size": 2,          # windows per forward pass
+    "overlap": 0.5,              # nnU-Net: step 0.5 of the patch
+    "sigma_scale": 0.125,        # nnU-Net: Gaussian sigma 1/8 of the patch
+    "mirror_axes": [],           # spatial axes (0=z, 1=y, 2=x) mirrored for test-time augmentation; [] off
+    "roi_size": None,            # (z, y, x) window; None: the plan's patch size
+    "min_lesion_volume": 0.5,    # predicted lesion volume (voxels) below which windows weigh the same
+    "num_overlays": 2,           # validation cases drawn as PNG overlays each validation epoch
+    "save_overlays": True,       # also write the PNGs under <run folder>/overlays
+}
+DEFAULT_COMBINED = {"dice_pancreas": 1.0, "dice_lesion": 1.0, "f1_macro": 1.0}
+
+
+def _plain(config: Any) -> Any:
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return config
+
+
+# --- whole-case inference ---------------------------------------------------------------------------
+
+def aggregate_window_predictions(window_probabilities: Tensor, lesion_volumes: Tensor,
+                                 min_lesion_volume: float = 0.5) -> Tensor:
+    """One case's subtype probabilities from those of its sliding windows.
+
+    The subtype is a property of the lesion, and a window that holds more of the predicted lesion has
+    seen more of the evidence; so the case's probabilities are the windows' probabilities averaged with
+    weights proportional to each window's predicted lesion volume. When the windows together predict
+    less than ``min_lesion_volume`` voxels of lesion (none, in practice), every window weighs the same.
+
+    Args:
+        window_probabilities: (N, K) class probabilities of N windows (rows sum to 1).
+        lesion_volumes: (N,) predicted lesion volume of each window, >= 0 (see :class:`WindowRecorder`).
+        min_lesion_volume: total volume below which the weights fall back to uniform.
+
+    Returns (K,) probabilities summing to 1, float32.
+    """
+    if window_probabilities.ndim != 2 or lesion_volumes.shape != window_probabilities.shape[:1]:
+        raise ValueError(f"expected (N, K) probabilities and (N,) volumes, got {tuple(window_probabilities.shape)} "
+                         f"and {tuple(lesion_volumes.shape)}")
+    if window_probabilities.shape[0] == 0:
+        raise ValueError("no windows to aggregate")
+    weights = lesion_volumes.double().clamp_min(0.0)
+    if weights.sum() < min_lesion_volume:
+        weights = torch.ones_like(weights)
+    pooled = (weights[:, None] * window_probabilities.double()).sum(0) / weights.sum()
+    return pooled.float()
+
+
+class WindowRecorder(nn.Module):
+    """The predictor handed to ``sliding_window_inference``: segmentation logits out, class evidence recorded.
+
+    For a batch of windows (N, C, *roi) it runs the backbone once without deep supervision, returns the
+    full-resolution segmentation logits (N, K_seg, *roi) as float32 for MONAI to stitch, and records per
+    window the head's class probabilities and the predicted lesion volume: the sum of the softmax lesion
+    probability over the voxels whose argmax is the lesion. (Summing it over every voxel would let the
+    small lesion probability of 10^5 background voxels outweigh a real lesion.)
+    """
+
+    def __init__(self, model: MultiTaskNet, lesion_channel: int = 2, memory_format: torch.memory_format | None = None):
+        super().__init__()
+        if model.head is None:
+            raise ValueError("WindowRecorder needs a network with a classification head")
+        self.model = model
+        self.lesion_channel = int(lesion_channel)
+        self.memory_format = memory_format
+        self.probabilities: list[Tensor] = []
+        self.lesion_volumes: list[Tensor] = []
+
+    def forward(self, windows: Tensor) -> Tensor:
+        if self.memory_format is not None:
+            windows = windows.contiguous(memory_format=self.memory_format)
+        unet = self.model.backbone(windows, deep_supervision=False)
+        seg_logits = unet.seg_logits[0].float()
+        self.probabilities.append(self.model.class_probabilities(self.model.head(unet)).float())
+        probability = seg_logits.softmax(dim=1)
+        lesion = probability[:, self.lesion_channel] * (probability.argmax(dim=1) == self.lesion_channel)
+        self.lesion_volumes.append(lesion.flatten(1).sum(1))
+        return seg_logits
+
+
+@torch.no_grad()
+def sliding_window_predict(model: MultiTaskNet, image: Tensor, roi_size: Sequence[int], sw_batch_size: int = 2,
+                           overlap: float = 0.5, sigma_scale: float = 0.125, mirror_axes: Sequence[int] = (),
+                           lesion_channel: int = 2, min_lesion_volume: float = 0.5,
+                           memory_format: torch.memory_format | None = None) -> tuple[Tensor, Tensor | None]:
+    """Whole-case prediction, nnU-Net style: Gaussian-weighted sliding windows, optional mirroring.
+
+    Args:
+        model: the network, in eval mode.
+        image: (1, C, Z, Y, X) preprocessed case; a case smaller than the window is padded with 0.
+        roi_size: (z, y, x) window, each divisible by the network's stride product (the plan's patch).
+        mirror_axes: spatial axes (0=z, 1=y, 2=x); logits and probabilities are averaged over every
+            combination of flips of them (nnU-Net: all three, 8 passes; validation default: none).
+
+    Returns:
+        segmentation logits (1, K_seg, Z, Y, X) float32, and the case's subtype probabilities (K,) from
+        :func:`aggregate_window_predictions` (None for a network without a head).
+    """
+    if image.ndim != 5 or image.shape[0] != 1:
+        raise ValueError(f"expected one case (1, C, Z, Y, X), got {tuple(image.shape)}")
+    flips = [tuple(axis + 2 for axis in combo) for r in range(len(mirror_axes) + 1)
+             for combo in itertools.combinations(sorted(set(mirror_axes)), r)]
+    options = {"overlap": overlap, "mode": "gaussian", "sigma_scale": sigma_scale, "padding_mode": "constant",
+               "cval": 0.0}
+    logits_sum, probability_sum = None, None
+    for dims in flips:
+        x = image.flip(dims) if dims else image
+        if model.head is None:
+            seg_only = model.segmentation_only()
+            predictor = seg_only if memory_format is None else (
+                lambda w: seg_only(w.contiguous(memory_format=memory_format)).float())
+            logits = sliding_window_inference(x, tuple(roi_size), sw_batch_size, predictor, **options)
+            probabilities = None
+        else:
+            recorder = WindowRecorder(model, lesion_channel, memory_format)
+            logits = sliding_window_inference(x, tuple(roi_size), sw_batch_size, recorder, **options)
+            probabilities = aggregate_window_predictions(torch.cat(recorder.probabilities),
+                                                         torch.cat(recorder.lesion_volumes), min_lesion_volume)
+        logits = torch.as_tensor(logits).float()
+        logits = logits.flip(dims) if dims else logits
+        logits_sum = logits if logits_sum is None else logits_sum + logits
+        if probabilities is not None:
+            probability_sum = probabilities if probability_sum is None else probability_sum + probabilities
+    logits_sum = logits_sum / len(flips)
+    return logits_sum, (None if probability_sum is None else probability_sum / len(flips))
+
+
+def set_tf32(enabled: bool | None) -> None:
+    """TF32 for float32 matmuls and convolutions on Ampere+ GPUs (None: leave torch's setting).
+
+    Uses torch's legacy switches on purpose: Lightning reads ``torch.get_float32_matmul_precision()``, which
+    raises once the newer ``fp32_precision`` API has been mixed in.
+    """
+    if enabled is None:
+        return
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+# --- the module -------------------------------------------------------------------------------------
+
+class MultiTaskModule(L.LightningModule):
+    """Trains a :class:`MultiTaskNet` with a :class:`MultiTaskLoss`; validates on whole cases.
+
+    Args:
+        model: the network (``build_model(cfg.model, plan)``).
+        loss: the training objective; called as ``loss(seg_logits, class_logits, label, subtype, has_lesion)``.
+        plan: the experiment plan (or its dict); saved in every checkpoint.
+        optimizer: ``params -> Optimizer`` (a Hydra partial such as conf/optimizer/sgd_nesterov.yaml), or its config.
+        scheduler: ``(optimizer, total_steps) -> LRScheduler`` stepped every optimizer step
+            (conf/scheduler/), its config, or None for a constant lr.
+        validation: sliding-window settings, see ``DEFAULT_VALIDATION``; how often validation runs is the
+            Trainer's ``check_val_every_n_epoch``.
+        nonfinite_loss: what a NaN/inf training loss does: ``skip`` the batch (training_step returns None:
+            no backward, the optimizer steps with no gradients so weights and momenta stay as they were,
+            the lr schedule moves on; one device only) or ``stop`` the run with an error naming the cases.
+        compile: ``torch.compile`` the backbone and head in place (state-dict keys unchanged).
+        compile_kwargs: passed to ``nn.Module.compile`` (mode, dynamic, ...).
+        channels_last: channels-last 3D weights and inputs (faster convolutions on recent GPUs).
+        tf32: TF32 matmuls and convolutions on CUDA (None: leave torch's setting).
+        combined_metric: ``{metric: weight}`` over ``dice_pancreas``, ``dice_lesion``, ``f1_macro``,
+            ``balanced_accuracy``, ``auroc``; ``val/combined`` is their weighted mean over the defined ones.
+        config: the resolved run config (plain containers), saved in every checkpoint.
+    """
+
+    def __init__(self, model: MultiTaskNet, loss: nn.Module, plan: Plan | Mapping, optimizer: Callable | Mapping,
+                 scheduler: Callable | Mapping | None = None, validation: Mapping | None = None,
+                 nonfinite_loss: str = "skip", compile: bool = False, compile_kwargs: Mapping | None = None,
+                 channels_last: bool = False, tf32: bool | None = True, combined_metric: Mapping | None = None,
+                 config: Mapping | None = None):
+        super().__init__()
+        validation = {**DEFAULT_VALIDATION, **(_plain(validation) or {})}
+        unknown = sorted(set(validation) - set(DEFAULT_VALIDATION))
+        if unknown:
+            raise ValueError(f"unknown validation setting(s) {unknown}; known: {sorted(DEFAULT_VALIDATION)}")
+        if nonfinite_loss not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}, got {nonfinite_loss!r}")
+        combined_metric = dict(_plain(combined_metric) or DEFAULT_COMBINED)
+        compile_kwargs = dict(_plain(compile_kwargs) or {})
+        self.save_hyperparameters(ignore=["model", "loss", "plan", "optimizer", "scheduler", "config"])
+        self.model = model
+        self.loss = loss
+        self.plan = plan if isinstance(plan, Plan) else Plan.from_dict(dict(plan))
+        self.config = _plain(config)
+        self.optimizer_factory = as_factory(optimizer)
+        self.scheduler_factory = as_factory(scheduler)
+        if self.optimizer_factory is None:
+            raise ValueError("an optimizer is required (e.g. conf/optimizer/sgd_nesterov.yaml)")
+        self.validation = validation
+        self.roi_size = tuple(int(s) for s in (validation["roi_size"] or self.plan.patch_size))
+        self.lesion_channel = int(self.plan.labels.get("lesion", 2))
+        self.nonfinite_steps = 0
+        self.last_validation: dict[str, Any] = {}
+        self._val_cases: list[dict[str, Any]] = []
+        self._model_configured = False
+
+    @property
+    def memory_format(self) -> torch.memory_format | None:
+        return torch.channels_last_3d if self.hparams.channels_last else None
+
+    # --- set-up -------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if torch.cuda.is_available():
+            set_tf32(self.hparams.tf32)
+        if self.hparams.nonfinite_loss == "skip" and self.trainer.world_size > 1:
+            raise ValueError("module.nonfinite_loss=skip returns None from training_step, which Lightning does "
+                             f"not support on {self.trainer.world_size} devices; use module.nonfinite_loss=stop")
+
+    def configure_model(self) -> None:
+        if self._model_configured:
+            return
+        if self.hparams.channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
+        if self.hparams.compile:
+            # compiled in place: the state-dict keys (checkpoints) stay those of the plain modules
+            self.model.backbone.compile(**self.hparams.compile_kwargs)
+            if self.model.head is not None:
+                self.model.head.compile(**self.hparams.compile_kwargs)
+        self._model_configured = True
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
+
+    # --- training -----------------------------------------------------------------------------------
+
+    def forward(self, image: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        """image (B, C, Z, Y, X) -> (segmentation logits, highest resolution first; class logits (B, K) or None)."""
+        if self.memory_format is not None:
+            image = image.contiguous(memory_format=self.memory_format)
+        return self.model(image)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        seg_logits, class_logits = self(batch["image"])
+        terms = self.loss(seg_logits, class_logits, batch["label"], batch.get("subtype"), batch.get("has_lesion"))
+        if not torch.isfinite(terms["loss"]):  # one device sync per step; logging needs one anyway
+            return self._nonfinite_loss(terms, batch, batch_idx)
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", terms["loss"].detach(), prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=batch_size)
+        self.log_dict({f"train/{name}": terms[name].detach() for name in LOGGED_TRAIN_TERMS if name != "loss"},
+                      on_step=True, on_epoch=True, batch_size=batch_size)
+        return terms["loss"]
+
+    def _nonfinite_loss(self, terms: dict[str, Tensor], batch: dict[str, Any], batch_idx: int) -> None:
+        values = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in terms.items())
+        where = (f"non-finite training loss at epoch {self.current_epoch}, global step {self.global_step}, "
+                 f"batch {batch_idx}, cases {list(batch.get('case_id', []))}: {values}")
+        if self.hparams.nonfinite_loss == "stop":
+            raise FloatingPointError(f"{where}. module.nonfinite_loss=stop ends the run; "
+                                     "module.nonfinite_loss=skip drops such batches instead")
+        self.nonfinite_steps += 1
+        log.warning("%s; batch skipped (module.nonfinite_loss=skip, %d so far)", where, self.nonfinite_steps)
+        return None
+
+    # --- validation ---------------------------------------------------------------------------------
+
+    def predict_case(self, image: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(1, C, Z, Y, X) case -> (segmentation logits (1, K_seg, Z, Y, X), subtype probabilities (K,) or None)."""
+        settings = self.validation
+        return sliding_window_predict(
+            self.model, image, self.roi_size, int(settings["sw_batch_size"]), float(settings["overlap"]),
+            float(settings["sigma_scale"]), tuple(settings["mirror_axes"]), self.lesion_channel,
+            float(settings["min_lesion_volume"]), self.memory_format)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        seg_logits, probabilities = self.predict_case(batch["image"])
+        pred = seg_logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()     # (Z, Y, X)
+        true = batch["label"][0, 0].cpu().numpy()                             # (Z, Y, X)
+        self._val_cases.append({
+            "case_id": batch["case_id"][0],
+            "dice_pancreas": whole_pancreas_dice(pred, true),
+            "dice_lesion": lesion_dice(pred, true, lesion_label=self.lesion_channel),
+            "subtype": int(batch["subtype"][0]),
+            "probabilities": None if probabilities is None else probabilities.cpu(),
+        })
+        if batch_idx < int(self.validation["num_overlays"]) and not self.trainer.sanity_checking:
+            self._overlay(batch["image"][0, 0].float().cpu().numpy(), true, pred, batch["case_id"][0], batch_idx)
+
+    def _gathered(self, values: Tensor) -> Tensor:
+        """Per-case values (N, ...) of every device; Lightning's distributed sampler gives each the same N."""
+        if self.trainer.world_size <= 1:
+            return values
+        return self.all_gather(values.to(self.device)).flatten(0, 1).cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        cases, self._val_cases = self._val_cases, []
+        if not cases:
+            return
+        dice = torch.tensor([[c["dice_pancreas"], c["dice_lesion"]] for c in cases], dtype=torch.float64)
+        dice = self._gathered(dice)
+        metrics = {"dice_pancreas": float(dice[:, 0].mean()), "dice_lesion": float(dice[:, 1].mean())}
+        confusion = None
+        if cases[0]["probabilities"] is not None:
+            probabilities = self._gathered(torch.stack([c["probabilities"] for c in cases]))
+            subtypes = self._gathered(torch.tensor([c["subtype"] for c in cases]))
+            scores_tracker = ClassificationMetrics(num_classes=probabilities.shape[1])
+            scores_tracker.update(probabilities, subtypes)
+            scores = scores_tracker.compute()
+            metrics.update({"f1_macro": scores["macro_f1"], "balanced_accuracy": scores["balanced_accuracy"],
+                            "auroc": scores["macro_auroc"]})
+            metrics.update({f"auroc_{k}": scores[f"auroc_{k}"] for k in range(probabilities.shape[1])})
+            confusion = scores_tracker.confusion_matrix()
+        metrics["combined"] = self.combined_metric(metrics)
+        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=1)
+        self.last_validation = {"metrics": metrics, "confusion_matrix": confusion,
+                                "cases": [{k: v for k, v in c.items() if k != "probabilities"} for c in cases]}
+        if confusion is not None and not self.trainer.sanity_checking:
+            names = [f"subtype{k}" for k in range(confusion.shape[0])]
+            self.print(f"validation epoch {self.current_epoch}: subtype confusion matrix ({len(cases)} cases)\n"
+                       + format_confusion_matrix(confusion, names))
+            if self.global_rank == 0:
+                log_confusion_matrix(self.loggers, "val/confusion_matrix", confusion, self.global_step, names)
+
+    def combined_metric(self, metrics: Mapping[str, float]) -> float:
+        """Weighted mean of the configured metrics that are defined (not NaN, present); NaN if none is."""
+        total, weight_sum = 0.0, 0.0
+        for name, weight in self.hparams.combined_metric.items():
+            value = metrics.get(name)
+            if value is not None and np.isfinite(value) and weight:
+                total += float(weight) * float(value)
+                weight_sum += float(weight)
+        return total / weight_sum if weight_sum else float("nan")
+
+    def _overlay(self, image: np.ndarray, true: np.ndarray, pred: np.ndarray, case_id: str, index: int) -> None:
+        """Best effort: an axial slice through the lesion as PNG, to the run folder and image-capable loggers."""
+        if self.global_rank != 0:
+            return
+        try:
+            z = overlay_slice_index(true, self.lesion_channel)
+            rgb = render_overlay(image[z], true[z], pred[z], self.lesion_channel)
+            caption = f"{case_id} z={z} epoch {self.current_epoch}: image | reference | prediction + reference contour"
+            path = None
+            if self.validation["save_overlays"]:
+                folder = Path(self.trainer.default_root_dir) / "overlays"
+                path = write_png(rgb, folder / f"epoch{self.current_epoch:04d}_{case_id}.png")
+            log_image(self.loggers, f"val/overlay_{index}", rgb, self.global_step, caption, path)
+        except Exception as error:  # noqa: BLE001 - a picture is never a reason to stop training
+            log.warning("could not draw the validation overlay of %s: %s: %s", case_id, type(error).__name__, error)
+
+    # --- checkpoints --------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["pancreas_mtl"] = {"plan": self.plan.to_dict(), "config": self.config, "version": __version__}
+
+
+def load_network(checkpoint_path: str | Path, map_location: str | torch.device = "cpu"
+                 ) -> tuple[MultiTaskNet, Plan, dict]:
+    """The trained network, its plan and the run config from a checkpoint alone (loaded with weights_only).
+
+    Returns the network in eval mode with the checkpoint's weights, the :class:`Plan`, and the resolved config.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    saved = checkpoint.get("pancreas_mtl")
+    if not saved or not saved.get("config") or "model" not in saved["config"]:
+        raise ValueError(f"{checkpoint_path}: not a pancreas_mtl training checkpoint with its run config "
+                         "(expected checkpoint['pancreas_mtl'] with 'plan' and a 'config' holding 'model')")
+    plan = Plan.from_dict(saved["plan"])
+    model = build_model(saved["config"]["model"], plan)
+    prefix = "model."
+    state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    model.load_state_dict(state)
+    return model.eval(), plan, saved["config"]
+
+
+def build_module(cfg: Mapping | DictConfig, plan: Plan, subtype_counts: Mapping | Sequence | None) -> MultiTaskModule:
+    """Network, loss and module from the run config (groups ``model``, ``loss``, ``optimizer``, ``scheduler``,
+    ``module``), for a plan and the training split's subtype counts (class weights of the loss)."""
+    from hydra.utils import instantiate
+
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(dict(cfg))
+    model = build_model(cfg.model, plan)
+    loss_overrides: dict[str, Any] = {}
+    if cfg.loss.get("cls_loss") is not None:
+        loss_overrides["cls_loss"] = {"subtype_counts": _plain(subtype_counts)}
+        if model.loss_kind is not None and model.loss_kind != cfg.loss.cls_loss.get("kind"):
+            raise ValueError(f"the head's logits are meant for {model.loss_kind!r} but loss.cls_loss.kind is "
+                             f"{cfg.loss.cls_loss.get('kind')!r}; use loss=ovr with model/head=ovr")
+    loss = instantiate(cfg.loss, **loss_overrides)
+    return MultiTaskModule(model=model, loss=loss, plan=plan, optimizer=cfg.optimizer,
+                           scheduler=cfg.get("scheduler"), config=OmegaConf.to_container(cfg, resolve=True),
+                           **_plain(cfg.get("module") or {}))
