@@ -1,4 +1,4 @@
-"""The synthetic data generator: determinism, the distributed layout, presets, and that only the lesion tells the subtype."""
+"""The synthetic data generator: determinism, layout, presets, and that only the lesion tells the subtype."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from scipy import ndimage
 from pancreas_mtl.data.io import read_volume
 from pancreas_mtl.data.layout import discover
 from pancreas_mtl.data.synthetic import (
-    FLOAT_MASK_PANCREAS, MARKER_FILE, SyntheticConfig, generate_case, generate_dataset, load_config, main, plan_cases,
+    FLOAT_MASK_PANCREAS, MARKER_FILE, SyntheticConfig, generate_case, generate_dataset, load_config, main,
+    plan_cases,
 )
 
 
@@ -59,7 +60,7 @@ def _lesion_inside_pancreas(mask: np.ndarray) -> bool:
 
 
 def test_subtype_changes_only_the_lesion(tiny):
-    """Same seed, another subtype: same anatomy, gland, lesion size and noise; only the lesion's look and outline."""
+    """Same seed, other subtype: same anatomy, gland, lesion size and noise; only the lesion differs."""
     cases = [_case(tiny, [8, 4], subtype) for subtype in range(3)]
     whole = [case.mask > 0 for case in cases]
     near_gland = ndimage.binary_dilation(whole[0], iterations=2)
@@ -126,8 +127,8 @@ def test_files_match_generate_case_and_float_mask_quirk(tmp_path, tiny):
 
 def test_command_line_with_a_yaml_file_and_overwrite(tmp_path):
     preset = tmp_path / "mini.yaml"
-    preset.write_text("name: mini\ntrain_counts: [1, 1, 1]\nvalidation_counts: [0, 0, 0]\ntest_counts: [1, 0, 0]\n"
-                      "spacing_xy_mm: [2.0, 2.2]\nspacing_z_mm: [4.0, 4.4]\n")
+    preset.write_text("name: mini\ntrain_counts: [1, 1, 1]\nvalidation_counts: [0, 0, 0]\n"
+                      "test_counts: [1, 0, 0]\nspacing_xy_mm: [2.0, 2.2]\nspacing_z_mm: [4.0, 4.4]\n")
     root = main(["--size", str(preset), "--out", str(tmp_path / "mini"), "--seed", "5"])
     assert len(discover(root).split("train")) == 3 and len(discover(root).split("test")) == 1
     assert json.loads((root / MARKER_FILE).read_text())["config"]["seed"] == 5
@@ -139,7 +140,8 @@ def test_presets():
     assert load_config("default") == SyntheticConfig()  # the dataclass defaults are the default preset
     tiny, full = load_config("tiny"), load_config("full")
     assert (tiny.name, full.name) == ("tiny", "full")
-    assert full.train_counts == (62, 106, 84) and full.validation_counts == (9, 15, 12) and sum(full.test_counts) == 72
+    assert full.train_counts == (62, 106, 84) and full.validation_counts == (9, 15, 12)
+    assert sum(full.test_counts) == 72
     splits = [case.split for case in plan_cases(full)]
     assert (splits.count("train"), splits.count("validation"), splits.count("test")) == (252, 36, 72)
     with pytest.raises(FileNotFoundError, match="tiny"):
@@ -173,12 +175,13 @@ def _lesion_features(case) -> list[float]:
     gradient = np.sqrt(sum(g ** 2 for g in np.gradient(image, *case.spacing)))
     values = image[lesion]
     return [values.mean() - reference, values.std(), np.percentile(values, 10) - reference,
-            np.percentile(values, 90) - reference, gradient[core].mean(), image[shell].mean() - image[core].mean(),
-            gradient[shell].mean(), shell.sum() / lesion.sum() ** (2 / 3)]
+            np.percentile(values, 90) - reference, gradient[core].mean(),
+            image[shell].mean() - image[core].mean(), gradient[shell].mean(),
+            shell.sum() / lesion.sum() ** (2 / 3)]
 
 
 def test_only_the_lesion_tells_the_subtype(tiny):
-    """A linear classifier on whole-image and size features stays at chance; on lesion features it is well above."""
+    """A linear classifier on whole-image and size features stays at chance; on lesion features, well above."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -191,7 +194,8 @@ def test_only_the_lesion_tells_the_subtype(tiny):
     for name, features in (("global", _global_features), ("lesion", _lesion_features)):
         table = np.array([features(case) for case in cases])
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
-        predicted = cross_val_predict(model, table, subtypes, cv=StratifiedKFold(5, shuffle=True, random_state=0))
+        folds = StratifiedKFold(5, shuffle=True, random_state=0)
+        predicted = cross_val_predict(model, table, subtypes, cv=folds)
         accuracy[name] = balanced_accuracy_score(subtypes, predicted)
     assert accuracy["global"] < 0.5, accuracy
     assert accuracy["lesion"] > 0.7, accuracy

@@ -1,4 +1,4 @@
-"""Deterministic synthetic pancreas CT in the distributed layout: ROI crops with a pancreas, one lesion, a subtype.
+"""Deterministic synthetic pancreas CT in the distributed layout: ROI crops, a pancreas, a lesion, a subtype.
 
 The subtype shows only in the lesion (texture, septa, rim, margin); everything else (image size,
 spacing, anatomy, lesion size and place) is drawn from distributions shared by all subtypes. See
@@ -22,11 +22,11 @@ from pancreas_mtl.data.synthetic_anatomy import (
     HU_MAX, HU_MIN, Grid, draw_pancreas_shape, paint_pancreas, pancreas_rho, render_surroundings, smooth_noise,
 )
 from pancreas_mtl.data.synthetic_lesion import (
-    draw_appearance_quantiles, draw_lesion_geometry, lesion_appearance, lesion_outline, lesion_structure, paint_lesion,
-    pancreas_around_lesion,
+    draw_appearance_quantiles, draw_lesion_geometry, lesion_appearance, lesion_outline, lesion_structure,
+    paint_lesion, pancreas_around_lesion,
 )
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump whenever the same config would give other images
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "synthetic"
 MARKER_FILE = "synthetic.json"        # written last: its presence marks a complete dataset
 TEST_LABELS_DIR = "test_labels"       # test masks and subtypes, out of discovery's way
@@ -102,7 +102,8 @@ class SyntheticConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("_counts") and (len(value) != NUM_SUBTYPES or min(value) < 0):
-                raise ValueError(f"{source}: {f.name} needs {NUM_SUBTYPES} counts (one per subtype), found {value}")
+                raise ValueError(f"{source}: {f.name} needs {NUM_SUBTYPES} counts (one per subtype, >= 0), "
+                                 f"found {value}")
             if f.type == "PerSubtype" and len(value) != NUM_SUBTYPES:
                 raise ValueError(f"{source}: {f.name} needs one (low, high) per subtype, found {value}")
             ranges = value if f.type == "PerSubtype" else [value] if f.type == "Range" else []
@@ -110,7 +111,8 @@ class SyntheticConfig:
                 if len(low_high) != 2 or low_high[0] > low_high[1]:
                     raise ValueError(f"{source}: {f.name} expects (low, high) with low <= high, found {value}")
         if not 0.0 <= self.float_mask_fraction <= 1.0:
-            raise ValueError(f"{source}: float_mask_fraction must be in [0, 1], found {self.float_mask_fraction}")
+            raise ValueError(f"{source}: float_mask_fraction must be in [0, 1], "
+                             f"found {self.float_mask_fraction}")
 
 
 def _as_tuples(value):
@@ -129,7 +131,8 @@ def load_config(name_or_path: str | Path) -> SyntheticConfig:
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no synthetic-data preset {str(name_or_path)!r}: {path} does not exist (presets: {known})")
+        raise FileNotFoundError(f"no synthetic-data preset {str(name_or_path)!r}: {path} does not exist "
+                                f"(presets: {known})")
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
     return SyntheticConfig.from_dict(values, source=str(path))
 
@@ -197,7 +200,8 @@ def generate_case(config: SyntheticConfig, rng: np.random.Generator, subtype: in
     appearances = [lesion_appearance(config, quantiles, k) for k in range(NUM_SUBTYPES)]
     outlines = [lesion_outline(structure, geometry, appearance) for appearance in appearances]
     rho = pancreas_rho(grid, shape, smooth_noise(anatomy_rng, grid, 5.0))
-    rho[structure.box] = np.minimum(rho[structure.box], pancreas_around_lesion(outlines, geometry, config.lesion_margin_mm))
+    around_lesion = pancreas_around_lesion(outlines, geometry, config.lesion_margin_mm)
+    rho[structure.box] = np.minimum(rho[structure.box], around_lesion)
     pancreas = paint_pancreas(image, grid, anatomy_rng, rho, pancreas_hu, texture_hu, fat_fraction)
     appearance, outline = appearances[subtype], outlines[subtype]
     paint_lesion(image, structure, outline, geometry, appearance, pancreas_hu, config)
@@ -247,7 +251,8 @@ def plan_cases(config: SyntheticConfig) -> list[PlannedCase]:
         n_train, n_val = config.train_counts[subtype], config.validation_counts[subtype]
         numbers = naming.permutation(n_train + n_val) + 1
         for split, chosen in (("train", numbers[:n_train]), ("validation", numbers[n_train:])):
-            cases += [PlannedCase(f"quiz_{subtype}_{n:03d}", split, subtype, (_SPLIT_CODES[split], subtype, int(n)))
+            key = _SPLIT_CODES[split]
+            cases += [PlannedCase(f"quiz_{subtype}_{n:03d}", split, subtype, (key, subtype, int(n)))
                       for n in sorted(chosen)]
     test_subtypes = np.repeat(np.arange(NUM_SUBTYPES), config.test_counts)
     numbers = naming.permutation(len(test_subtypes)) + 1
@@ -267,8 +272,8 @@ def _marker(config: SyntheticConfig) -> dict:
     return {"generator_version": GENERATOR_VERSION, "config": config.to_dict()}
 
 
-def generate_dataset(root: str | Path, config: SyntheticConfig, *, overwrite: bool = False, progress: bool = True,
-                     workers: int = 0) -> Path:
+def generate_dataset(root: str | Path, config: SyntheticConfig, *, overwrite: bool = False,
+                     progress: bool = True, workers: int = 0) -> Path:
     """Write the dataset under ``root`` in the distributed layout; returns ``root``.
 
     Idempotent: a complete dataset of the same config (``synthetic.json``, written last) is left as
@@ -294,9 +299,11 @@ def generate_dataset(root: str | Path, config: SyntheticConfig, *, overwrite: bo
         found = json.loads(marker_path.read_text())
         if found == expected:
             return root
-        differing = sorted(k for k in expected["config"] if found.get("config", {}).get(k) != expected["config"][k])
+        found_config = found.get("config", {})
+        differing = sorted(k for k, v in expected["config"].items() if found_config.get(k) != v)
         raise FileExistsError(f"{root}: holds a synthetic dataset of another configuration (differs in "
-                              f"{differing or ['generator_version']}); pass overwrite=True (--overwrite) to replace it")
+                              f"{differing or ['generator_version']}); pass overwrite=True (--overwrite) "
+                              "to replace it")
     else:
         _check_no_foreign_files(root, planned)
     map_with_progress(_write_case, [(root, config, case) for case in planned], num_workers=workers,
@@ -322,7 +329,8 @@ def _check_no_foreign_files(root: Path, planned: list[PlannedCase]) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description="Generate the synthetic pancreas CT dataset (distributed layout).")
+    parser = argparse.ArgumentParser(
+        description="Generate the synthetic pancreas CT dataset (distributed layout).")
     parser.add_argument("--size", default="default", help="preset name (tiny, default, full) or a YAML file")
     parser.add_argument("--out", required=True, type=Path, help="dataset root to write")
     parser.add_argument("--seed", type=int, default=None, help="override the preset's seed")

@@ -19,7 +19,7 @@ HU_MIN, HU_MAX = -1024, 3071
 
 @dataclass(frozen=True)
 class Grid:
-    """A voxel grid: ``shape`` (Z, Y, X) and ``spacing`` (z, y, x) in mm; voxel centres at (i + 0.5) * spacing."""
+    """A voxel grid: ``shape`` (Z, Y, X), ``spacing`` (z, y, x) mm; voxel centres at (i + 0.5) * spacing."""
 
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
@@ -88,12 +88,17 @@ def ellipsoid_rho(grid: Grid, centre, radii, box=None, rotation: np.ndarray | No
     return np.sqrt(sum((o / r) ** 2 for o, r in zip(offsets, radii))).astype(np.float32)
 
 
-def paint_ellipsoid(image, grid, rng, centre, radii, hu, texture_hu=0.0, rotation=None) -> None:
+def paint_ellipsoid(image, grid, rng, centre, radii, hu, texture_hu=0.0, rotation=None, vessel_hu=None) -> None:
+    """A solid organ; with ``vessel_hu``, a network of 2-3 mm vessels runs through it (liver, spleen)."""
     box = grid.box(centre, max(radii) + 2.0)
     if any(s.stop <= s.start for s in box):
         return
     rho = ellipsoid_rho(grid, centre, radii, box, rotation)
     value = hu + texture_hu * smooth_noise(rng, grid, 6.0, box) if texture_hu else hu
+    if vessel_hu is not None:
+        # Where two smooth fields both cross zero: curved tubes, a cheap stand-in for a vessel tree.
+        tubes = np.sqrt(smooth_noise(rng, grid, 10.0, box) ** 2 + smooth_noise(rng, grid, 10.0, box) ** 2)
+        value = value + (vessel_hu - hu) * np.clip(1.5 - tubes / 0.3, 0.0, 1.0)
     paint(image, box, edge_weight((rho - 1.0) * min(radii)), value)
 
 
@@ -113,7 +118,7 @@ def polyline_distance(grid: Grid, points: np.ndarray, reach_mm: float):
 
 
 def paint_hollow_tube(image, grid, rng, points, radius, wall_mm, wall_hu, content_hu, air_fraction=0.0) -> None:
-    """Bowel: an enhancing wall around fluid, with gas rising to the anterior (low y) side if ``air_fraction``."""
+    """Bowel: an enhancing wall around fluid; gas rises to the anterior (low y) side if ``air_fraction``."""
     box, distance = polyline_distance(grid, points, radius + 2.0)
     if distance.size == 0:
         return
@@ -122,7 +127,8 @@ def paint_hollow_tube(image, grid, rng, points, radius, wall_mm, wall_hu, conten
     paint(image, box, lumen, content_hu + 6.0 * smooth_noise(rng, grid, 3.0, box))
     if air_fraction > 0:
         _, y, _ = grid.coordinates(box)
-        level = np.quantile(np.broadcast_to(y, distance.shape)[lumen > 0.5], air_fraction) if (lumen > 0.5).any() else -1
+        lumen_y = np.broadcast_to(y, distance.shape)[lumen > 0.5]
+        level = np.quantile(lumen_y, air_fraction) if lumen_y.size else -1.0
         paint(image, box, lumen * edge_weight(y - level, 1.0), -900.0)
 
 
@@ -183,7 +189,8 @@ def draw_pancreas_shape(rng: np.random.Generator, grid: Grid, scale: float) -> P
     z_head, z_tail = rng.uniform(0.30, 0.42) * extent_z, rng.uniform(0.55, 0.70) * extent_z
     centre_z = z_head + (z_tail - z_head) * (3 * sc ** 2 - 2 * sc ** 3)
     for _ in range(2):
-        centre_z += rng.uniform(0, 4) * np.sin(2 * np.pi * rng.uniform(0.5, 1.5) * sc + rng.uniform(0, 2 * np.pi))
+        amplitude, frequency, phase = rng.uniform(0, 4), rng.uniform(0.5, 1.5), rng.uniform(0, 2 * np.pi)
+        centre_z += amplitude * np.sin(2 * np.pi * frequency * sc + phase)
     centre_y = (rng.uniform(0.44, 0.54) * extent_y - rng.uniform(0.06, 0.14) * extent_y * np.sin(np.pi * sc)
                 + rng.uniform(0.0, 0.12) * extent_y * (sc - 0.5))
     knots = [0.0, 0.25, 0.45, 0.7, 1.0]
@@ -217,7 +224,8 @@ def _smooth_path(rng, start, step_mm, steps, bounds_low, bounds_high) -> np.ndar
     direction = rng.normal(size=3)
     for _ in range(steps):
         direction = 0.6 * direction / np.linalg.norm(direction) + 0.4 * rng.normal(size=3)
-        points.append(np.clip(points[-1] + step_mm * direction / np.linalg.norm(direction), bounds_low, bounds_high))
+        step = step_mm * direction / np.linalg.norm(direction)
+        points.append(np.clip(points[-1] + step, bounds_low, bounds_high))
     return np.array(points)
 
 
@@ -230,12 +238,15 @@ def render_surroundings(rng: np.random.Generator, grid: Grid, shape: PancreasSha
     image = np.float32(fat_hu) + 8.0 * smooth_noise(rng, grid, 12.0)
     if u() < 0.8:  # liver: patient's right, anterior and superior, mostly outside the crop
         paint_ellipsoid(image, grid, rng, (ez * u(0.8, 1.1), ey * u(0.2, 0.45), -ex * u(0.15, 0.35)),
-                        (u(60, 80), u(50, 70), u(55, 75)), u(95, 125), texture_hu=4.0)
+                        (u(60, 80), u(50, 70), u(55, 75)), u(100, 130), texture_hu=5.0,
+                        vessel_hu=vessel_hu * u(0.6, 0.9))
     if u() < 0.6:  # spleen: patient's left, posterior and superior
         paint_ellipsoid(image, grid, rng, (ez * u(0.85, 1.1), ey * u(0.6, 0.85), ex * u(1.05, 1.2)),
-                        (u(40, 55), u(25, 32), u(28, 38)), u(105, 135), texture_hu=4.0)
+                        (u(40, 55), u(25, 32), u(28, 38)), u(110, 140), texture_hu=6.0,
+                        vessel_hu=vessel_hu * u(0.6, 0.9))
     for side in (u(-0.1, 0.08), u(0.92, 1.1)):  # kidneys: enhancing cortex around the medulla
-        centre, radii = (ez * u(0.2, 0.5), ey * u(0.85, 1.05), ex * side), np.array([u(45, 55), u(22, 28), u(25, 32)])
+        centre = (ez * u(0.2, 0.5), ey * u(0.85, 1.05), ex * side)
+        radii = np.array([u(45, 55), u(22, 28), u(25, 32)])
         if u() < 0.6:
             paint_ellipsoid(image, grid, rng, centre, radii, u(150, 200))
             paint_ellipsoid(image, grid, rng, centre, radii * 0.6, u(80, 120))
@@ -250,7 +261,8 @@ def render_surroundings(rng: np.random.Generator, grid: Grid, shape: PancreasSha
     angles = np.linspace(-0.55 * np.pi, 0.55 * np.pi, 12)
     c_loop = np.stack([head[0] + bend * np.sin(angles), head[1] + u(-3, 3) + 3 * np.cos(angles),
                        head[2] - bend * np.cos(angles)], axis=1)
-    c_loop = np.vstack([c_loop[:1] + [-5, u(0, 8), u(25, 45)], c_loop, c_loop[-1:] + [5, u(-15, -5), u(15, 30)]])
+    bulb, third_part = c_loop[:1] + [-5, u(0, 8), u(25, 45)], c_loop[-1:] + [5, u(-15, -5), u(15, 30)]
+    c_loop = np.vstack([bulb, c_loop, third_part])
     paint_hollow_tube(image, grid, rng, c_loop, duodenum_radius, 2.5, u(40, 70), u(0, 30),
                       air_fraction=u(0, 0.3) if u() < 0.3 else 0.0)
     for _ in range(rng.integers(2, 5)):  # small bowel loops, anterior and inferior
@@ -269,12 +281,13 @@ def render_surroundings(rng: np.random.Generator, grid: Grid, shape: PancreasSha
     paint_vertical_tube(image, grid, (behind_neck + u(8, 12), neck[2] + u(0, 6)), rng.normal(0, 0.05, 2),
                         (u(3, 4.5),) * 2, vessel_hu)  # superior mesenteric artery
     paint_vertical_tube(image, grid, (behind_neck + u(2, 5), neck[2] - u(6, 12)), rng.normal(0, 0.05, 2),
-                        (u(4, 6),) * 2, vessel_hu * u(0.8, 1.0), z_range=(0, neck[0]))  # superior mesenteric vein
+                        (u(4, 6),) * 2, vessel_hu * u(0.8, 1.0), z_range=(0, neck[0]))  # sup. mesenteric vein
     # splenic vein: along the back of the pancreatic body and tail
     vein_radius = u(3, 4.5)
     along = [shape.centreline_point(s, grid) for s in np.linspace(0.3, 1.05, 10)]
     gap = u(0.5, 2.0) + vein_radius
-    path = np.array([p + [0, np.interp(p[2], grid.coordinates()[2].ravel(), shape.radius_y) + gap, 0] for p in along])
+    x_centres = grid.coordinates()[2].ravel()
+    path = np.array([p + [0, np.interp(p[2], x_centres, shape.radius_y) + gap, 0] for p in along])
     box, distance = polyline_distance(grid, path, vein_radius + 2)
     paint(image, box, edge_weight(distance - vein_radius), vessel_hu * u(0.8, 1.0))
     for _ in range(rng.integers(1, 4)):  # small arteries crossing the fat

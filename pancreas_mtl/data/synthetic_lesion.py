@@ -145,7 +145,8 @@ def lesion_outline(structure: LesionStructure, geometry: LesionGeometry, appeara
     return LesionOutline(rho, float(np.partition(rho.ravel(), count - 1)[count - 1]))
 
 
-def pancreas_around_lesion(outlines: list[LesionOutline], geometry: LesionGeometry, margin_mm: float) -> np.ndarray:
+def pancreas_around_lesion(outlines: list[LesionOutline], geometry: LesionGeometry,
+                           margin_mm: float) -> np.ndarray:
     """Normalised radius (< 1 inside) of the pancreas tissue around the lesion: ``margin_mm`` around the
     union of the outlines that every subtype would give this lesion, so it does not tell the subtype."""
     mean_radius = float(np.cbrt(geometry.radii.prod()))
@@ -153,8 +154,8 @@ def pancreas_around_lesion(outlines: list[LesionOutline], geometry: LesionGeomet
     return union / (1 + margin_mm / mean_radius)
 
 
-def paint_lesion(image: np.ndarray, structure: LesionStructure, outline: LesionOutline, geometry: LesionGeometry,
-                 appearance: dict, pancreas_hu: float, config) -> None:
+def paint_lesion(image: np.ndarray, structure: LesionStructure, outline: LesionOutline,
+                 geometry: LesionGeometry, appearance: dict, pancreas_hu: float, config) -> None:
     """Blend the lesion's HU into ``image``: pancreas HU + contrast + mottle + septa + rim, soft-edged."""
     mean_radius = float(np.cbrt(geometry.radii.prod()))
     depth_mm = (outline.theta - outline.rho) * mean_radius  # > 0 inside, about the distance to the outline
