@@ -1,17 +1,17 @@
 """The LightningModule: multi-task training steps, whole-case sliding-window validation, optimizers.
 
-One case's path through validation: the whole preprocessed case (1, C, Z, Y, X) is tiled by MONAI's
-``sliding_window_inference`` at the plan's patch size with nnU-Net's settings (step 0.5 of the patch,
-Gaussian importance weights with sigma 1/8 of the patch); the stitched logits' argmax gives the label
-map, scored with whole-pancreas and lesion Dice; the classification head runs on the same windows and
-its per-window subtype probabilities are pooled by :func:`aggregate_window_predictions`. Scores go to
-the loggers as ``val/*`` at the end of the epoch. The checkpoint carries the plan and the resolved
-config (``checkpoint["pancreas_mtl"]``), so :func:`load_network` rebuilds the network from the file alone.
+One case's path through validation: the whole preprocessed case (1, C, Z, Y, X) is tiled by the
+predictor's ``sliding_window_predict`` (``pancreas_mtl.inference``) at the plan's patch size with
+nnU-Net's settings (step 0.5 of the patch, Gaussian importance weights with sigma 1/8 of the patch);
+the stitched logits' argmax gives the label map, scored with whole-pancreas and lesion Dice; the
+classification head runs on the same windows and its per-window subtype probabilities are pooled by
+:func:`aggregate_window_predictions`. Scores go to the loggers as ``val/*`` at the end of the epoch.
+The checkpoint carries the plan and the resolved config (``checkpoint["pancreas_mtl"]``), so
+:func:`load_network` rebuilds the network from the file alone.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,12 +20,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from pancreas_mtl import __version__
 from pancreas_mtl.evaluation.metrics import ClassificationMetrics, lesion_dice, whole_pancreas_dice
+from pancreas_mtl.inference.checkpoint import load_network  # noqa: F401  (re-exported for callers of the module)
+from pancreas_mtl.inference.sliding_window import aggregate_window_predictions, sliding_window_predict  # noqa: F401
 from pancreas_mtl.logging_utils import (
     format_confusion_matrix,
     log_confusion_matrix,
@@ -59,115 +60,6 @@ def _plain(config: Any) -> Any:
     if isinstance(config, DictConfig):
         return OmegaConf.to_container(config, resolve=True)
     return config
-
-
-# --- whole-case inference ---------------------------------------------------------------------------
-
-def aggregate_window_predictions(window_probabilities: Tensor, lesion_volumes: Tensor,
-                                 min_lesion_volume: float = 0.5) -> Tensor:
-    """One case's subtype probabilities from those of its sliding windows.
-
-    The subtype is a property of the lesion, and a window that holds more of the predicted lesion has
-    seen more of the evidence; so the case's probabilities are the windows' probabilities averaged with
-    weights proportional to each window's predicted lesion volume. When the windows together predict
-    less than ``min_lesion_volume`` voxels of lesion (none, in practice), every window weighs the same.
-
-    Args:
-        window_probabilities: (N, K) class probabilities of N windows (rows sum to 1).
-        lesion_volumes: (N,) predicted lesion volume of each window, >= 0 (see :class:`WindowRecorder`).
-        min_lesion_volume: total volume below which the weights fall back to uniform.
-
-    Returns (K,) probabilities summing to 1, float32.
-    """
-    if window_probabilities.ndim != 2 or lesion_volumes.shape != window_probabilities.shape[:1]:
-        raise ValueError(f"expected (N, K) probabilities and (N,) volumes, got {tuple(window_probabilities.shape)} "
-                         f"and {tuple(lesion_volumes.shape)}")
-    if window_probabilities.shape[0] == 0:
-        raise ValueError("no windows to aggregate")
-    weights = lesion_volumes.double().clamp_min(0.0)
-    if weights.sum() < min_lesion_volume:
-        weights = torch.ones_like(weights)
-    pooled = (weights[:, None] * window_probabilities.double()).sum(0) / weights.sum()
-    return pooled.float()
-
-
-class WindowRecorder(nn.Module):
-    """The predictor handed to ``sliding_window_inference``: segmentation logits out, class evidence recorded.
-
-    For a batch of windows (N, C, *roi) it runs the backbone once without deep supervision, returns the
-    full-resolution segmentation logits (N, K_seg, *roi) as float32 for MONAI to stitch, and records per
-    window the head's class probabilities and the predicted lesion volume: the sum of the softmax lesion
-    probability over the voxels whose argmax is the lesion. (Summing it over every voxel would let the
-    small lesion probability of 10^5 background voxels outweigh a real lesion.)
-    """
-
-    def __init__(self, model: MultiTaskNet, lesion_channel: int = 2, memory_format: torch.memory_format | None = None):
-        super().__init__()
-        if model.head is None:
-            raise ValueError("WindowRecorder needs a network with a classification head")
-        self.model = model
-        self.lesion_channel = int(lesion_channel)
-        self.memory_format = memory_format
-        self.probabilities: list[Tensor] = []
-        self.lesion_volumes: list[Tensor] = []
-
-    def forward(self, windows: Tensor) -> Tensor:
-        if self.memory_format is not None:
-            windows = windows.contiguous(memory_format=self.memory_format)
-        unet = self.model.backbone(windows, deep_supervision=False)
-        seg_logits = unet.seg_logits[0].float()
-        self.probabilities.append(self.model.class_probabilities(self.model.head(unet)).float())
-        probability = seg_logits.softmax(dim=1)
-        lesion = probability[:, self.lesion_channel] * (probability.argmax(dim=1) == self.lesion_channel)
-        self.lesion_volumes.append(lesion.flatten(1).sum(1))
-        return seg_logits
-
-
-@torch.no_grad()
-def sliding_window_predict(model: MultiTaskNet, image: Tensor, roi_size: Sequence[int], sw_batch_size: int = 2,
-                           overlap: float = 0.5, sigma_scale: float = 0.125, mirror_axes: Sequence[int] = (),
-                           lesion_channel: int = 2, min_lesion_volume: float = 0.5,
-                           memory_format: torch.memory_format | None = None) -> tuple[Tensor, Tensor | None]:
-    """Whole-case prediction, nnU-Net style: Gaussian-weighted sliding windows, optional mirroring.
-
-    Args:
-        model: the network, in eval mode.
-        image: (1, C, Z, Y, X) preprocessed case; a case smaller than the window is padded with 0.
-        roi_size: (z, y, x) window, each divisible by the network's stride product (the plan's patch).
-        mirror_axes: spatial axes (0=z, 1=y, 2=x); logits and probabilities are averaged over every
-            combination of flips of them (nnU-Net: all three, 8 passes; validation default: none).
-
-    Returns:
-        segmentation logits (1, K_seg, Z, Y, X) float32, and the case's subtype probabilities (K,) from
-        :func:`aggregate_window_predictions` (None for a network without a head).
-    """
-    if image.ndim != 5 or image.shape[0] != 1:
-        raise ValueError(f"expected one case (1, C, Z, Y, X), got {tuple(image.shape)}")
-    flips = [tuple(axis + 2 for axis in combo) for r in range(len(mirror_axes) + 1)
-             for combo in itertools.combinations(sorted(set(mirror_axes)), r)]
-    options = {"overlap": overlap, "mode": "gaussian", "sigma_scale": sigma_scale, "padding_mode": "constant",
-               "cval": 0.0}
-    logits_sum, probability_sum = None, None
-    for dims in flips:
-        x = image.flip(dims) if dims else image
-        if model.head is None:
-            seg_only = model.segmentation_only()
-            predictor = seg_only if memory_format is None else (
-                lambda w: seg_only(w.contiguous(memory_format=memory_format)).float())
-            logits = sliding_window_inference(x, tuple(roi_size), sw_batch_size, predictor, **options)
-            probabilities = None
-        else:
-            recorder = WindowRecorder(model, lesion_channel, memory_format)
-            logits = sliding_window_inference(x, tuple(roi_size), sw_batch_size, recorder, **options)
-            probabilities = aggregate_window_predictions(torch.cat(recorder.probabilities),
-                                                         torch.cat(recorder.lesion_volumes), min_lesion_volume)
-        logits = torch.as_tensor(logits).float()
-        logits = logits.flip(dims) if dims else logits
-        logits_sum = logits if logits_sum is None else logits_sum + logits
-        if probabilities is not None:
-            probability_sum = probabilities if probability_sum is None else probability_sum + probabilities
-    logits_sum = logits_sum / len(flips)
-    return logits_sum, (None if probability_sum is None else probability_sum / len(flips))
 
 
 def set_tf32(enabled: bool | None) -> None:
@@ -392,25 +284,6 @@ class MultiTaskModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pancreas_mtl"] = {"plan": self.plan.to_dict(), "config": self.config, "version": __version__}
-
-
-def load_network(checkpoint_path: str | Path, map_location: str | torch.device = "cpu"
-                 ) -> tuple[MultiTaskNet, Plan, dict]:
-    """The trained network, its plan and the run config from a checkpoint alone (loaded with weights_only).
-
-    Returns the network in eval mode with the checkpoint's weights, the :class:`Plan`, and the resolved config.
-    """
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
-    saved = checkpoint.get("pancreas_mtl")
-    if not saved or not saved.get("config") or "model" not in saved["config"]:
-        raise ValueError(f"{checkpoint_path}: not a pancreas_mtl training checkpoint with its run config "
-                         "(expected checkpoint['pancreas_mtl'] with 'plan' and a 'config' holding 'model')")
-    plan = Plan.from_dict(saved["plan"])
-    model = build_model(saved["config"]["model"], plan)
-    prefix = "model."
-    state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
-    model.load_state_dict(state)
-    return model.eval(), plan, saved["config"]
 
 
 def build_module(cfg: Mapping | DictConfig, plan: Plan, subtype_counts: Mapping | Sequence | None) -> MultiTaskModule:

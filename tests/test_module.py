@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pancreas_mtl.data.datamodule import PancreasDataModule
 from pancreas_mtl.data.prepare import prepare_dataset
+from pancreas_mtl.inference.sliding_window import aggregate_window_predictions, sliding_window_predict
 from pancreas_mtl.logging_utils import (
     build_loggers,
     encode_png,
@@ -24,13 +25,7 @@ from pancreas_mtl.logging_utils import (
     resolve_wandb_offline,
     wandb_credentials_available,
 )
-from pancreas_mtl.module import (
-    MultiTaskModule,
-    aggregate_window_predictions,
-    build_module,
-    load_network,
-    sliding_window_predict,
-)
+from pancreas_mtl.module import MultiTaskModule, build_module, load_network
 from pancreas_mtl.optim import as_factory, cosine_lr, poly_lr
 from pancreas_mtl.planning.planner import load_preset
 

@@ -1,0 +1,430 @@
+"""Scoring a prediction folder against reference masks and subtypes: a per-case table, a summary with
+bootstrap confidence intervals, and plots.
+
+    python -m pancreas_mtl.evaluate pred=DIR gt=DIR out=DIR [probs=FILE] [subtypes=FILE] [tolerance_mm=2]
+
+``gt`` is a dataset root in either layout (masks and subtypes from the layout; ``splits=[validation]``
+picks splits), a split folder with ``subtype{k}/`` subfolders, or a folder of masks ``{case}.nii.gz``
+with the subtypes in ``subtypes=`` (JSON ``{case: k}`` or CSV ``Names,Subtype``) or beside the masks
+(``subtypes.json``, ``subtype_mapping.json`` or ``subtype_reference.csv``, as the synthetic set's
+``test_labels/`` has). The predicted subtypes come from ``pred/subtype_results.csv`` and the
+probabilities from ``probs=`` or ``pred/subtype_probabilities.csv`` (``Names,p0,p1,...``).
+
+Conventions: every metric is computed on the reference file's grid with its voxel spacing (mm), and
+a prediction must have the reference's shape and affine. Dice is metrics.py's (both masks empty: 1).
+Normalised surface Dice (NSD) at ``tolerance_mm``: metrics.py's (both empty: 1, one empty: 0). HD95 is
+the larger of the two directed 95th percentiles of border-to-border distances (Metrics Reloaded,
+MONAI): 0 when both masks are empty, undefined (NaN, left out of means, counted) when one is.
+Classification scores are metrics.py's (macro F1 over the classes present, one-vs-rest AUROC).
+Confidence intervals: percentile bootstrap over cases (``bootstrap`` resamples, seeded by ``seed``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from omegaconf import MISSING, OmegaConf
+from scipy import ndimage
+
+from pancreas_mtl.data.checks import AFFINE_ATOL_MM, clean_labels
+from pancreas_mtl.data.io import image_suffix, read_volume, strip_suffix
+from pancreas_mtl.data.layout import discover
+from pancreas_mtl.evaluation.metrics import (
+    LESION_LABEL,
+    accuracy,
+    balanced_accuracy,
+    confusion_matrix,
+    lesion_dice,
+    macro_f1,
+    normalised_surface_dice,
+    per_class_auroc,
+    per_class_f1,
+    per_class_recall,
+    whole_pancreas_dice,
+)
+from pancreas_mtl.evaluation.plots import write_plots
+from pancreas_mtl.parallel import map_with_progress
+from pancreas_mtl.planning.plan import save_json
+
+log = logging.getLogger(__name__)
+
+SEGMENTATION_METRICS = ("whole_pancreas_dice", "lesion_dice", "whole_pancreas_nsd", "lesion_nsd",
+                        "whole_pancreas_hd95", "lesion_hd95")
+SUBTYPE_FILES = ("subtypes.json", "subtype_mapping.json", "subtype_reference.csv")
+_CHANNEL_FILE = re.compile(r"^.+_\d{4}$")
+_SUBTYPE_FOLDER = re.compile(r"^subtype(?P<subtype>\d+)$")
+
+
+@dataclass
+class EvaluationConfig:
+    """The command's options (``key=value`` on the command line)."""
+
+    pred: str = MISSING                 # folder of predicted masks {case}.nii.gz (+ subtype CSVs)
+    gt: str = MISSING                   # reference: dataset root, split folder, or folder of masks
+    out: str = MISSING                  # where per_case.csv, summary.json and the plots go
+    probs: str | None = None            # subtype probabilities CSV; default pred/subtype_probabilities.csv
+    subtypes: str | None = None         # reference subtypes (JSON or CSV); default from the gt layout
+    splits: list[str] | None = None     # gt dataset root: the splits to score; null: every labelled case
+    tolerance_mm: float = 2.0           # NSD tolerance
+    bootstrap: int = 1000               # bootstrap resamples for the confidence intervals; 0: none
+    seed: int = 0
+    plots: bool = True                  # PNG plots (needs matplotlib)
+    num_subtypes: int = 3
+    workers: int = 0                    # processes scoring cases; 0: in this process
+    progress: bool = True
+
+
+# --- surface distance -------------------------------------------------------------------------------
+
+def _border(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
+
+
+def hausdorff_distance_95(pred_mask, true_mask, spacing: Sequence[float]) -> float:
+    """HD95 in mm between two boolean masks (z, y, x) with ``spacing`` (z, y, x): the larger of the two
+    directed 95th percentiles of distances from one border's voxels to the other border (scipy's exact
+    Euclidean distance transform). 0 when both are empty, NaN when only one is."""
+    pred, true = np.asarray(pred_mask, dtype=bool), np.asarray(true_mask, dtype=bool)
+    if pred.shape != true.shape:
+        raise ValueError(f"hd95: prediction shape {pred.shape} differs from reference shape {true.shape}")
+    if not pred.any() and not true.any():
+        return 0.0
+    if not pred.any() or not true.any():
+        return float("nan")
+    coords = np.argwhere(pred | true)  # every border voxel lies in this box: distances within it are exact
+    box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(coords.min(0), coords.max(0)))
+    pred_border, true_border = _border(pred[box]), _border(true[box])
+    to_true = ndimage.distance_transform_edt(~true_border, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~pred_border, sampling=spacing)
+    return float(max(np.percentile(to_true[pred_border], 95), np.percentile(to_pred[true_border], 95)))
+
+
+def score_case(case_id: str, pred_path: Path, true_path: Path, tolerance_mm: float) -> dict:
+    """Segmentation metrics of one case on the reference's grid (see the module docstring)."""
+    true = read_volume(true_path)
+    pred = read_volume(pred_path)
+    if pred.shape != true.shape:
+        raise ValueError(f"case {case_id}: prediction {pred_path} has shape (z, y, x) {pred.shape}, "
+                         f"the reference {true_path} {true.shape}")
+    if not np.allclose(pred.affine, true.affine, rtol=1e-4, atol=AFFINE_ATOL_MM):
+        raise ValueError(f"case {case_id}: prediction {pred_path} is on another grid than the reference "
+                         f"{true_path}: affine\n{pred.affine}\nvs\n{true.affine}")
+    allowed = {0, 1, LESION_LABEL}
+    pred_labels = clean_labels(pred.array, allowed, pred_path)
+    true_labels = clean_labels(true.array, allowed, true_path)
+    spacing = true.spacing
+    masks = {"whole_pancreas": (pred_labels > 0, true_labels > 0),
+             "lesion": (pred_labels == LESION_LABEL, true_labels == LESION_LABEL)}
+    scores = {"whole_pancreas_dice": whole_pancreas_dice(pred_labels, true_labels),
+              "lesion_dice": lesion_dice(pred_labels, true_labels)}
+    for name, (p, t) in masks.items():
+        scores[f"{name}_nsd"] = normalised_surface_dice(p, t, spacing, tolerance_mm)
+        scores[f"{name}_hd95"] = hausdorff_distance_95(p, t, spacing)
+    return scores
+
+
+# --- reading the folders ----------------------------------------------------------------------------
+
+def _masks(folder: Path) -> dict[str, Path]:
+    """{case: path} of the label maps in a folder: image files without a channel number."""
+    return {strip_suffix(p): p for p in sorted(folder.iterdir())
+            if p.is_file() and image_suffix(p) and not p.name.startswith(".")
+            and not _CHANNEL_FILE.match(strip_suffix(p))}
+
+
+def read_subtypes(path: str | Path) -> dict[str, int]:
+    """{case: subtype} from JSON ``{case: k}`` or a CSV with ``Names`` and ``Subtype`` columns."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object {{case: subtype}}")
+        return {strip_suffix(k): int(v) for k, v in data.items()}
+    rows = _read_csv(path, ["Names", "Subtype"])
+    return {strip_suffix(row["Names"]): int(row["Subtype"]) for row in rows}
+
+
+def read_probabilities(path: str | Path) -> dict[str, np.ndarray]:
+    """{case: (K,) probabilities} from a ``Names,p0,p1,...`` CSV."""
+    rows = _read_csv(path, ["Names", "p0"])
+    columns = sorted((c for c in rows[0] if re.fullmatch(r"p\d+", c)), key=lambda c: int(c[1:])) if rows else []
+    return {strip_suffix(row["Names"]): np.array([float(row[c]) for c in columns]) for row in rows}
+
+
+def _read_csv(path: str | Path, required: Sequence[str]) -> list[dict]:
+    with open(path, newline="") as stream:
+        reader = csv.DictReader(stream)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: expected columns {list(required)}, found {reader.fieldnames}")
+        return list(reader)
+
+
+def reference_cases(gt: str | Path, subtypes: str | Path | None = None, splits: Sequence[str] | None = None
+                    ) -> dict[str, tuple[Path, int | None]]:
+    """{case: (reference mask, subtype or None)} from a dataset root, a split folder or a folder of masks."""
+    gt = Path(gt).expanduser()
+    if not gt.is_dir():
+        raise FileNotFoundError(f"reference folder {gt} not found")
+    if (gt / "dataset.json").is_file() or any((gt / s).is_dir() for s in ("train", "validation", "test")):
+        index = discover(gt)
+        reference = {c.case_id: (c.label_path, c.subtype) for c in index.labelled
+                     if splits is None or c.split in splits}
+    else:
+        reference = {case: (path, None) for case, path in _masks(gt).items()}
+        for sub in sorted(p for p in gt.iterdir() if p.is_dir() and _SUBTYPE_FOLDER.match(p.name)):
+            subtype = int(_SUBTYPE_FOLDER.match(sub.name)["subtype"])
+            reference.update({case: (path, subtype) for case, path in _masks(sub).items()})
+        if subtypes is None:
+            subtypes = next((gt / name for name in SUBTYPE_FILES if (gt / name).is_file()), None)
+    if subtypes is not None:
+        mapping = read_subtypes(subtypes)
+        missing = sorted(set(reference) - set(mapping))
+        if missing:
+            raise ValueError(f"{subtypes}: no subtype for {len(missing)} reference case(s): "
+                             f"{', '.join(missing[:20])}")
+        reference = {case: (path, mapping[case]) for case, (path, _) in reference.items()}
+    if not reference:
+        raise ValueError(f"no reference masks found in {gt}")
+    return reference
+
+
+def check_same_cases(what: str, found: Sequence[str], expected: Sequence[str]) -> None:
+    """ValueError listing the cases missing from ``what`` and those it has beyond the reference."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        lines = [f"{what} and the reference hold different cases:"]
+        if missing:
+            lines.append(f"  missing from {what} ({len(missing)}): {', '.join(missing)}")
+        if extra:
+            lines.append(f"  not in the reference ({len(extra)}): {', '.join(extra)}")
+        raise ValueError("\n".join(lines))
+
+
+# --- the evaluation ---------------------------------------------------------------------------------
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    samples = np.asarray(samples, dtype=np.float64)
+    samples = samples[np.isfinite(samples)]
+    if not samples.size:
+        return float("nan"), float("nan")
+    return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _bootstrap_means(values: np.ndarray, resamples: np.ndarray) -> np.ndarray:
+    """Mean of the defined values of each resample (rows of case indices); NaN where none is defined."""
+    picked = values[resamples]
+    defined = np.isfinite(picked)
+    counts = defined.sum(axis=1)
+    sums = np.where(defined, picked, 0.0).sum(axis=1)
+    return np.divide(sums, counts, out=np.full(len(sums), np.nan), where=counts > 0)
+
+
+def classification_scores(targets: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray | None,
+                          num_subtypes: int) -> dict[str, float]:
+    """Macro F1, balanced accuracy and accuracy of the predicted subtypes, per-subtype F1 and recall, and
+    with probabilities the one-vs-rest AUROC per subtype and their mean."""
+    scores = {"macro_f1": macro_f1(targets, predicted, num_subtypes),
+              "balanced_accuracy": balanced_accuracy(targets, predicted, num_subtypes),
+              "accuracy": accuracy(targets, predicted)}
+    f1, recall = per_class_f1(targets, predicted, num_subtypes), per_class_recall(targets, predicted, num_subtypes)
+    for k in range(num_subtypes):
+        scores[f"f1_{k}"], scores[f"recall_{k}"] = float(f1[k]), float(recall[k])
+    if probabilities is not None:
+        auroc = per_class_auroc(probabilities, targets)
+        scores["macro_auroc"] = _nanmean(auroc)
+        scores.update({f"auroc_{k}": float(auroc[k]) for k in range(num_subtypes)})
+    return scores
+
+
+def summarise(rows: list[dict], probabilities: np.ndarray | None, bootstrap: int = 1000, seed: int = 0,
+              num_subtypes: int = 3) -> dict:
+    """Means with percentile-bootstrap 95% intervals, per-subtype means, and the classification scores.
+
+    Args:
+        rows: per-case dicts with the SEGMENTATION_METRICS, ``subtype`` and ``predicted_subtype`` (or None).
+        probabilities: (N, K) subtype probabilities in the order of ``rows``, or None.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(rows)
+    summary: dict = {"num_cases": n, "bootstrap": {"resamples": bootstrap, "seed": seed, "interval": 0.95},
+                     "segmentation": {}, "per_subtype": {}}
+    resamples = rng.integers(0, n, size=(bootstrap, n))
+    for name in SEGMENTATION_METRICS:
+        values = np.array([row[name] for row in rows], dtype=np.float64)
+        low, high = _interval(_bootstrap_means(values, resamples)) if bootstrap > 0 else (float("nan"),) * 2
+        defined = values[np.isfinite(values)]
+        summary["segmentation"][name] = {
+            "mean": _nanmean(values), "median": float(np.median(defined)) if defined.size else float("nan"),
+            "ci_low": low, "ci_high": high, "undefined": int(n - defined.size)}
+    for subtype in sorted({row["subtype"] for row in rows if row["subtype"] is not None}):
+        chosen = [row for row in rows if row["subtype"] == subtype]
+        summary["per_subtype"][str(subtype)] = {
+            "num_cases": len(chosen), **{name: _nanmean([r[name] for r in chosen]) for name in SEGMENTATION_METRICS}}
+
+    labelled = np.array([i for i, row in enumerate(rows)
+                         if row["subtype"] is not None and row.get("predicted_subtype") is not None], dtype=int)
+    if labelled.size:
+        targets = np.array([rows[i]["subtype"] for i in labelled])
+        predicted = np.array([rows[i]["predicted_subtype"] for i in labelled])
+        scored = probabilities[labelled] if probabilities is not None else None
+        boot: dict[str, list[float]] = {}
+        for sample in rng.integers(0, labelled.size, size=(bootstrap, labelled.size)):
+            resampled = classification_scores(targets[sample], predicted[sample],
+                                              None if scored is None else scored[sample], num_subtypes)
+            for key in ("macro_f1", "balanced_accuracy", "macro_auroc"):
+                if key in resampled:
+                    boot.setdefault(key, []).append(resampled[key])
+        summary["classification"] = {
+            "num_cases": int(labelled.size), **classification_scores(targets, predicted, scored, num_subtypes),
+            "ci": {key: dict(zip(("low", "high"), _interval(np.array(values)))) for key, values in boot.items()},
+            "confusion_matrix": confusion_matrix(targets, predicted, num_subtypes).tolist()}
+    return summary
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+@dataclass
+class Evaluation:
+    """Per-case rows (``per_case.csv``), the summary (``summary.json``), and the subtype probabilities
+    (N, K) in the rows' order (None without them)."""
+
+    rows: list[dict]
+    summary: dict
+    probabilities: np.ndarray | None = None
+
+
+def evaluate(config: EvaluationConfig | dict) -> Evaluation:
+    """Score ``config.pred`` against ``config.gt`` and write ``per_case.csv``, ``summary.json`` and the
+    plots to ``config.out``; raises ValueError when the case sets differ (listing them)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(EvaluationConfig), config)
+    pred_dir, out = Path(cfg.pred).expanduser(), Path(cfg.out).expanduser()
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"prediction folder {pred_dir} not found")
+    reference = reference_cases(cfg.gt, cfg.subtypes, list(cfg.splits) if cfg.splits else None)
+    predictions = _masks(pred_dir)
+    check_same_cases(f"the predictions in {pred_dir}", list(predictions), list(reference))
+    results_path = pred_dir / "subtype_results.csv"
+    probabilities_path = Path(cfg.probs) if cfg.probs else pred_dir / "subtype_probabilities.csv"
+    if cfg.probs and not probabilities_path.is_file():
+        raise FileNotFoundError(f"probabilities file {probabilities_path} not found")
+    predicted = read_subtypes(results_path) if results_path.is_file() else None
+    probabilities = read_probabilities(probabilities_path) if probabilities_path.is_file() else None
+    for path, table in ((results_path, predicted), (probabilities_path, probabilities)):
+        if table is not None:
+            check_same_cases(str(path), list(table), list(reference))
+    if predicted is None and probabilities is not None:
+        predicted = {case: int(np.argmax(p)) for case, p in probabilities.items()}
+
+    cases = sorted(reference)
+    scores = map_with_progress(score_case, [(c, predictions[c], reference[c][0], cfg.tolerance_mm) for c in cases],
+                               num_workers=cfg.workers, desc="evaluate", progress=cfg.progress)
+    rows = []
+    for case, score in zip(cases, scores):
+        row = {"case_id": case, "subtype": reference[case][1],
+               "predicted_subtype": None if predicted is None else predicted[case]}
+        if probabilities is not None:
+            row.update({f"p{k}": float(v) for k, v in enumerate(probabilities[case])})
+        rows.append({**row, **{name: score[name] for name in SEGMENTATION_METRICS}})
+    matrix = np.stack([probabilities[c] for c in cases]) if probabilities is not None else None
+    summary = summarise(rows, matrix, cfg.bootstrap, cfg.seed, cfg.num_subtypes)
+    summary["inputs"] = {"pred": str(pred_dir), "gt": str(cfg.gt), "probs": str(probabilities_path)
+                         if probabilities is not None else None, "subtypes": cfg.subtypes,
+                         "tolerance_mm": cfg.tolerance_mm}
+    summary["conventions"] = CONVENTIONS
+    write_per_case(out / "per_case.csv", rows)
+    save_json(_json_safe(summary), out / "summary.json")
+    if cfg.plots:
+        write_plots(out, rows, matrix, summary)
+    return Evaluation(rows, summary, matrix)
+
+
+CONVENTIONS = {
+    "grid": "metrics on the reference file's grid and voxel spacing; predictions must share shape and affine",
+    "dice": "both masks empty: 1.0; one empty: 0.0",
+    "nsd": "normalised surface Dice of border voxels at tolerance_mm; both empty: 1.0, one empty: 0.0",
+    "hd95": "max of the two directed 95th percentiles of border distances (mm); both empty: 0.0, one empty: "
+            "undefined (NaN, left out of means, counted as 'undefined')",
+    "classification": "macro F1 over subtypes present in reference or prediction; balanced accuracy over "
+                      "reference subtypes; one-vs-rest AUROC, NaN for a subtype absent from the reference",
+    "ci": "percentile bootstrap over cases, 2.5 and 97.5 percentiles",
+}
+
+
+def _json_safe(value):
+    """NaN becomes null, so summary.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def write_per_case(path: Path, rows: list[dict]) -> None:
+    from pancreas_mtl.inference.export import write_csv
+
+    columns = list(rows[0])
+    def cell(value):
+        return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else value)
+    write_csv(path, columns, [[cell(row[c]) for c in columns] for row in rows])
+
+
+def format_summary(summary: dict) -> str:
+    """The headline numbers as a small text table."""
+    lines = [f"{summary['num_cases']} case(s)"]
+    for name, values in summary["segmentation"].items():
+        undefined = f"  ({values['undefined']} undefined)" if values["undefined"] else ""
+        interval = f"[{values['ci_low']:.4f}, {values['ci_high']:.4f}]"
+        lines.append(f"  {name:<22} {values['mean']:8.4f}  {interval}{undefined}")
+    scores = summary.get("classification")
+    if scores:
+        for name in ("macro_f1", "balanced_accuracy", "macro_auroc"):
+            if name in scores:
+                ci = scores["ci"].get(name, {"low": float("nan"), "high": float("nan")})
+                lines.append(f"  {name:<22} {scores[name]:8.4f}  [{ci['low']:.4f}, {ci['high']:.4f}]")
+        lines.append("  confusion matrix (rows reference, columns predicted): " + str(scores["confusion_matrix"]))
+    return "\n".join(lines)
+
+
+# --- plots ------------------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pancreas_mtl.evaluate key=value ...``; returns the exit code (0 done, 1 error, 2 usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        print("options (key=value): " + ", ".join(EvaluationConfig.__dataclass_fields__))
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(EvaluationConfig), OmegaConf.from_dotlist(argv))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ValueError(f"missing option(s): {', '.join(f'{key}=...' for key in missing)}")
+    except Exception as error:  # noqa: BLE001 - OmegaConf's errors for unknown keys and bad values
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        evaluation = evaluate(cfg)
+    except (ValueError, OSError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(format_summary(evaluation.summary))
+    print(f"written to {Path(cfg.out)}")
+    return 0

@@ -1,0 +1,24 @@
+"""Inference: sliding windows with mirroring, the (ensemble) predictor, export to the input's grid, and
+the resumable run over many cases (``python predict.py``; see docs/inference.md).
+
+The modules, in the order a case passes through them: ``sources`` (which cases), ``checkpoint``
+(networks and plan), ``predictor`` (preprocess, windows, coarse-to-fine, ensemble),
+``sliding_window``, ``export`` (back to the input's grid, atomic files), ``postprocessing``,
+``runner`` (skip finished cases, records, tables, timings).
+"""
+
+from pancreas_mtl.inference.sliding_window import (
+    aggregate_window_predictions,
+    gaussian_importance_map,
+    predict_windows,
+    sliding_window_predict,
+    window_starts,
+)
+
+__all__ = [
+    "aggregate_window_predictions",
+    "gaussian_importance_map",
+    "predict_windows",
+    "sliding_window_predict",
+    "window_starts",
+]

@@ -1,0 +1,51 @@
+"""Reading a trained network, its plan and its run config from a checkpoint, without importing Lightning.
+
+A training checkpoint (``pancreas_mtl.module.MultiTaskModule``) holds the weights under
+``state_dict`` with the prefix ``model.`` and, under ``pancreas_mtl``, the plan (``Plan.to_dict()``)
+and the resolved run config (plain containers whose ``model`` entry builds the network). It is read
+with ``torch.load(weights_only=True)``, so an untrusted file cannot run code. Lightning's import costs
+about 6 s of start-up, which the predictor does not need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pancreas_mtl.models.multitask import MultiTaskNet, build_model
+from pancreas_mtl.planning.plan import Plan
+
+MODEL_PREFIX = "model."
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, Plan, dict]:
+    """(the model's state dict without the ``model.`` prefix, the plan, the run config) of a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from error
+    saved = checkpoint.get("pancreas_mtl") if isinstance(checkpoint, dict) else None
+    if not saved or not saved.get("plan") or not saved.get("config") or "model" not in saved["config"]:
+        raise ValueError(f"{path}: not a pancreas_mtl training checkpoint (expected checkpoint['pancreas_mtl'] "
+                         "with 'plan' and a 'config' holding 'model')")
+    state = {key[len(MODEL_PREFIX):]: value for key, value in checkpoint.get("state_dict", {}).items()
+             if key.startswith(MODEL_PREFIX)}
+    if not state:
+        raise ValueError(f"{path}: the checkpoint's state_dict holds no '{MODEL_PREFIX}*' weights")
+    return state, Plan.from_dict(saved["plan"]), saved["config"]
+
+
+def load_network(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MultiTaskNet, Plan, dict]:
+    """The trained network (eval mode, the checkpoint's weights), its :class:`Plan` and the run config."""
+    state, plan, config = read_checkpoint(path, map_location)
+    model = build_model(config["model"], plan)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"{path}: the weights do not fit the network its config and plan describe: "
+                         f"{error}") from error
+    return model.eval(), plan, config

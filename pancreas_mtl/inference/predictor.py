@@ -1,0 +1,316 @@
+"""The predictor: one network or an ensemble, a case in, class probabilities on the plan's grid out.
+
+A case goes through ``preprocess`` exactly as in training (crop, normalise, resample), then through
+sliding windows (:mod:`pancreas_mtl.inference.sliding_window`) on the device, optionally in two
+passes (coarse-to-fine, below). An ensemble averages the members' softmax probabilities and subtype
+probabilities; its members must share what the voxels and outputs mean (target spacing,
+normalisation, channels, labels, subtypes), while their networks and patch sizes may differ.
+
+Coarse-to-fine (``coarse_to_fine``, the ``fastest`` preset, after the FLARE winners): the
+preprocessed image is averaged down by ``coarse_factor``, one pass of the same network over it (no
+mirroring) predicts where the pancreas is, and the full-resolution windows run only over the bounding
+box of the predicted pancreas and lesion grown by ``coarse_margin_mm``; outside it the prediction is
+background. When the coarse pass finds nothing, the whole case is predicted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pancreas_mtl.data.checks import LoadedCase
+from pancreas_mtl.data.errors import DataError
+from pancreas_mtl.data.preprocessing import PreprocessedCase, preprocess
+from pancreas_mtl.inference.checkpoint import load_network
+from pancreas_mtl.inference.sliding_window import predict_windows
+from pancreas_mtl.planning.plan import Plan
+
+PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# what ensemble members must agree on: the voxels they read and what their outputs mean
+SHARED_PLAN_KEYS = ("target_spacing", "normalization", "num_input_channels", "num_classes", "num_subtypes",
+                    "labels", "anisotropic_axis")
+
+
+@dataclass
+class InferenceSettings:
+    """How the windows run (``conf/inference/*.yaml``; see docs/inference.md).
+
+    Attributes:
+        name: preset name, for logs and records.
+        overlap: share of the window neighbouring windows overlap (step = 1 - overlap; nnU-Net 0.5).
+        mirror_axes: spatial axes (0=z, 1=y, 2=x) mirrored for test-time augmentation; [] none.
+        sigma_scale: Gaussian importance sigma as a share of the window (nnU-Net 1/8).
+        sw_batch_size: windows per forward pass.
+        roi_size: (z, y, x) window; None: each network's plan patch size.
+        shrink_window: along an axis where the case (or the coarse-to-fine box) is smaller than the
+            window, use a window just covering it (rounded up to the network's divisibility) instead of
+            padding it to the patch size.
+        min_lesion_volume: predicted lesion voxels below which windows vote with equal weight.
+        coarse_to_fine: run the coarse localisation pass first.
+        coarse_factor: (z, y, x) or one factor by which the coarse pass averages the image down.
+        coarse_margin_mm: margin around the coarse bounding box, in mm.
+        coarse_overlap: window overlap of the coarse pass.
+    """
+
+    name: str = "custom"
+    overlap: float = 0.5
+    mirror_axes: tuple[int, ...] = ()
+    sigma_scale: float = 0.125
+    sw_batch_size: int = 2
+    roi_size: tuple[int, int, int] | None = None
+    shrink_window: bool = False
+    min_lesion_volume: float = 0.5
+    coarse_to_fine: bool = False
+    coarse_factor: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    coarse_margin_mm: float = 20.0
+    coarse_overlap: float = 0.25
+
+    @classmethod
+    def from_config(cls, config: Mapping | None) -> InferenceSettings:
+        config = dict(config or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown inference setting(s) {unknown}; known: {sorted(known)}")
+        if "mirror_axes" in config:
+            config["mirror_axes"] = tuple(int(a) for a in config["mirror_axes"] or ())
+        if config.get("roi_size") is not None:
+            config["roi_size"] = tuple(int(s) for s in config["roi_size"])
+        if "coarse_factor" in config:
+            factor = config["coarse_factor"]
+            factor = [factor] * 3 if isinstance(factor, (int, float)) else list(factor)
+            if len(factor) != 3 or min(factor) < 1:
+                raise ValueError(f"coarse_factor must be one number or a (z, y, x) triple, each >= 1, got {factor}")
+            config["coarse_factor"] = tuple(float(f) for f in factor)
+        settings = cls(**config)
+        if not 0 <= settings.overlap < 1 or not 0 <= settings.coarse_overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {settings.overlap} / coarse {settings.coarse_overlap}")
+        return settings
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: ``auto`` is bf16 on GPUs that have it, else fp16 on GPUs, and float32 on CPUs."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None if precision == "fp32" else PRECISIONS[precision]
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 matmuls and convolutions on Ampere+ GPUs (the switches pancreas_mtl.module.set_tf32 uses)."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+def check_plans_match(plans: Sequence[Plan], names: Sequence[str]) -> None:
+    """Ensemble members must read the same voxels and mean the same by their outputs; raises ValueError
+    naming the members and the differing plan entries."""
+    reference = plans[0].to_dict()
+    differences = []
+    for plan, name in zip(plans[1:], names[1:]):
+        other = plan.to_dict()
+        for key in SHARED_PLAN_KEYS:
+            if reference[key] != other[key]:
+                differences.append(f"  {key}: {reference[key]} ({names[0]}) vs {other[key]} ({name})")
+    if differences:
+        raise ValueError("ensemble members must share their plan's preprocessing and outputs; these differ:\n"
+                         + "\n".join(differences))
+
+
+@dataclass
+class Member:
+    """One network of the ensemble with its window geometry."""
+
+    network: nn.Module
+    patch_size: tuple[int, int, int]
+    divisor: tuple[int, int, int]
+    name: str = ""
+
+
+@dataclass
+class Prediction:
+    """A case's prediction on the plan's grid.
+
+    Attributes:
+        probabilities: (K, Z, Y, X) float32 class probabilities (ensemble mean), on the device.
+        subtype_probabilities: (K_subtypes,) float32 on the CPU, or None for segmentation-only networks.
+        windows: full-resolution window forward passes (windows x mirror passes x networks).
+        box: (z, y, x) [start, stop) region the full-resolution windows covered (the whole case unless
+            coarse-to-fine found a box).
+    """
+
+    probabilities: Tensor
+    subtype_probabilities: Tensor | None
+    windows: int
+    box: tuple[tuple[int, int], ...]
+    info: dict = field(default_factory=dict)
+
+
+class Predictor:
+    """Predicts preprocessed cases with one network or an ensemble.
+
+    Args:
+        networks: trained networks (``MultiTaskNet``, or modules returning (seg logits, class probabilities)).
+        plans: the plan of each network (one plan is used for all).
+        settings: window settings (:class:`InferenceSettings`).
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+        precision: "auto" (bf16/fp16 autocast on GPUs, float32 on CPUs), "bf16", "fp16" or "fp32".
+        tf32: TF32 matmuls/convolutions on GPUs.
+        channels_last: channels-last 3D weights and windows (recent GPUs).
+        names: a name per network (checkpoint paths), for errors and records.
+    """
+
+    def __init__(self, networks: Sequence[nn.Module], plans: Plan | Sequence[Plan],
+                 settings: InferenceSettings | None = None, device: str | torch.device = "auto",
+                 precision: str = "auto", tf32: bool = True, channels_last: bool = False,
+                 names: Sequence[str] | None = None):
+        if not networks:
+            raise ValueError("no network to predict with")
+        plans = [plans] * len(networks) if isinstance(plans, Plan) else list(plans)
+        names = list(names) if names is not None else [f"network {i}" for i in range(len(networks))]
+        if len(plans) != len(networks) or len(names) != len(networks):
+            raise ValueError(f"{len(networks)} networks but {len(plans)} plans and {len(names)} names")
+        check_plans_match(plans, names)
+        self.plan = plans[0]
+        self.settings = settings or InferenceSettings()
+        self.device = resolve_device(device)
+        self.autocast_dtype = resolve_precision(precision, self.device)
+        self.memory_format = torch.channels_last_3d if channels_last else None
+        if self.device.type == "cuda" and tf32:
+            set_tf32(True)
+        self.members = []
+        for network, plan, name in zip(networks, plans, names):
+            network = network.to(self.device).eval()
+            if channels_last:
+                network = network.to(memory_format=torch.channels_last_3d)
+            divisor = tuple(math.prod(stride[axis] for stride in plan.strides) for axis in range(3))
+            self.members.append(Member(network, tuple(plan.patch_size), divisor, name))
+        self.lesion_channel = int(self.plan.labels.get("lesion", 2))
+
+    @classmethod
+    def from_checkpoints(cls, paths: str | Path | Sequence[str | Path], settings: InferenceSettings | None = None,
+                         device: str | torch.device = "auto", **kwargs) -> Predictor:
+        """A predictor for one checkpoint or an ensemble of them (read with weights_only)."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        loaded = [load_network(path) for path in paths]
+        return cls([network for network, _, _ in loaded], [plan for _, plan, _ in loaded], settings, device,
+                   names=[str(path) for path in paths], **kwargs)
+
+    # --- steps --------------------------------------------------------------------------------------
+
+    def preprocess(self, loaded: LoadedCase) -> PreprocessedCase:
+        """The training preprocessing (crop, normalise, resample) of a loaded case."""
+        if loaded.image.shape[0] != self.plan.num_input_channels:
+            raise DataError(loaded.case.image_paths[0], f"the network reads {self.plan.num_input_channels} "
+                            f"channel(s), the case has {loaded.image.shape[0]}", loaded.case.case_id)
+        return preprocess(loaded, self.plan)
+
+    def window_for(self, member: Member, shape: Sequence[int], shrink: bool | None = None) -> tuple[int, int, int]:
+        """The window for a region of ``shape``: the configured one or the plan's patch, shrunk to the
+        region (rounded up to the network's divisibility) with ``shrink`` (default ``shrink_window``)."""
+        window = self.settings.roi_size or member.patch_size
+        if self.settings.shrink_window if shrink is None else shrink:
+            window = tuple(min(w, math.ceil(s / d) * d) for w, s, d in zip(window, shape, member.divisor))
+        return tuple(int(w) for w in window)
+
+    @torch.no_grad()
+    def _ensemble(self, image: Tensor, overlap: float, mirror_axes: Sequence[int], shrink: bool | None = None
+                  ) -> tuple[Tensor, Tensor | None, int]:
+        """Mean softmax probabilities (K, Z, Y, X) and subtype probabilities of every member over ``image``,
+        and the number of window forward passes (windows x mirror passes, summed over members)."""
+        probability_sum, subtype_sum, windows = None, None, 0
+        for member in self.members:
+            result = predict_windows(member.network, image, self.window_for(member, image.shape[2:], shrink),
+                                     self.settings.sw_batch_size, overlap, self.settings.sigma_scale, mirror_axes,
+                                     self.lesion_channel, self.memory_format, self.autocast_dtype)
+            probabilities = result.logits[0].softmax(dim=0)
+            probability_sum = probabilities if probability_sum is None else probability_sum.add_(probabilities)
+            subtypes = result.class_probabilities(self.settings.min_lesion_volume)
+            if subtypes is not None:
+                subtype_sum = subtypes if subtype_sum is None else subtype_sum + subtypes
+            windows += result.num_windows * 2 ** len(set(mirror_axes))
+        count = len(self.members)
+        return probability_sum / count, (None if subtype_sum is None else subtype_sum / count), windows
+
+    @torch.no_grad()
+    def coarse_box(self, image: Tensor) -> tuple[tuple[tuple[int, int], ...] | None, int]:
+        """(z, y, x) [start, stop) box of the pancreas and lesion found by the coarse pass, grown by the
+        margin, on the full-resolution grid of ``image`` (1, C, Z, Y, X) (None when nothing is found),
+        and the coarse pass's window count."""
+        shape = tuple(image.shape[2:])
+        factor = self.settings.coarse_factor
+        coarse_shape = tuple(max(1, round(s / f)) for s, f in zip(shape, factor))
+        coarse = F.interpolate(image, size=coarse_shape, mode="area") if coarse_shape != shape else image
+        # the coarse image is small: windows just covering it, not padded up to the patch
+        probabilities, _, windows = self._ensemble(coarse, self.settings.coarse_overlap, (), shrink=True)
+        foreground = probabilities.argmax(dim=0) > 0
+        if not foreground.any():
+            return None, windows
+        coordinates = foreground.nonzero()
+        low, high = coordinates.min(0).values.tolist(), coordinates.max(0).values.tolist()
+        scale = [s / c for s, c in zip(shape, coarse_shape)]
+        margin = [math.ceil(self.settings.coarse_margin_mm / spacing) for spacing in self.plan.target_spacing]
+        box = tuple((max(0, math.floor(lo * k) - m), min(s, math.ceil((hi + 1) * k) + m))
+                    for lo, hi, k, m, s in zip(low, high, scale, margin, shape))
+        return box, windows
+
+    def _at_least_one_window(self, box: tuple[tuple[int, int], ...], shape: Sequence[int]
+                             ) -> tuple[tuple[int, int], ...]:
+        """``box`` grown (about its centre, within the case) to at least the largest member's window, so
+        the windows see the real image around the organ rather than zero padding."""
+        window = [max(self.window_for(member, [stop - start for start, stop in box])[axis]
+                      for member in self.members) for axis in range(3)]
+        grown = []
+        for (start, stop), size, length in zip(box, window, shape):
+            target = min(size, length)
+            if stop - start < target:
+                start = min(max(start - (target - (stop - start)) // 2, 0), length - target)
+                stop = start + target
+            grown.append((start, stop))
+        return tuple(grown)
+
+    @torch.no_grad()
+    def predict_preprocessed(self, image: np.ndarray | Tensor) -> Prediction:
+        """image (C, Z, Y, X) on the plan's grid -> :class:`Prediction` (probabilities on the device)."""
+        image = torch.as_tensor(image, dtype=torch.float32).to(self.device)[None]
+        shape = tuple(image.shape[2:])
+        box = tuple((0, s) for s in shape)
+        info = {}
+        if self.settings.coarse_to_fine:
+            found, coarse_windows = self.coarse_box(image)
+            info.update(coarse_found=found is not None, coarse_windows=coarse_windows)
+            if found is not None:
+                box = self._at_least_one_window(found, shape)
+        region = tuple(slice(start, stop) for start, stop in box)
+        probabilities, subtypes, windows = self._ensemble(image[(slice(None), slice(None), *region)],
+                                                          self.settings.overlap, self.settings.mirror_axes)
+        if box != tuple((0, s) for s in shape):
+            full = torch.zeros((probabilities.shape[0], *shape), dtype=probabilities.dtype, device=self.device)
+            full[0] = 1.0  # outside the box: background
+            full[(slice(None), *region)] = probabilities
+            probabilities = full
+        return Prediction(probabilities, None if subtypes is None else subtypes.cpu(), windows, box, info)
+
+    def synchronize(self) -> None:
+        """Wait for the device (for honest timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,257 @@
+"""Whole-case prediction by Gaussian-weighted sliding windows, with mirroring and subtype evidence per window.
+
+nnU-Net's scheme, in torch and on the image's device: the case is tiled by windows (the plan's patch)
+at a step of ``1 - overlap`` of the window, several windows go through the network per batch, each
+window's logits are weighted by a Gaussian importance map (sigma 1/8 of the window) and summed into a
+whole-case buffer, and the sum is divided by the summed weights. Mirroring (test-time augmentation)
+runs every window once per combination of flipped axes and averages the flipped-back outputs, as
+nnU-Net does per window.
+
+The subtype head runs on the same windows. Per window, its class probabilities are averaged over the
+mirror passes; the case's probabilities are the windows' averaged with weights proportional to each
+window's predicted lesion volume (:func:`aggregate_window_predictions`).
+
+Tensors: images (1, C, Z, Y, X); windows (N, C, *roi); every spatial triple is (z, y, x).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pancreas_mtl.models.multitask import MultiTaskNet
+
+
+def aggregate_window_predictions(window_probabilities: Tensor, lesion_volumes: Tensor,
+                                 min_lesion_volume: float = 0.5) -> Tensor:
+    """One case's subtype probabilities from those of its sliding windows.
+
+    The subtype is a property of the lesion, and a window that holds more of the predicted lesion has
+    seen more of the evidence; so the case's probabilities are the windows' probabilities averaged with
+    weights proportional to each window's predicted lesion volume. When the windows together predict
+    less than ``min_lesion_volume`` voxels of lesion (none, in practice), every window weighs the same.
+
+    Args:
+        window_probabilities: (N, K) class probabilities of N windows (rows sum to 1).
+        lesion_volumes: (N,) predicted lesion volume of each window, >= 0 (see :func:`lesion_volumes`).
+        min_lesion_volume: total volume below which the weights fall back to uniform.
+
+    Returns (K,) probabilities summing to 1, float32.
+    """
+    if window_probabilities.ndim != 2 or lesion_volumes.shape != window_probabilities.shape[:1]:
+        raise ValueError(f"expected (N, K) probabilities and (N,) volumes, got {tuple(window_probabilities.shape)} "
+                         f"and {tuple(lesion_volumes.shape)}")
+    if window_probabilities.shape[0] == 0:
+        raise ValueError("no windows to aggregate")
+    weights = lesion_volumes.double().clamp_min(0.0)
+    if weights.sum() < min_lesion_volume:
+        weights = torch.ones_like(weights)
+    pooled = (weights[:, None] * window_probabilities.double()).sum(0) / weights.sum()
+    return pooled.float()
+
+
+def lesion_volumes(seg_logits: Tensor, lesion_channel: int = 2) -> Tensor:
+    """seg_logits (N, K, *roi) -> (N,) predicted lesion volume of each window, in voxels.
+
+    The sum of the softmax lesion probability over the voxels whose argmax is the lesion. (Summing it
+    over every voxel would let the small lesion probability of 10^5 background voxels outweigh a real
+    lesion.)
+    """
+    probability = seg_logits.float().softmax(dim=1)
+    lesion = probability[:, lesion_channel] * (probability.argmax(dim=1) == lesion_channel)
+    return lesion.flatten(1).sum(1)
+
+
+def gaussian_importance_map(roi_size: Sequence[int], sigma_scale: float = 0.125,
+                            device: torch.device | str = "cpu") -> Tensor:
+    """(Z, Y, X) float32 weights: a Gaussian centred on the window with sigma ``sigma_scale`` x its size
+    per axis, maximum 1, with values that underflow to 0 raised to the smallest positive one (nnU-Net)."""
+    axes = []
+    for size in roi_size:
+        position = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+        sigma = max(size * sigma_scale, 1e-6)
+        axes.append(torch.exp(-0.5 * (position / sigma) ** 2))
+    weights = (axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]).float()
+    weights = weights / weights.max()
+    positive = weights > 0
+    if not positive.all():
+        weights[~positive] = weights[positive].min()
+    return weights
+
+
+def window_starts(size: int, window: int, step_fraction: float) -> list[int]:
+    """Start indices along one axis: the fewest windows at a step of at most ``step_fraction`` x window,
+    spread evenly from 0 to ``size - window`` (nnU-Net's compute_steps_for_sliding_window)."""
+    if window >= size:
+        return [0]
+    if not 0 < step_fraction <= 1:
+        raise ValueError(f"the step must be in (0, 1] of the window (overlap in [0, 1)), got {step_fraction}")
+    num_steps = math.ceil((size - window) / (window * step_fraction)) + 1
+    actual_step = (size - window) / (num_steps - 1)
+    return [int(round(actual_step * i)) for i in range(num_steps)]
+
+
+def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every combination of the spatial axes (0=z, 1=y, 2=x) as tensor dims of (N, C, Z, Y, X), the
+    unflipped pass first: [(), (2,), (3,), (2, 3), ...]; 2^len(axes) passes."""
+    axes = sorted({int(axis) for axis in mirror_axes})
+    if any(axis not in (0, 1, 2) for axis in axes):
+        raise ValueError(f"mirror axes are spatial axes 0 (z), 1 (y), 2 (x); got {list(mirror_axes)}")
+    return [tuple(axis + 2 for axis in combo)
+            for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
+
+
+def window_forward(model: nn.Module, windows: Tensor) -> tuple[Tensor, Tensor | None]:
+    """One forward pass over a batch of windows (N, C, *roi) -> (segmentation logits (N, K_seg, *roi),
+    class probabilities (N, K) or None).
+
+    A :class:`MultiTaskNet` runs its backbone once without deep supervision and its head on the same
+    features. Any other module must return that pair itself (test stubs, exported networks).
+    """
+    if isinstance(model, MultiTaskNet):
+        unet = model.backbone(windows, deep_supervision=False)
+        probabilities = None if model.head is None else model.class_probabilities(model.head(unet))
+        return unet.seg_logits[0], probabilities
+    return model(windows)
+
+
+def mirrored_forward(model: nn.Module, windows: Tensor, flips: Sequence[tuple[int, ...]]
+                     ) -> tuple[Tensor, Tensor | None]:
+    """:func:`window_forward` averaged over mirror passes: each flip of the input, its output flipped
+    back. Returns float32 segmentation logits (N, K_seg, *roi) and class probabilities (N, K) or None."""
+    logits_sum, probability_sum = None, None
+    for dims in flips:
+        seg_logits, probabilities = window_forward(model, windows.flip(dims) if dims else windows)
+        seg_logits = seg_logits.float()
+        seg_logits = seg_logits.flip(dims) if dims else seg_logits
+        logits_sum = seg_logits if logits_sum is None else logits_sum + seg_logits
+        if probabilities is not None:
+            probabilities = probabilities.float()
+            probability_sum = probabilities if probability_sum is None else probability_sum + probabilities
+    return logits_sum / len(flips), (None if probability_sum is None else probability_sum / len(flips))
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the forward passes (``dtype`` bfloat16/float16), or nothing for None/float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class WindowPrediction:
+    """What a sliding-window pass over one case gives.
+
+    Attributes:
+        logits: (1, K_seg, Z, Y, X) float32 stitched segmentation logits, on the image's device.
+        window_probabilities: (N, K) per-window class probabilities (mirror-averaged), or None without a head.
+        lesion_volumes: (N,) predicted lesion volume of each window (voxels).
+        num_windows: windows per mirror pass.
+    """
+
+    logits: Tensor
+    window_probabilities: Tensor | None
+    lesion_volumes: Tensor
+    num_windows: int
+
+    def class_probabilities(self, min_lesion_volume: float = 0.5) -> Tensor | None:
+        """(K,) case probabilities by :func:`aggregate_window_predictions`, or None without a head."""
+        if self.window_probabilities is None:
+            return None
+        return aggregate_window_predictions(self.window_probabilities, self.lesion_volumes, min_lesion_volume)
+
+
+@torch.no_grad()
+def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw_batch_size: int = 2,
+                    overlap: float = 0.5, sigma_scale: float = 0.125, mirror_axes: Sequence[int] = (),
+                    lesion_channel: int = 2, memory_format: torch.memory_format | None = None,
+                    autocast_dtype: torch.dtype | None = None) -> WindowPrediction:
+    """Gaussian-weighted sliding-window prediction of one case; every buffer stays on the image's device.
+
+    Args:
+        model: the network in eval mode, on the image's device (see :func:`window_forward`).
+        image: (1, C, Z, Y, X) preprocessed case. Along an axis shorter than the window the case is padded
+            with 0 on both sides (nnU-Net) and the padding cropped off the result.
+        roi_size: (z, y, x) window, each divisible by the network's stride product per axis.
+        sw_batch_size: windows per forward pass.
+        overlap: share of the window that neighbouring windows overlap; the step is ``1 - overlap`` of
+            the window (nnU-Net's tile_step_size 0.5 is overlap 0.5).
+        sigma_scale: Gaussian sigma as a share of the window (nnU-Net: 1/8).
+        mirror_axes: spatial axes (0=z, 1=y, 2=x) whose every flip combination is averaged (nnU-Net:
+            all three, 8 passes); () for none.
+        lesion_channel: segmentation channel of the lesion, for the per-window lesion volume.
+        memory_format: e.g. ``torch.channels_last_3d`` for the windows (recent GPUs).
+        autocast_dtype: torch.bfloat16 / torch.float16 for mixed precision; None (float32) otherwise.
+            Accumulation is float32 either way.
+    """
+    if image.ndim != 5 or image.shape[0] != 1:
+        raise ValueError(f"expected one case (1, C, Z, Y, X), got {tuple(image.shape)}")
+    roi_size = tuple(int(s) for s in roi_size)
+    if len(roi_size) != 3 or min(roi_size) < 1:
+        raise ValueError(f"roi_size must be a positive (z, y, x) triple, got {roi_size}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be at least 1, got {sw_batch_size}")
+    shape = tuple(image.shape[2:])
+    pad = [max(window - size, 0) for size, window in zip(shape, roi_size)]
+    before = [p // 2 for p in pad]
+    if any(pad):
+        # F.pad lists the last axis first: (x_before, x_after, y_before, y_after, z_before, z_after)
+        widths = [w for axis in (2, 1, 0) for w in (before[axis], pad[axis] - before[axis])]
+        image = F.pad(image, widths, mode="constant", value=0.0)
+    padded = tuple(image.shape[2:])
+    starts = [window_starts(size, window, 1.0 - overlap) for size, window in zip(padded, roi_size)]
+    positions = list(itertools.product(*starts))
+    flips = mirror_combinations(mirror_axes)
+    weights = gaussian_importance_map(roi_size, sigma_scale, image.device)
+
+    logits_sum: Tensor | None = None
+    weight_sum = torch.zeros(padded, dtype=torch.float32, device=image.device)
+    window_probabilities, volumes = [], []
+    for first in range(0, len(positions), sw_batch_size):
+        batch = positions[first:first + sw_batch_size]
+        regions = [tuple(slice(start, start + window) for start, window in zip(corner, roi_size)) for corner in batch]
+        windows = torch.cat([image[(slice(None), slice(None), *region)] for region in regions])
+        if memory_format is not None:
+            windows = windows.contiguous(memory_format=memory_format)
+        with autocast_context(image.device, autocast_dtype):
+            seg_logits, probabilities = mirrored_forward(model, windows, flips)
+        if logits_sum is None:
+            logits_sum = torch.zeros((seg_logits.shape[1], *padded), dtype=torch.float32, device=image.device)
+        for index, region in enumerate(regions):
+            logits_sum[(slice(None), *region)] += seg_logits[index] * weights
+            weight_sum[region] += weights
+        if probabilities is not None:
+            window_probabilities.append(probabilities)
+            volumes.append(lesion_volumes(seg_logits, lesion_channel))
+    logits = logits_sum / weight_sum
+    logits = logits[(slice(None), *(slice(b, b + size) for b, size in zip(before, shape)))]
+    return WindowPrediction(
+        logits=logits[None],
+        window_probabilities=torch.cat(window_probabilities) if window_probabilities else None,
+        lesion_volumes=torch.cat(volumes) if volumes else torch.zeros(0, device=image.device),
+        num_windows=len(positions))
+
+
+def sliding_window_predict(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw_batch_size: int = 2,
+                           overlap: float = 0.5, sigma_scale: float = 0.125, mirror_axes: Sequence[int] = (),
+                           lesion_channel: int = 2, min_lesion_volume: float = 0.5,
+                           memory_format: torch.memory_format | None = None,
+                           autocast_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
+    """Whole-case prediction, nnU-Net style (:func:`predict_windows`), as validation and the predictor use it.
+
+    Returns:
+        segmentation logits (1, K_seg, Z, Y, X) float32, and the case's subtype probabilities (K,) from
+        :func:`aggregate_window_predictions` (None for a network without a head).
+    """
+    prediction = predict_windows(model, image, roi_size, sw_batch_size, overlap, sigma_scale, mirror_axes,
+                                 lesion_channel, memory_format, autocast_dtype)
+    return prediction.logits, prediction.class_probabilities(min_lesion_volume)

@@ -1,0 +1,61 @@
+"""Predict masks and lesion subtypes: ``python predict.py ckpt=... input=... output=... [inference=accurate]``.
+
+Composes conf/predict.yaml, loads the checkpoint(s) (weights, plan and config; an ensemble when
+``ckpt`` is a list), finds the cases in ``input``, and predicts each one into ``output``: mask
+``{case}.nii.gz`` on the input's grid, ``subtype_results.csv``, ``subtype_probabilities.csv`` and
+``timings.csv``. Finished cases are skipped on a rerun (``overwrite=true`` redoes them); a case that
+fails is reported and the others go on; the exit code is 1 when any case failed. See docs/inference.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
+from pancreas_mtl.inference.runner import RunSummary, predict_cases
+from pancreas_mtl.inference.sources import find_cases
+
+log = logging.getLogger("predict")
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return [str(v) for v in plain] if isinstance(plain, (list, tuple)) else [str(plain)]
+
+
+def predict(cfg: DictConfig) -> RunSummary:
+    """The whole run for a composed config; returns what was predicted, skipped and failed."""
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    settings = InferenceSettings.from_config(OmegaConf.to_container(cfg.inference, resolve=True))
+    checkpoints = _as_list(cfg.ckpt)
+    predictor = Predictor.from_checkpoints(checkpoints, settings, device=cfg.device, precision=cfg.precision,
+                                           tf32=cfg.tf32, channels_last=cfg.channels_last)
+    splits = _as_list(cfg.get("input_splits")) or None
+    cases, problems = find_cases(_as_list(cfg.input), splits)
+    log.info("%d case(s) to predict with %d network(s) on %s, preset %s (overlap %g, mirror axes %s%s)",
+             len(cases), len(checkpoints), predictor.device, settings.name, settings.overlap,
+             list(settings.mirror_axes), ", coarse-to-fine" if settings.coarse_to_fine else "")
+    return predict_cases(predictor, cases, cfg.output, problems=problems, overwrite=cfg.overwrite,
+                         save_probabilities=cfg.save_probabilities,
+                         postprocessing=OmegaConf.to_container(cfg.postprocessing, resolve=True),
+                         progress=cfg.progress, prefetch=cfg.prefetch,
+                         run_info={"checkpoints": checkpoints, "inference": settings.name})
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    summary = predict(cfg)
+    if summary.exit_code:
+        sys.exit(summary.exit_code)
+
+
+if __name__ == "__main__":
+    main()
