@@ -10,9 +10,9 @@ setup:
 setup-dev:
 	scripts/setup.sh dev
 
-# Main job on the built-in synthetic data (CPU preset).
+# Main job on the built-in synthetic data: train the CPU preset, predict, evaluate.
 demo: setup
-	$(PY) train.py experiment=cpu_demo
+	scripts/demo.sh
 
 # The test suite as CI runs it (slow end-to-end tests included).
 test: setup-dev
@@ -22,6 +22,7 @@ test: setup-dev
 bench: setup-dev
 	$(PY) bench/preprocessing_throughput.py
 	$(PY) bench/sampling_throughput.py
+	$(PY) bench/inference_speed.py
 
 clean-outputs:
 	rm -rf outputs multirun
