@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -40,15 +39,11 @@ from pancreas_mtl.inference.sources import find_cases  # noqa: E402
 from pancreas_mtl.models.multitask import build_model  # noqa: E402
 from pancreas_mtl.planning.fingerprint import load_or_compute_fingerprint  # noqa: E402
 from pancreas_mtl.planning.planner import load_preset, plan_experiment  # noqa: E402
+from _machine import cpu_model  # bench/ is on sys.path when a script runs
 
 CONF = REPO_ROOT / "conf"
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def random_network(plan):
@@ -116,7 +111,7 @@ def main() -> None:
         make = lambda settings: Predictor([network], plan, settings, device="cpu", precision=args.precision)  # noqa: E731
 
     command = "python bench/inference_speed.py " + " ".join(sys.argv[1:])
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     print(f"# {machine}; {date.today()}; `{command.strip()}`")
     print("| network | preset | precision | cases | s/case | network s/case | window passes/case | machine | date |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

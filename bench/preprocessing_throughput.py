@@ -10,7 +10,6 @@ docs/benchmarks.md. The fingerprint pass (reading and checking every case) is ti
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import tempfile
 import time
@@ -22,15 +21,11 @@ from pancreas_mtl.data.layout import discover
 from pancreas_mtl.data.synthetic import generate_dataset, load_config
 from pancreas_mtl.planning.fingerprint import compute_fingerprint
 from pancreas_mtl.planning.planner import load_preset, plan_experiment
+from _machine import cpu_model  # bench/ is on sys.path when a script runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -45,7 +40,7 @@ def main() -> None:
     generate_dataset(root, load_config(args.size), progress=False)
     index = discover(root)
     cases = index.labelled
-    print(f"# {len(cases)} labelled cases from {root}; {cpu_name()}, {__import__('os').cpu_count()} cores, {date.today()}")
+    print(f"# {len(cases)} labelled cases from {root}; {cpu_model()}, {__import__('os').cpu_count()} cores, {date.today()}")
     print("| step | workers | cases | seconds | cases/s |")
     print("| --- | --- | --- | --- | --- |")
     for workers in args.workers:

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from pancreas_mtl.data.augmentation import augmentation_region_size, build_augmentation  # noqa: E402
 from pancreas_mtl.data.cached_case import CachedCase  # noqa: E402
 from pancreas_mtl.data.sampling import PatchDataset, PatchSampler, collate_patches  # noqa: E402
+from _machine import cpu_model  # bench/ is on sys.path when a script runs
 
 # (Z, Y, X) around the quiz data's median resampled shape, smallest to largest.
 CASE_SHAPES = [(60, 120, 180), (48, 110, 170), (72, 130, 200), (40, 90, 140)]
@@ -97,14 +97,6 @@ def loader_patches_per_second(dataset: PatchDataset, workers: int, batch_size: i
     return count / (time.perf_counter() - start)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> None:

@@ -37,7 +37,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -60,6 +59,7 @@ from pancreas_mtl.models import ResEncUNet  # noqa: E402
 from pancreas_mtl.models.nnunet_io import nnunet_dataset_json, nnunet_plans  # noqa: E402
 from pancreas_mtl.planning.plan import Plan  # noqa: E402
 from pancreas_mtl.planning.planner import load_preset, plan_experiment  # noqa: E402
+from _machine import cpu_model  # bench/ is on sys.path when a script runs
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUIZ_SUBTYPE_COUNTS = [62, 106, 84]   # training cases per subtype (inverse-frequency class weights)
@@ -260,14 +260,6 @@ def run_ours(variant: Variant, workdir: Path, device_name: str, warmup: int, ste
 
 # --- the run (orchestrating process) ------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_variant(variant: Variant, args, workdir: Path) -> dict:
