@@ -34,14 +34,6 @@ NO_AUGMENTATION = {"name": "none", **{group: {"enabled": False} for group in
                                       ("spatial", "noise_blur", "intensity", "lowres", "gamma", "mirror")}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is faster, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):

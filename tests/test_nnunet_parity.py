@@ -37,14 +37,6 @@ pytest.importorskip("dynamic_network_architectures")
 PATCH = (16, 32, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is faster, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def parity_plan():
     """5 stages, the quiz's anisotropic first stage, 2 decoder convs at one stage."""

@@ -38,13 +38,6 @@ from tests.conftest import REPO_ROOT, SHARED_CT, lps_affine, make_case_arrays
 CONF = REPO_ROOT / "conf"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- helpers ------------------------------------------------------------------------------------------
 
