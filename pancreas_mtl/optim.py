@@ -38,6 +38,12 @@ def _check_total(total_steps: float) -> int:
     return int(total_steps)
 
 
+def _decay_progress(step: int, warmup_steps: int, total_steps: int) -> float:
+    """How far the decay after the warm-up has come at ``step``: 0 at its start, 1 at ``total_steps``."""
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min(max(progress, 0.0), 1.0)
+
+
 @dataclass
 class PolyFactor:
     """Factor of the initial lr at a step: linear warm-up, then ``(1 - progress) ** exponent``, 0 at the end."""
@@ -49,8 +55,7 @@ class PolyFactor:
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        return (1.0 - min(max(progress, 0.0), 1.0)) ** self.exponent
+        return (1.0 - _decay_progress(step, self.warmup_steps, self.total_steps)) ** self.exponent
 
 
 @dataclass
@@ -64,8 +69,7 @@ class CosineFactor:
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        progress = min(max(progress, 0.0), 1.0)
+        progress = _decay_progress(step, self.warmup_steps, self.total_steps)
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
