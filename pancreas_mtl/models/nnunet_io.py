@@ -11,17 +11,21 @@ nnU-Net's training log are allowed explicitly (``NUMPY_SAFE_GLOBALS``), nothing 
 from __future__ import annotations
 
 import pickle
-import re
 import statistics
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from pancreas_mtl.models.nnunet_weights import (  # noqa: F401  (re-exported: the weight half of the format)
+    NnUNetFormatError,
+    load_nnunet_state_dict,
+    nnunet_key_aliases,
+    to_nnunet_state_dict,
+)
 from pancreas_mtl.models.resenc_unet import ResEncUNet
 from pancreas_mtl.planning.plan import ChannelNormalization, Fingerprint, Plan, load_json, save_json
 
@@ -37,103 +41,8 @@ NORMALIZATION_NAMES = {"ct": "CTNormalization", "zscore": "ZScoreNormalization"}
 ANISOTROPY_THRESHOLD = 3.0  # nnunetv2.configuration.ANISO_THRESHOLD
 
 
-class NnUNetFormatError(ValueError):
-    """An nnU-Net model folder, plans file or checkpoint that pancreas_mtl cannot use, and why."""
-
-
-# ---------------------------------------------------------------------------------------------
-# weights: our parameter names <-> nnU-Net's
-
-
-def _conv_norm_aliases(rest: str, theirs: str) -> list[str]:
-    """nnU-Net's ConvDropoutNormReLU registers its conv and norm twice: as .conv/.norm and in .all_modules."""
-    part, _, param = rest.partition(".")
-    index = {"conv": 0, "norm": 1}[part]
-    return [f"{theirs}.{part}.{param}", f"{theirs}.all_modules.{index}.{param}"]
-
-
-def nnunet_key_aliases(model: ResEncUNet) -> OrderedDict[str, list[str]]:
-    """For every state-dict key of ``model``, the keys nnU-Net's ResidualEncoderUNet stores it under.
-
-    The first alias is the canonical one; nnU-Net's state dict also holds every encoder tensor a
-    second time under ``decoder.encoder.`` (its decoder keeps a reference to the encoder).
-    """
-    aliases: OrderedDict[str, list[str]] = OrderedDict()
-    for key in model.state_dict():
-        if m := re.fullmatch(r"stem\.((?:conv|norm)\..+)", key):
-            encoder = _conv_norm_aliases(m[1], "encoder.stem.convs.0")
-        elif m := re.fullmatch(r"encoder\.(\d+)\.(\d+)\.(conv[12])\.(.+)", key):
-            encoder = _conv_norm_aliases(m[4], f"encoder.stages.{m[1]}.blocks.{m[2]}.{m[3]}")
-        elif m := re.fullmatch(r"encoder\.(\d+)\.(\d+)\.skip\.proj\.(.+)", key):
-            block = model.encoder[int(m[1])][int(m[2])]
-            index = 1 if "pool" in block.skip._modules else 0  # nnU-Net: Sequential(AvgPool?, projection)
-            encoder = _conv_norm_aliases(m[3], f"encoder.stages.{m[1]}.blocks.{m[2]}.skip.{index}")
-        elif m := re.fullmatch(r"decoder\.(\d+)\.upsample\.(.+)", key):
-            aliases[key] = [f"decoder.transpconvs.{m[1]}.{m[2]}"]
-            continue
-        elif m := re.fullmatch(r"decoder\.(\d+)\.convs\.(\d+)\.(.+)", key):
-            aliases[key] = _conv_norm_aliases(m[3], f"decoder.stages.{m[1]}.convs.{m[2]}")
-            continue
-        elif m := re.fullmatch(r"seg_heads\.(\d+)\.(.+)", key):
-            aliases[key] = [f"decoder.seg_layers.{m[1]}.{m[2]}"]
-            continue
-        else:
-            raise KeyError(f"no nnU-Net name known for parameter {key!r} of {type(model).__name__}")
-        aliases[key] = encoder + [f"decoder.{name}" for name in encoder]
-    return aliases
-
-
-def to_nnunet_state_dict(model: ResEncUNet) -> OrderedDict[str, Tensor]:
-    """The backbone's weights under every key nnU-Net's ResidualEncoderUNet.load_state_dict expects."""
-    weights: OrderedDict[str, Tensor] = OrderedDict()
-    state = model.state_dict()
-    for key, names in nnunet_key_aliases(model).items():
-        tensor = state[key].detach().to("cpu", copy=True).contiguous()
-        for name in names:
-            weights[name] = tensor  # one tensor under every alias, stored once by torch.save
-    return weights
-
-
-def _strip_wrappers(key: str) -> str:
-    """Keys saved from a DDP or torch.compile'd network carry 'module.' / '_orig_mod.' prefixes."""
-    while key.startswith(("module.", "_orig_mod.")):
-        key = key.split(".", 1)[1]
-    return key
-
-
-def load_nnunet_state_dict(model: ResEncUNet, weights: Mapping[str, Tensor], source: str = "state dict") -> None:
-    """Copy nnU-Net ResidualEncoderUNet weights into ``model``; every tensor must be there, with its shape.
-
-    Raises:
-        NnUNetFormatError: naming the missing, unexpected and mismatched keys of ``source``.
-    """
-    weights = {_strip_wrappers(k): v for k, v in weights.items()}
-    own = model.state_dict()
-    state, missing, mismatched, used = {}, [], [], set()
-    for key, names in nnunet_key_aliases(model).items():
-        found = next((n for n in names if n in weights), None)
-        if found is None:
-            missing.append(names[0])
-            continue
-        used.update(names)
-        if tuple(weights[found].shape) != tuple(own[key].shape):
-            mismatched.append(f"{found}: expected {tuple(own[key].shape)}, found {tuple(weights[found].shape)}")
-            continue
-        state[key] = weights[found]
-    unexpected = sorted(set(weights) - used)
-    if missing or mismatched or unexpected:
-        def listed(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
-        problems = [f"{len(found)} {what}: {listed(found)}" for what, found in
-                    (("missing", missing), ("with another shape", mismatched), ("unexpected", unexpected)) if found]
-        raise NnUNetFormatError(f"{source}: the weights do not fit the ResidualEncoderUNet the plans describe; "
-                                + "; ".join(problems))
-    model.load_state_dict(state)
-
-
 # ---------------------------------------------------------------------------------------------
 # architecture: plans' arch_kwargs <-> our constructor
-
 
 def _per_stage(value: Any, n_stages: int, what: str, triple: bool = False) -> list:
     """nnU-Net allows a scalar for "the same at every stage"; expand it and check the length."""
