@@ -14,7 +14,7 @@ from scipy import ndimage
 from pancreas_mtl.data.io import read_volume
 from pancreas_mtl.data.layout import discover
 from pancreas_mtl.data.synthetic import (
-    FLOAT_MASK_PANCREAS, MARKER_FILE, SyntheticConfig, generate_case, generate_dataset, load_config, main,
+    FLOAT_MASK_PANCREAS, GENERATOR_VERSION, MARKER_FILE, SyntheticConfig, generate_case, generate_dataset, load_config, main,
     plan_cases,
 )
 
@@ -123,6 +123,24 @@ def test_files_match_generate_case_and_float_mask_quirk(tmp_path, tiny):
         stored = read_volume(root / mask_path).array
         assert stored.dtype == np.float32 and np.isclose(stored, FLOAT_MASK_PANCREAS).any()
         np.testing.assert_array_equal(np.rint(stored).astype(np.uint8), expected.mask)
+
+
+def test_a_dataset_of_an_older_generator_version_is_regenerated(tmp_path, tiny):
+    config = dataclasses.replace(tiny, name="old", train_counts=(1, 0, 0), validation_counts=(0, 0, 0),
+                                 test_counts=(0, 0, 0))
+    root = generate_dataset(tmp_path / "old", config, progress=False)
+    marker = root / MARKER_FILE
+    written = json.loads(marker.read_text())
+    (case,) = plan_cases(config)
+    image = root / case.relative_paths()[0]
+    image.write_bytes(b"an image from an older generator")
+    marker.write_text(json.dumps({**written, "generator_version": GENERATOR_VERSION - 1}))
+
+    generate_dataset(root, config, progress=False)
+
+    assert json.loads(marker.read_text()) == written
+    expected = generate_case(config, np.random.default_rng([config.seed, *case.rng_key]), case.subtype)
+    np.testing.assert_array_equal(read_volume(image).array, expected.image)
 
 
 def test_command_line_with_a_yaml_file_and_overwrite(tmp_path):

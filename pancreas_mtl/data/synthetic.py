@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -26,12 +27,13 @@ from pancreas_mtl.data.synthetic_lesion import (
     paint_lesion, pancreas_around_lesion,
 )
 
-GENERATOR_VERSION = 2  # bump whenever the same config would give other images
+GENERATOR_VERSION = 3  # bump whenever the same config would give other images
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "synthetic"
 MARKER_FILE = "synthetic.json"        # written last: its presence marks a complete dataset
 TEST_LABELS_DIR = "test_labels"       # test masks and subtypes, out of discovery's way
 FLOAT_MASK_PANCREAS = 1.0000153       # the real masks' quirk: label 1 stored as this float
 NUM_SUBTYPES = 3
+log = logging.getLogger(__name__)
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 _REFERENCE_VOXEL_MM3 = 0.74 * 0.74 * 2.0  # noise_hu is the noise at the real data's median voxel
 
@@ -73,16 +75,16 @@ class SyntheticConfig:
     lesion_volume_range_ml: Range = (1.0, 30.0)
     lesion_margin_mm: float = 2.0                      # pancreas tissue drawn around the lesion's envelope
     lesion_rim_width_mm: float = 2.5
-    lesion_septa_width_mm: float = 1.5
+    lesion_septa_width_mm: float = 2.5
     # lesion appearance, one range per subtype (0 cyst-like, 1 septated, 2 solid heterogeneous)
-    lesion_contrast_hu: PerSubtype = ((-40.0, -18.0), (-44.0, -22.0), (-38.0, -16.0))
-    lesion_mottle_hu: PerSubtype = ((0.0, 6.0), (0.0, 7.0), (5.0, 16.0))
-    lesion_septa_hu: PerSubtype = ((0.0, 8.0), (12.0, 40.0), (0.0, 8.0))
-    lesion_loculi: PerSubtype = ((2.0, 4.0), (3.0, 8.0), (2.0, 4.0))
-    lesion_rim_hu: PerSubtype = ((-6.0, 6.0), (-6.0, 8.0), (4.0, 20.0))
-    lesion_lobulation: PerSubtype = ((0.0, 0.15), (0.0, 0.2), (0.1, 0.35))
+    lesion_contrast_hu: PerSubtype = ((-55.0, -32.0), (-52.0, -28.0), (-34.0, -12.0))
+    lesion_mottle_hu: PerSubtype = ((0.0, 4.0), (0.0, 5.0), (10.0, 22.0))
+    lesion_septa_hu: PerSubtype = ((0.0, 6.0), (25.0, 60.0), (0.0, 6.0))
+    lesion_loculi: PerSubtype = ((2.0, 4.0), (3.0, 6.0), (2.0, 4.0))
+    lesion_rim_hu: PerSubtype = ((-6.0, 4.0), (-6.0, 6.0), (10.0, 28.0))
+    lesion_lobulation: PerSubtype = ((0.0, 0.12), (0.0, 0.15), (0.12, 0.35))
     lesion_irregularity: PerSubtype = ((0.0, 0.01), (0.0, 0.015), (0.005, 0.03))
-    lesion_edge_blur_mm: PerSubtype = ((0.4, 1.2), (0.4, 1.2), (0.8, 2.0))
+    lesion_edge_blur_mm: PerSubtype = ((0.4, 1.0), (0.4, 1.0), (1.0, 2.4))
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "SyntheticConfig":
@@ -284,19 +286,25 @@ def generate_dataset(root: str | Path, config: SyntheticConfig, *, overwrite: bo
 
     Raises:
         FileExistsError: ``root`` holds a dataset of another config, or files the plan does not
-            name; ``overwrite=True`` deletes train/, validation/, test/ and test_labels/ first.
+            name; ``overwrite=True`` deletes train/, validation/, test/ and test_labels/ first. A
+            dataset an older generator version wrote is regenerated without asking (with a warning):
+            it is this function's own output, and its images are out of date.
     """
     from pancreas_mtl.parallel import map_with_progress
 
     root = Path(root).expanduser().resolve()
     marker_path, expected = root / MARKER_FILE, _marker(config)
     planned = plan_cases(config)
+    found = json.loads(marker_path.read_text()) if marker_path.is_file() else None
+    if found is not None and found.get("generator_version", 0) < GENERATOR_VERSION and not overwrite:
+        log.warning("%s: synthetic dataset of generator version %s, this is version %s; regenerating it",
+                    root, found.get("generator_version"), GENERATOR_VERSION)
+        overwrite = True
     if overwrite:
         marker_path.unlink(missing_ok=True)
         for folder in ("train", "validation", "test", TEST_LABELS_DIR):
             shutil.rmtree(root / folder, ignore_errors=True)
-    elif marker_path.is_file():
-        found = json.loads(marker_path.read_text())
+    elif found is not None:
         if found == expected:
             return root
         found_config = found.get("config", {})
