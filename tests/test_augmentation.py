@@ -12,13 +12,12 @@ from omegaconf import OmegaConf
 
 from pancreas_mtl.data.augmentation import (
     NNUNET_DEFAULTS,
-    RandAffinePatchd,
     RandGaussianNoiseVarianced,
     augmentation_region_size,
     build_augmentation,
     resolve_augmentation_config,
-    spatial_region_size,
 )
+from pancreas_mtl.data.spatial_augmentation import RandAffinePatchd, spatial_region_size
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "augmentation"
 PATCH = (8, 16, 16)
