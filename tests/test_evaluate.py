@@ -15,12 +15,11 @@ import pytest
 from pancreas_mtl.data.io import write_nifti
 from pancreas_mtl.evaluation.evaluate import (
     evaluate,
-    hausdorff_distance_95,
     main,
     score_case,
     summarise,
 )
-from pancreas_mtl.evaluation.metrics import normalised_surface_dice
+from pancreas_mtl.evaluation.metrics import hausdorff_distance_95, normalised_surface_dice
 from pancreas_mtl.evaluation.plots import roc_curve
 from tests.conftest import lps_affine, write_distributed_dataset
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import MISSING, OmegaConf
-from scipy import ndimage
 
 from pancreas_mtl.data.checks import AFFINE_ATOL_MM, clean_labels
 from pancreas_mtl.data.io import image_suffix, read_volume, strip_suffix
@@ -42,13 +41,12 @@ from pancreas_mtl.evaluation.metrics import (
     accuracy,
     balanced_accuracy,
     confusion_matrix,
-    lesion_dice,
+    finite_mean,
     macro_f1,
-    normalised_surface_dice,
     per_class_auroc,
     per_class_f1,
     per_class_recall,
-    whole_pancreas_dice,
+    segmentation_metrics,
 )
 from pancreas_mtl.evaluation.plots import write_plots
 from pancreas_mtl.parallel import map_with_progress
@@ -82,30 +80,7 @@ class EvaluationConfig:
     progress: bool = True
 
 
-# --- surface distance -------------------------------------------------------------------------------
-
-def _border(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
-
-
-def hausdorff_distance_95(pred_mask, true_mask, spacing: Sequence[float]) -> float:
-    """HD95 in mm between two boolean masks (z, y, x) with ``spacing`` (z, y, x): the larger of the two
-    directed 95th percentiles of distances from one border's voxels to the other border (scipy's exact
-    Euclidean distance transform). 0 when both are empty, NaN when only one is."""
-    pred, true = np.asarray(pred_mask, dtype=bool), np.asarray(true_mask, dtype=bool)
-    if pred.shape != true.shape:
-        raise ValueError(f"hd95: prediction shape {pred.shape} differs from reference shape {true.shape}")
-    if not pred.any() and not true.any():
-        return 0.0
-    if not pred.any() or not true.any():
-        return float("nan")
-    coords = np.argwhere(pred | true)  # every border voxel lies in this box: distances within it are exact
-    box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(coords.min(0), coords.max(0)))
-    pred_border, true_border = _border(pred[box]), _border(true[box])
-    to_true = ndimage.distance_transform_edt(~true_border, sampling=spacing)
-    to_pred = ndimage.distance_transform_edt(~pred_border, sampling=spacing)
-    return float(max(np.percentile(to_true[pred_border], 95), np.percentile(to_pred[true_border], 95)))
-
+# --- scoring one case -------------------------------------------------------------------------------
 
 def score_case(case_id: str, pred_path: Path, true_path: Path, tolerance_mm: float) -> dict:
     """Segmentation metrics of one case on the reference's grid (see the module docstring)."""
@@ -120,15 +95,7 @@ def score_case(case_id: str, pred_path: Path, true_path: Path, tolerance_mm: flo
     allowed = {0, 1, LESION_LABEL}
     pred_labels = clean_labels(pred.array, allowed, pred_path)
     true_labels = clean_labels(true.array, allowed, true_path)
-    spacing = true.spacing
-    masks = {"whole_pancreas": (pred_labels > 0, true_labels > 0),
-             "lesion": (pred_labels == LESION_LABEL, true_labels == LESION_LABEL)}
-    scores = {"whole_pancreas_dice": whole_pancreas_dice(pred_labels, true_labels),
-              "lesion_dice": lesion_dice(pred_labels, true_labels)}
-    for name, (p, t) in masks.items():
-        scores[f"{name}_nsd"] = normalised_surface_dice(p, t, spacing, tolerance_mm)
-        scores[f"{name}_hd95"] = hausdorff_distance_95(p, t, spacing)
-    return scores
+    return segmentation_metrics(pred_labels, true_labels, true.spacing, tolerance_mm)
 
 
 # --- reading the folders ----------------------------------------------------------------------------
@@ -219,12 +186,6 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
     return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
 
 
-def _nanmean(values) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else float("nan")
-
-
 def _bootstrap_means(values: np.ndarray, resamples: np.ndarray) -> np.ndarray:
     """Mean of the defined values of each resample (rows of case indices); NaN where none is defined."""
     picked = values[resamples]
@@ -246,7 +207,7 @@ def classification_scores(targets: np.ndarray, predicted: np.ndarray, probabilit
         scores[f"f1_{k}"], scores[f"recall_{k}"] = float(f1[k]), float(recall[k])
     if probabilities is not None:
         auroc = per_class_auroc(probabilities, targets)
-        scores["macro_auroc"] = _nanmean(auroc)
+        scores["macro_auroc"] = finite_mean(auroc)
         scores.update({f"auroc_{k}": float(auroc[k]) for k in range(num_subtypes)})
     return scores
 
@@ -269,12 +230,12 @@ def summarise(rows: list[dict], probabilities: np.ndarray | None, bootstrap: int
         low, high = _interval(_bootstrap_means(values, resamples)) if bootstrap > 0 else (float("nan"),) * 2
         defined = values[np.isfinite(values)]
         summary["segmentation"][name] = {
-            "mean": _nanmean(values), "median": float(np.median(defined)) if defined.size else float("nan"),
+            "mean": finite_mean(values), "median": float(np.median(defined)) if defined.size else float("nan"),
             "ci_low": low, "ci_high": high, "undefined": int(n - defined.size)}
     for subtype in sorted({row["subtype"] for row in rows if row["subtype"] is not None}):
         chosen = [row for row in rows if row["subtype"] == subtype]
         summary["per_subtype"][str(subtype)] = {
-            "num_cases": len(chosen), **{name: _nanmean([r[name] for r in chosen]) for name in SEGMENTATION_METRICS}}
+            "num_cases": len(chosen), **{name: finite_mean([r[name] for r in chosen]) for name in SEGMENTATION_METRICS}}
 
     labelled = np.array([i for i, row in enumerate(rows)
                          if row["subtype"] is not None and row.get("predicted_subtype") is not None], dtype=int)

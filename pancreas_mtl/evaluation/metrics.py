@@ -103,16 +103,36 @@ def normalised_surface_dice(pred_mask, true_mask, spacing: Sequence[float], tole
     return within / (np.count_nonzero(pred_border) + np.count_nonzero(true_border))
 
 
+def hausdorff_distance_95(pred_mask, true_mask, spacing: Sequence[float]) -> float:
+    """HD95 in mm between two boolean masks with ``spacing`` in their axis order: the larger of the two
+    directed 95th percentiles of distances from one border's voxels to the other border (scipy's exact
+    Euclidean distance transform; Metrics Reloaded, MONAI). 0 when both are empty, NaN when only one is."""
+    pred = _as_numpy(pred_mask).astype(bool, copy=False)
+    true = _as_numpy(true_mask).astype(bool, copy=False)
+    _same_shape(pred, true, "hausdorff_distance_95")
+    if not pred.any() and not true.any():
+        return 0.0
+    if not pred.any() or not true.any():
+        return float("nan")
+    coords = np.argwhere(pred | true)  # every border voxel lies in this box: distances within it are exact
+    box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(coords.min(0), coords.max(0)))
+    pred_border, true_border = _border(pred[box]), _border(true[box])
+    to_true = ndimage.distance_transform_edt(~true_border, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~pred_border, sampling=spacing)
+    return float(max(np.percentile(to_true[pred_border], 95), np.percentile(to_pred[true_border], 95)))
+
+
 def segmentation_metrics(pred_labels, true_labels, spacing: Sequence[float] | None = None,
                          tolerance_mm: float = 2.0) -> dict[str, float]:
-    """Whole-pancreas and lesion Dice of one case, and their surface Dice when ``spacing`` is given."""
+    """Whole-pancreas and lesion Dice of one case; with ``spacing``, also their surface Dice
+    (``*_nsd``) and HD95 (``*_hd95``)."""
     pred, true = _as_numpy(pred_labels), _as_numpy(true_labels)
     _same_shape(pred, true, "segmentation_metrics")
     scores = {"whole_pancreas_dice": whole_pancreas_dice(pred, true), "lesion_dice": lesion_dice(pred, true)}
     if spacing is not None:
-        scores["whole_pancreas_nsd"] = normalised_surface_dice(pred > 0, true > 0, spacing, tolerance_mm)
-        scores["lesion_nsd"] = normalised_surface_dice(pred == LESION_LABEL, true == LESION_LABEL, spacing,
-                                                       tolerance_mm)
+        for name, p, t in (("whole_pancreas", pred > 0, true > 0), ("lesion", pred == LESION_LABEL, true == LESION_LABEL)):
+            scores[f"{name}_nsd"] = normalised_surface_dice(p, t, spacing, tolerance_mm)
+            scores[f"{name}_hd95"] = hausdorff_distance_95(p, t, spacing)
     return scores
 
 
@@ -156,19 +176,21 @@ def per_class_recall(targets, predictions, num_classes: int | None = None) -> np
         return np.where(support > 0, np.diag(matrix) / support, np.nan)
 
 
-def _nanmean(values: np.ndarray) -> float:
-    defined = values[~np.isnan(values)]
+def finite_mean(values) -> float:
+    """Mean of the finite values; NaN when there is none (undefined scores are left out, not zero)."""
+    values = np.asarray(values, dtype=np.float64)
+    defined = values[np.isfinite(values)]
     return float(defined.mean()) if defined.size else float("nan")
 
 
 def macro_f1(targets, predictions, num_classes: int | None = None) -> float:
     """Unweighted mean of per-class F1 over the classes present in targets or predictions."""
-    return _nanmean(per_class_f1(targets, predictions, num_classes))
+    return finite_mean(per_class_f1(targets, predictions, num_classes))
 
 
 def balanced_accuracy(targets, predictions, num_classes: int | None = None) -> float:
     """Mean per-class recall over the classes present in the targets."""
-    return _nanmean(per_class_recall(targets, predictions, num_classes))
+    return finite_mean(per_class_recall(targets, predictions, num_classes))
 
 
 def accuracy(targets, predictions) -> float:
@@ -205,7 +227,7 @@ def per_class_auroc(probabilities, targets) -> np.ndarray:
 
 def macro_auroc(probabilities, targets) -> float:
     """Mean one-vs-rest AUROC over the classes where it is defined."""
-    return _nanmean(per_class_auroc(probabilities, targets))
+    return finite_mean(per_class_auroc(probabilities, targets))
 
 
 class ClassificationMetrics:
@@ -255,10 +277,10 @@ class ClassificationMetrics:
         recall = per_class_recall(targets, predictions, self.num_classes)
         auroc = per_class_auroc(probabilities, targets)
         scores = {
-            "macro_f1": _nanmean(f1),
-            "balanced_accuracy": _nanmean(recall),
+            "macro_f1": finite_mean(f1),
+            "balanced_accuracy": finite_mean(recall),
             "accuracy": accuracy(targets, predictions),
-            "macro_auroc": _nanmean(auroc),
+            "macro_auroc": finite_mean(auroc),
             "num_cases": float(len(targets)),
         }
         for k in range(self.num_classes):
