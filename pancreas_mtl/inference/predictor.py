@@ -151,7 +151,8 @@ class Prediction:
     """A case's prediction on the plan's grid.
 
     Attributes:
-        probabilities: (K, Z, Y, X) float32 class probabilities (ensemble mean), on the device.
+        probabilities: (K, Z, Y, X) float32 class probabilities (ensemble mean), on the device (on the CPU
+            after an out-of-memory fallback).
         subtype_probabilities: (K_subtypes,) float32 on the CPU, or None for segmentation-only networks.
         windows: full-resolution window forward passes (windows x mirror passes x networks).
         box: (z, y, x) [start, stop) region the full-resolution windows covered (the whole case unless
@@ -205,6 +206,9 @@ class Predictor:
             divisor = tuple(math.prod(stride[axis] for stride in plan.strides) for axis in range(3))
             self.members.append(Member(network, tuple(plan.patch_size), divisor, name))
         self.lesion_channel = int(self.plan.labels.get("lesion", 2))
+        # out-of-memory fallbacks (sliding_window.predict_windows) carry over to the following cases
+        self.sw_batch_size = self.settings.sw_batch_size
+        self.accumulate_on_cpu = False
 
     @classmethod
     def from_checkpoints(cls, paths: str | Path | Sequence[str | Path], settings: InferenceSettings | None = None,
@@ -240,9 +244,15 @@ class Predictor:
         probability_sum, subtype_sum, windows = None, None, 0
         for member in self.members:
             result = predict_windows(member.network, image, self.window_for(member, image.shape[2:], shrink),
-                                     self.settings.sw_batch_size, overlap, self.settings.sigma_scale, mirror_axes,
-                                     self.lesion_channel, self.memory_format, self.autocast_dtype)
+                                     self.sw_batch_size, overlap, self.settings.sigma_scale, mirror_axes,
+                                     self.lesion_channel, self.memory_format, self.autocast_dtype,
+                                     accumulate_on_cpu=self.accumulate_on_cpu)
+            self.sw_batch_size = min(self.sw_batch_size, result.sw_batch_size)
+            self.accumulate_on_cpu = self.accumulate_on_cpu or result.accumulated_on_cpu
             probabilities = result.logits[0].softmax(dim=0)
+            if probability_sum is not None and probability_sum.device != probabilities.device:
+                probability_sum = probability_sum.cpu()  # a member fell back to the CPU: the sum follows
+                probabilities = probabilities.cpu()
             probability_sum = probabilities if probability_sum is None else probability_sum.add_(probabilities)
             subtypes = result.class_probabilities(self.settings.min_lesion_volume)
             if subtypes is not None:
@@ -304,10 +314,13 @@ class Predictor:
         probabilities, subtypes, windows = self._ensemble(image[(slice(None), slice(None), *region)],
                                                           self.settings.overlap, self.settings.mirror_axes)
         if box != tuple((0, s) for s in shape):
-            full = torch.zeros((probabilities.shape[0], *shape), dtype=probabilities.dtype, device=self.device)
+            full = torch.zeros((probabilities.shape[0], *shape), dtype=probabilities.dtype,
+                               device=probabilities.device)
             full[0] = 1.0  # outside the box: background
             full[(slice(None), *region)] = probabilities
             probabilities = full
+        if self.sw_batch_size != self.settings.sw_batch_size or self.accumulate_on_cpu:  # ran out of memory
+            info.update(sw_batch_size=self.sw_batch_size, sums_on_cpu=self.accumulate_on_cpu)
         return Prediction(probabilities, None if subtypes is None else subtypes.cpu(), windows, box, info)
 
     def synchronize(self) -> None:

@@ -33,6 +33,7 @@ from pancreas_mtl.inference.export import (
 )
 from pancreas_mtl.inference.postprocessing import keep_largest_components
 from pancreas_mtl.inference.predictor import Predictor
+from pancreas_mtl.inference.sliding_window import OutOfMemoryError, release_memory
 from pancreas_mtl.planning.plan import load_json, save_json
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,17 @@ def _predict_one(predictor: Predictor, loaded: _Loaded, output_dir: Path, save_p
     prediction = predictor.predict_preprocessed(loaded.preprocessed.image)
     predictor.synchronize()
     network_done = time.perf_counter()
-    labels, probabilities = restore_original_geometry(prediction.probabilities, loaded.preprocessed,
-                                                      predictor.plan.target_spacing, save_probabilities)
+    try:
+        labels, probabilities = restore_original_geometry(prediction.probabilities, loaded.preprocessed,
+                                                          predictor.plan.target_spacing, save_probabilities)
+    except OutOfMemoryError:
+        labels = None  # retried below, once the exception and the tensors its frames hold are gone
+    if labels is None:
+        release_memory(prediction.probabilities.device)
+        log.warning("case %s: out of memory resampling the prediction on %s; resampling on the CPU", case_id,
+                    prediction.probabilities.device)
+        labels, probabilities = restore_original_geometry(prediction.probabilities.cpu(), loaded.preprocessed,
+                                                          predictor.plan.target_spacing, save_probabilities)
     if postprocessing.get("largest_pancreas") or postprocessing.get("largest_lesion"):
         labels = keep_largest_components(labels, pancreas=bool(postprocessing.get("largest_pancreas")),
                                          lesion=bool(postprocessing.get("largest_lesion")),

@@ -7,6 +7,10 @@ whole-case buffer, and the sum is divided by the summed weights. Mirroring (test
 runs every window once per combination of flipped axes and averages the flipped-back outputs, as
 nnU-Net does per window.
 
+Out of GPU memory, a pass does not fail at once: the windows go through the network in halved
+batches, down to one window, and then the whole-case sums move to the CPU (the network stays on the
+device), each step logged as a warning (nnU-Net moves its result arrays to the CPU the same way).
+
 The subtype head runs on the same windows. Per window, its class probabilities are averaged over the
 mirror passes; the case's probabilities are the windows' averaged with weights proportional to each
 window's predicted lesion volume (:func:`aggregate_window_predictions`).
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pancreas_mtl.models.multitask import MultiTaskNet
+
+log = logging.getLogger(__name__)
+
+# torch.OutOfMemoryError since torch 2.5; torch.cuda.OutOfMemoryError is the same class
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def aggregate_window_predictions(window_probabilities: Tensor, lesion_volumes: Tensor,
@@ -150,16 +160,22 @@ class WindowPrediction:
     """What a sliding-window pass over one case gives.
 
     Attributes:
-        logits: (1, K_seg, Z, Y, X) float32 stitched segmentation logits, on the image's device.
+        logits: (1, K_seg, Z, Y, X) float32 stitched segmentation logits, on the image's device (on the
+            CPU after the out-of-memory fallback moved the sums there).
         window_probabilities: (N, K) per-window class probabilities (mirror-averaged), or None without a head.
         lesion_volumes: (N,) predicted lesion volume of each window (voxels).
         num_windows: windows per mirror pass.
+        sw_batch_size: windows per forward pass at the end (smaller than asked after out-of-memory errors).
+        accumulated_on_cpu: the whole-case sums were kept on the CPU (asked for, or after running out of
+            memory on the device).
     """
 
     logits: Tensor
     window_probabilities: Tensor | None
     lesion_volumes: Tensor
     num_windows: int
+    sw_batch_size: int = 1
+    accumulated_on_cpu: bool = False
 
     def class_probabilities(self, min_lesion_volume: float = 0.5) -> Tensor | None:
         """(K,) case probabilities by :func:`aggregate_window_predictions`, or None without a head."""
@@ -168,12 +184,81 @@ class WindowPrediction:
         return aggregate_window_predictions(self.window_probabilities, self.lesion_volumes, min_lesion_volume)
 
 
+def release_memory(device: torch.device) -> None:
+    """Give cached blocks back after an out-of-memory error, so a retry can use them."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _Stitcher:
+    """Gaussian-weighted sums of window logits over the (padded) case: logits (K, Z, Y, X) and weights
+    (Z, Y, X), float32, on ``device``, or on the CPU once :meth:`to_cpu` moved them there (``on_cpu``)."""
+
+    def __init__(self, num_channels: int, shape: Sequence[int], weights: Tensor, device: torch.device,
+                 on_cpu: bool = False):
+        self.on_cpu = on_cpu
+        self.device = torch.device("cpu") if on_cpu else device
+        self.weights = weights.to(self.device)
+        self.logits_sum = torch.zeros((num_channels, *shape), dtype=torch.float32, device=self.device)
+        self.weight_sum = torch.zeros(tuple(shape), dtype=torch.float32, device=self.device)
+
+    def to_cpu(self) -> None:
+        self.on_cpu, self.device = True, torch.device("cpu")
+        self.weights, self.logits_sum, self.weight_sum = (t.cpu() for t in (self.weights, self.logits_sum,
+                                                                            self.weight_sum))
+
+    def add(self, seg_logits: Tensor, region: tuple[slice, ...]) -> None:
+        """Add one window's logits (K, *roi). Out of memory, the sums move to the CPU first; nothing is
+        added twice, since the only allocation (the weighted window) comes before the in-place adds."""
+        out_of_memory = False
+        try:
+            weighted = seg_logits.to(self.device) * self.weights
+        except OutOfMemoryError:
+            if self.on_cpu:
+                raise
+            out_of_memory = True
+        if out_of_memory:
+            release_memory(self.device)
+            log.warning("out of memory adding a window to the whole-case sums on %s; continuing with "
+                        "the sums on the CPU", self.device)
+            self.to_cpu()
+            weighted = seg_logits.to(self.device) * self.weights
+        self.logits_sum[(slice(None), *region)] += weighted
+        self.weight_sum[region] += self.weights
+
+    def result(self) -> Tensor:
+        return self.logits_sum / self.weight_sum
+
+
+def _new_stitcher(num_channels: int, shape: Sequence[int], weights: Tensor, device: torch.device,
+                  on_cpu: bool) -> _Stitcher:
+    """The sums on ``device`` (on the CPU with ``on_cpu``), or on the CPU when they do not fit there."""
+    try:
+        return _Stitcher(num_channels, shape, weights, device, on_cpu)
+    except OutOfMemoryError:
+        if on_cpu:
+            raise
+    # out of memory on the device; handled here, once the exception and the frames it holds are gone
+    release_memory(device)
+    log.warning("out of memory allocating the whole-case sums %s on %s; keeping them on the CPU",
+                (num_channels, *shape), device)
+    return _Stitcher(num_channels, shape, weights, device, on_cpu=True)
+
+
 @torch.no_grad()
 def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw_batch_size: int = 2,
                     overlap: float = 0.5, sigma_scale: float = 0.125, mirror_axes: Sequence[int] = (),
                     lesion_channel: int = 2, memory_format: torch.memory_format | None = None,
-                    autocast_dtype: torch.dtype | None = None) -> WindowPrediction:
-    """Gaussian-weighted sliding-window prediction of one case; every buffer stays on the image's device.
+                    autocast_dtype: torch.dtype | None = None, accumulate_on_cpu: bool = False
+                    ) -> WindowPrediction:
+    """Gaussian-weighted sliding-window prediction of one case; every buffer stays on the image's device
+    unless it runs out of memory.
+
+    Out of memory in a forward pass, the pass is retried with half the windows per batch (down to one);
+    out of memory with one window, or while adding to the sums, the whole-case sums move to the CPU and
+    the pass goes on; only when one window does not fit next to nothing else is the error raised. Each
+    fallback is logged as a warning and reported in the result (``sw_batch_size``,
+    ``accumulated_on_cpu``) so that a caller can start the next case where this one ended.
 
     Args:
         model: the network in eval mode, on the image's device (see :func:`window_forward`).
@@ -190,6 +275,8 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw
         memory_format: e.g. ``torch.channels_last_3d`` for the windows (recent GPUs).
         autocast_dtype: torch.bfloat16 / torch.float16 for mixed precision; None (float32) otherwise.
             Accumulation is float32 either way.
+        accumulate_on_cpu: keep the whole-case sums on the CPU from the start (the network still runs on
+            the image's device).
     """
     if image.ndim != 5 or image.shape[0] != 1:
         raise ValueError(f"expected one case (1, C, Z, Y, X), got {tuple(image.shape)}")
@@ -213,32 +300,55 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw
     flips = mirror_combinations(mirror_axes)
     weights = gaussian_importance_map(roi_size, sigma_scale, image.device)
 
-    logits_sum: Tensor | None = None
-    weight_sum = torch.zeros(padded, dtype=torch.float32, device=image.device)
+    stitcher: _Stitcher | None = None
     window_probabilities, volumes = [], []
-    for first in range(0, len(positions), sw_batch_size):
-        batch = positions[first:first + sw_batch_size]
+    batch_size, done = sw_batch_size, 0
+    while done < len(positions):
+        batch = positions[done:done + batch_size]
         regions = [tuple(slice(start, start + window) for start, window in zip(corner, roi_size)) for corner in batch]
-        windows = torch.cat([image[(slice(None), slice(None), *region)] for region in regions])
-        if memory_format is not None:
-            windows = windows.contiguous(memory_format=memory_format)
-        with autocast_context(image.device, autocast_dtype):
-            seg_logits, probabilities = mirrored_forward(model, windows, flips)
-        if logits_sum is None:
-            logits_sum = torch.zeros((seg_logits.shape[1], *padded), dtype=torch.float32, device=image.device)
+        out_of_memory = False
+        try:
+            windows = torch.cat([image[(slice(None), slice(None), *region)] for region in regions])
+            if memory_format is not None:
+                windows = windows.contiguous(memory_format=memory_format)
+            with autocast_context(image.device, autocast_dtype):
+                seg_logits, probabilities = mirrored_forward(model, windows, flips)
+        except OutOfMemoryError:
+            out_of_memory = True  # handled below, once the exception and the frames it holds are gone
+        if out_of_memory:
+            windows = seg_logits = probabilities = None
+            release_memory(image.device)
+            if batch_size > 1:
+                batch_size = max(1, batch_size // 2)
+                log.warning("out of memory on %s with %d windows per forward pass; retrying with %d",
+                            image.device, len(batch), batch_size)
+            elif not (accumulate_on_cpu or (stitcher is not None and stitcher.on_cpu)):
+                accumulate_on_cpu = True
+                if stitcher is not None:
+                    stitcher.to_cpu()
+                log.warning("out of memory on %s with one window per forward pass; moving the whole-case sums "
+                            "to the CPU and retrying", image.device)
+            else:
+                raise OutOfMemoryError(
+                    f"out of memory on {image.device} with one {roi_size} window per forward pass and the "
+                    "whole-case sums on the CPU; use a smaller inference.roi_size, precision=bf16, or "
+                    "device=cpu")
+            continue
+        if stitcher is None:
+            stitcher = _new_stitcher(seg_logits.shape[1], padded, weights, image.device, accumulate_on_cpu)
         for index, region in enumerate(regions):
-            logits_sum[(slice(None), *region)] += seg_logits[index] * weights
-            weight_sum[region] += weights
+            stitcher.add(seg_logits[index], region)
         if probabilities is not None:
-            window_probabilities.append(probabilities)
-            volumes.append(lesion_volumes(seg_logits, lesion_channel))
-    logits = logits_sum / weight_sum
+            window_probabilities.append(probabilities.to(stitcher.device))
+            volumes.append(lesion_volumes(seg_logits, lesion_channel).to(stitcher.device))
+        done += len(batch)
+    logits = stitcher.result()
     logits = logits[(slice(None), *(slice(b, b + size) for b, size in zip(before, shape)))]
     return WindowPrediction(
         logits=logits[None],
         window_probabilities=torch.cat(window_probabilities) if window_probabilities else None,
-        lesion_volumes=torch.cat(volumes) if volumes else torch.zeros(0, device=image.device),
-        num_windows=len(positions))
+        lesion_volumes=torch.cat(volumes) if volumes else torch.zeros(0, device=stitcher.device),
+        num_windows=len(positions), sw_batch_size=batch_size, accumulated_on_cpu=stitcher.on_cpu)
 
 
 def sliding_window_predict(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw_batch_size: int = 2,
