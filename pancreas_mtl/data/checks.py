@@ -67,6 +67,13 @@ def check_finite(array: np.ndarray, path: Path) -> None:
             raise DataError(path, f"expected finite voxels, found {int(bad.sum())} NaN or infinite value(s)")
 
 
+def check_not_constant(array: np.ndarray, path: Path) -> None:
+    """One value everywhere is a blank or failed export, not a scan: nothing to segment or normalise."""
+    low, high = array.min(), array.max()
+    if low == high:
+        raise DataError(path, f"expected an image with varying intensities, found the constant {low!r} in every voxel")
+
+
 def clean_labels(array: np.ndarray, allowed: set[int], path: Path) -> np.ndarray:
     """Labels as uint8: floats within tolerance of an integer are rounded; anything else is an error."""
     values = np.unique(array)
@@ -98,6 +105,7 @@ def load_case(case: Case, allowed_labels: set[int] | None = None) -> LoadedCase:
             volume = read_volume(path)
             check_geometry(volume, path)
             check_finite(volume.array, path)
+            check_not_constant(volume.array, path)
             if channels and not same_grid(channels[0], volume):
                 raise DataError(path, f"channel grid differs from {case.image_paths[0].name}: shape "
                                       f"{volume.shape} vs {channels[0].shape}, affine\n{volume.affine}\nvs\n{channels[0].affine}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from pancreas_mtl.data.errors import DataError, DatasetError, Problem
 from pancreas_mtl.data.layout import Case, DatasetIndex
 from pancreas_mtl.parallel import map_with_progress
 from pancreas_mtl.planning.plan import ChannelIntensity, Fingerprint, load_json, save_json
+
+log = logging.getLogger(__name__)
 
 
 def source_signature(cases: list[Case]) -> str:
@@ -97,6 +100,12 @@ def compute_fingerprint(index: DatasetIndex, *, num_workers: int = 0, samples_pe
                  for s in stats if s.problem is None and sum(v for k, v in s.label_voxel_counts.items() if k > 0) == 0]
     if problems:
         raise DatasetError(problems, index.root)
+    lesion = index.labels.get("lesion", 2)
+    without_lesion = [s.case_id for s in stats if s.subtype is not None and not s.label_voxel_counts.get(lesion)]
+    if without_lesion:  # allowed (a lesion-free pancreas is a valid mask), but the subtype label cannot be learnt
+        log.warning("%d labelled case(s) with a subtype have no lesion (label %d) in their mask; with "
+                    "loss.cls_loss.no_lesion_policy=skip (the default) they train the segmentation only: %s",
+                    len(without_lesion), lesion, ", ".join(without_lesion))
     num_channels = len(index.channel_names)
     intensity = [_intensity(np.concatenate([s.foreground_samples[c] for s in stats])) for c in range(num_channels)]
     label_counts: dict[int, int] = {}
