@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pancreas_mtl.data.datamodule import PancreasDataModule
 from pancreas_mtl.data.prepare import prepare_dataset
+from pancreas_mtl.inference.checkpoint import read_checkpoint
 from pancreas_mtl.logging_utils import build_loggers
 from pancreas_mtl.module import build_module, set_tf32
 from pancreas_mtl.planning.plan import save_json
@@ -52,7 +53,9 @@ def build_callbacks(cfg: DictConfig, with_logger: bool) -> list:
             continue
         if name == "learning_rate_monitor" and not with_logger:
             continue  # Lightning refuses it without a logger
-        callbacks.append(instantiate(spec))
+        callback = instantiate(spec)
+        if callback is not None:  # a factory may decline (step_checkpoint with every_n_train_steps=0)
+            callbacks.append(callback)
     return callbacks
 
 
@@ -71,8 +74,11 @@ def train(cfg: DictConfig) -> float | None:
     loggers = build_loggers(cfg.get("logger"), cfg.paths.output_dir, config=OmegaConf.to_container(cfg, resolve=True))
     set_tf32(cfg.module.get("tf32"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg, bool(loggers)))
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        read_checkpoint(ckpt_path)  # a truncated or foreign file, or one carrying code, fails here with its path
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
             import wandb

@@ -8,6 +8,12 @@ classification head runs on the same windows and its per-window subtype probabil
 :func:`aggregate_window_predictions`. Scores go to the loggers as ``val/*`` at the end of the epoch.
 The checkpoint carries the plan and the resolved config (``checkpoint["pancreas_mtl"]``), so
 :func:`load_network` rebuilds the network from the file alone.
+
+Resuming (``trainer.fit(ckpt_path=...)``) continues the run the checkpoint stopped: a checkpoint whose
+network differs from this run's is refused with what differs, and the dropout masks of training step
+N are drawn from a generator seeded by (seed, N, rank), not from torch's global stream, so a run
+resumed from any step draws the masks the uninterrupted run would have (the patches resume through
+the data module's state).
 """
 
 from __future__ import annotations
@@ -20,12 +26,18 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from pancreas_mtl import __version__
 from pancreas_mtl.evaluation.metrics import ClassificationMetrics, lesion_dice, whole_pancreas_dice
-from pancreas_mtl.inference.checkpoint import load_network  # noqa: F401  (re-exported for callers of the module)
+from pancreas_mtl.inference.checkpoint import (  # noqa: F401  (load_network re-exported for callers)
+    MODEL_PREFIX,
+    config_differences,
+    load_network,
+    state_mismatch,
+)
 from pancreas_mtl.inference.sliding_window import aggregate_window_predictions, sliding_window_predict  # noqa: F401
 from pancreas_mtl.logging_utils import (
     format_confusion_matrix,
@@ -172,8 +184,18 @@ class MultiTaskModule(L.LightningModule):
             image = image.contiguous(memory_format=self.memory_format)
         return self.model(image)
 
+    def step_seed(self) -> int:
+        """The seed of this training step's random draws (dropout): a function of the run's seed, the
+        global step and the rank only, so it is the same after resuming."""
+        run_seed = int((self.config or {}).get("seed") or 0) % 2**63
+        entropy = [run_seed, int(self.global_step), int(self.global_rank)]
+        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] % 2**63)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        seg_logits, class_logits = self(batch["image"])
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the global stream stays as it was
+            torch.manual_seed(self.step_seed())
+            seg_logits, class_logits = self(batch["image"])
         terms = self.loss(seg_logits, class_logits, batch["label"], batch.get("subtype"), batch.get("has_lesion"))
         if not torch.isfinite(terms["loss"]):  # one device sync per step; logging needs one anyway
             return self._nonfinite_loss(terms, batch, batch_idx)
@@ -284,6 +306,36 @@ class MultiTaskModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pancreas_mtl"] = {"plan": self.plan.to_dict(), "config": self.config, "version": __version__}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before Lightning loads the weights: a checkpoint of another plan or head is refused, naming
+        what differs, instead of failing with torch's list of size mismatches."""
+        state = {key[len(MODEL_PREFIX):]: value for key, value in checkpoint.get("state_dict", {}).items()
+                 if key.startswith(MODEL_PREFIX)}
+        mismatch = state_mismatch(self.model.state_dict(), state)
+        if not mismatch:
+            return
+        saved = checkpoint.get("pancreas_mtl") or {}
+        differences = []
+        if saved.get("plan"):
+            differences += [f"plan.{line}" for line in config_differences(self.plan.to_dict(), saved["plan"])]
+        if (saved.get("config") or {}).get("model") and (self.config or {}).get("model"):
+            differences += [f"model.{line}" for line in config_differences(self.config["model"],
+                                                                             saved["config"]["model"])]
+        raise ValueError(
+            "the checkpoint holds another network than this run builds, so it cannot be resumed or loaded "
+            "here; resume with the checkpoint's own plan and model config (its run folder's .hydra/config.yaml)."
+            + ("\n this run vs the checkpoint:\n  " + "\n  ".join(differences) if differences else "")
+            + "\n weights:\n  " + "\n  ".join(mismatch))
+
+
+def step_checkpoint(dirpath: str | Path, every_n_train_steps: int = 0) -> ModelCheckpoint | None:
+    """A callback writing ``last.ckpt`` every N optimizer steps, besides the epoch-end one, so a killed run
+    loses at most N steps; None (no callback) for N = 0 (``callbacks.step_checkpoint`` in the config)."""
+    if not every_n_train_steps:
+        return None
+    return ModelCheckpoint(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=int(every_n_train_steps),
+                           enable_version_counter=False)
 
 
 def build_module(cfg: Mapping | DictConfig, plan: Plan, subtype_counts: Mapping | Sequence | None) -> MultiTaskModule:

@@ -106,6 +106,22 @@ class PancreasDataModule(L.LightningDataModule):
             seed=self.seed, batch_size=self.batch_size)
         self.val_dataset = WholeCaseDataset(self.prepared.cached(self.prepared.split.val))
 
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the patch sampler's random state after the batches trained so far,
+        so a run resumed from any checkpoint, mid-epoch too, draws the patches the interrupted run would
+        have. Only with ``num_workers=0``; with workers (which draw in their own processes) a resumed run
+        draws fresh patches."""
+        if self.train_dataset is None or self.trainer is None:
+            return {}
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        state = self.train_dataset.rng_state(batches * self.batch_size)
+        return {} if state is None else {"train_patch_rng": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("train_patch_rng") is not None:
+            self.setup("fit")
+            self.train_dataset.restore_rng_state(state_dict["train_patch_rng"])
+
     def _loader_options(self, workers: int) -> dict[str, Any]:
         options: dict[str, Any] = {"num_workers": workers, "pin_memory": bool(self.data_cfg.get("pin_memory", True))
                                    and torch.cuda.is_available()}

@@ -17,6 +17,7 @@ memory-mapped arrays.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -226,6 +227,9 @@ class PatchDataset(Dataset):
         self.batch_size = batch_size
         self._rng: np.random.Generator | None = None
         self._rng_owner: tuple | None = None
+        # for resuming: items drawn in this process, and the Generator's state at the last batch starts
+        self._items_drawn = 0
+        self._batch_start_states: deque[tuple[int, dict]] = deque(maxlen=4)
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -248,6 +252,26 @@ class PatchDataset(Dataset):
             self._rng_owner = owner
         return self._rng
 
+    def rng_state(self, items_consumed: int) -> dict | None:
+        """This process's Generator state after its first ``items_consumed`` items, for resuming a run
+        where it stopped (:meth:`restore_rng_state`); None when the items were drawn in DataLoader workers
+        or that state is no longer known."""
+        if self._rng is None or self._rng_owner[1] != -1:
+            return None
+        if items_consumed == self._items_drawn:
+            return {"items": items_consumed, "state": self._rng.bit_generator.state}
+        for items, state in self._batch_start_states:  # the loader drew ahead
+            if items == items_consumed:
+                return {"items": items, "state": state}
+        return None
+
+    def restore_rng_state(self, saved: dict) -> None:
+        """Continue this process's draws from a state :meth:`rng_state` gave (in the main process, where
+        a DataLoader without workers draws)."""
+        self.rng().bit_generator.state = saved["state"]
+        self._items_drawn = int(saved["items"])
+        self._batch_start_states.clear()
+
     def _force_foreground(self, index: int, rng: np.random.Generator) -> bool:
         p = self.sampler.oversample_foreground
         if self.batch_size is None:
@@ -259,6 +283,9 @@ class PatchDataset(Dataset):
         if not 0 <= index < self.samples_per_epoch:
             raise IndexError(f"index {index} out of range for {self.samples_per_epoch} samples per epoch")
         rng = self.rng()
+        if index % (self.batch_size or 1) == 0:
+            self._batch_start_states.append((self._items_drawn, rng.bit_generator.state))
+        self._items_drawn += 1
         drawn = self.sampler.sample(rng, force_foreground=self._force_foreground(index, rng))
         item = {"image": torch.from_numpy(drawn["image"]), "label": torch.from_numpy(drawn["seg"][None])}
         if self.transform is not None:

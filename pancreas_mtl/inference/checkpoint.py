@@ -9,9 +9,12 @@ about 6 s of start-up, which the predictor does not need.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from pancreas_mtl.models.multitask import MultiTaskNet, build_model
 from pancreas_mtl.planning.plan import Plan
@@ -39,13 +42,42 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state, Plan.from_dict(saved["plan"]), saved["config"]
 
 
+def state_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], limit: int = 4) -> list[str]:
+    """What keeps ``found`` weights from loading into a network whose state dict is ``expected``: tensors
+    missing, unexpected, or of another shape (the first ``limit`` of each, with counts); [] if they fit."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    reshaped = [f"{key} {tuple(found[key].shape)} where the network has {tuple(expected[key].shape)}"
+                for key in expected if key in found and tuple(found[key].shape) != tuple(expected[key].shape)]
+    lines = []
+    for what, items in (("of another shape", reshaped), ("missing", missing), ("not in the network", unexpected)):
+        if items:
+            more = f", and {len(items) - limit} more" if len(items) > limit else ""
+            lines.append(f"{len(items)} tensor(s) {what}: {'; '.join(items[:limit])}{more}")
+    return lines
+
+
+def config_differences(ours: Any, theirs: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configs (plain containers), as
+    ``key: ours vs theirs``."""
+    if isinstance(ours, Mapping) and isinstance(theirs, Mapping):
+        lines = []
+        for key in sorted(set(ours) | set(theirs), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            lines += config_differences(ours.get(key, "<absent>"), theirs.get(key, "<absent>"), name)
+        return lines
+    if isinstance(ours, (list, tuple)) and isinstance(theirs, (list, tuple)):
+        ours, theirs = list(ours), list(theirs)
+    return [] if ours == theirs else [f"{prefix}: {ours!r} vs {theirs!r}"]
+
+
 def load_network(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MultiTaskNet, Plan, dict]:
     """The trained network (eval mode, the checkpoint's weights), its :class:`Plan` and the run config."""
     state, plan, config = read_checkpoint(path, map_location)
     model = build_model(config["model"], plan)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"{path}: the weights do not fit the network its config and plan describe: "
-                         f"{error}") from error
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise ValueError(f"{path}: the weights do not fit the network its plan and config describe (was the file "
+                         "put together from different runs?):\n  " + "\n  ".join(mismatch))
+    model.load_state_dict(state)
     return model.eval(), plan, config
