@@ -178,11 +178,12 @@ class MultiTaskModule(L.LightningModule):
 
     # --- training -----------------------------------------------------------------------------------
 
-    def forward(self, image: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        """image (B, C, Z, Y, X) -> (segmentation logits, highest resolution first; class logits (B, K) or None)."""
+    def forward(self, image: Tensor, lesion_mask: Tensor | None = None) -> tuple[list[Tensor], Tensor | None]:
+        """image (B, C, Z, Y, X) [, true lesion mask (B, 1, Z, Y, X) for heads that use it in training]
+        -> (segmentation logits, highest resolution first; class logits (B, K) or None)."""
         if self.memory_format is not None:
             image = image.contiguous(memory_format=self.memory_format)
-        return self.model(image)
+        return self.model(image, lesion_mask)
 
     def step_seed(self) -> int:
         """The seed of this training step's random draws (dropout): a function of the run's seed, the
@@ -195,7 +196,7 @@ class MultiTaskModule(L.LightningModule):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the global stream stays as it was
             torch.manual_seed(self.step_seed())
-            seg_logits, class_logits = self(batch["image"])
+            seg_logits, class_logits = self(batch["image"], batch["label"] == self.lesion_channel)
         terms = self.loss(seg_logits, class_logits, batch["label"], batch.get("subtype"), batch.get("has_lesion"))
         if not torch.isfinite(terms["loss"]):  # one device sync per step; logging needs one anyway
             return self._nonfinite_loss(terms, batch, batch_idx)

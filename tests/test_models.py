@@ -215,6 +215,30 @@ def test_lesion_attention_is_uniform_without_lesion_and_focused_on_one():
     assert weights[1].argmax().item() == 1 * 16 + 2 * 4 + 3 and weights[1].max() > 0.99
 
 
+def test_lesion_attention_pools_over_the_true_lesion_in_training_only(image):
+    net = tiny_net()
+    head = LesionAttentionHead(net.decoder_channels, 3, dropout=0.0, truth_guidance=1.0)
+    model = MultiTaskNet(net, head)
+    mask = torch.zeros(image.shape[0], 1, *image.shape[2:], dtype=torch.bool)
+    mask[:, :, 2:5, 3:9, 4:10] = True
+    seg_logits = torch.zeros(image.shape[0], 3, *image.shape[2:])
+    seg_logits[:, 2] = mask[:, 0] * 50.0 - 25.0  # a network that sees exactly that lesion
+
+    model.train()
+    unet = net(image)
+    guided = head(unet, mask)
+    predicted = head(UNetOutput([seg_logits], unet.decoder_features, unet.bottleneck))
+    torch.testing.assert_close(guided, predicted)
+    assert not torch.allclose(guided, head(unet))  # the random network's own guess is elsewhere
+    _, logits = model(image, mask)  # the wrapper hands the mask to the head
+    torch.testing.assert_close(logits, guided)
+
+    model.eval()
+    torch.testing.assert_close(head(unet, mask), head(unet))  # inference: the prediction guides
+    with pytest.raises(ValueError, match="truth_guidance"):
+        LesionAttentionHead([8], 3, truth_guidance=1.5)
+
+
 def test_ovr_head_is_for_binary_cross_entropy():
     head = OneVsRestHead([8, 4], 3)
     assert head.loss_kind == "bce" and MultiStageHead([8, 4], 3).loss_kind == "ce"

@@ -59,6 +59,7 @@ class ClassificationHead(nn.Module):
     """
 
     loss_kind = "ce"
+    uses_lesion_mask = False  # True: forward(unet, lesion_mask) takes the true lesion in training
 
     def __init__(self, decoder_channels: Sequence[int], num_subtypes: int):
         super().__init__()
@@ -185,6 +186,13 @@ class LesionAttentionHead(ClassificationHead):
     The full-resolution logits are used at every stage so that the head computes the same thing with
     and without deep supervision (training versus inference).
 
+    Truth guidance (training only): with the batch's lesion mask passed as ``lesion_mask``, a share
+    ``truth_guidance`` of the samples are pooled over the true lesion (p = the mask) instead of the
+    predicted one. Early in training the segmentation finds no lesion, so a purely self-guided head
+    pools the whole patch and its features carry no lesion texture; pooling over the true lesion
+    teaches the classifier and shapes the lesion's features from the first step. At inference the
+    predicted probability guides, sharpened by the temperature (weights ~ p^(1/T)).
+
     Args:
         decoder_channels, num_subtypes: see ``ClassificationHead``.
         lesion_channel: channel of the segmentation logits that is the lesion (label 2).
@@ -195,16 +203,24 @@ class LesionAttentionHead(ClassificationHead):
         learn_temperature: learn T (else keep it fixed).
         detach_attention: stop the classification loss from changing the segmentation through the
             attention weights (the lesion is where the segmentation task says it is).
+        truth_guidance: share of training samples pooled over the true lesion mask when one is
+            given (0: always the network's own lesion probability).
     """
+
+    uses_lesion_mask = True
 
     def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, lesion_channel: int = 2,
                  stage_features: int = 64, hidden: int = 128, dropout: float = 0.2,
-                 init_temperature: float = 1.0, learn_temperature: bool = True, detach_attention: bool = True):
+                 init_temperature: float = 1.0, learn_temperature: bool = True, detach_attention: bool = True,
+                 truth_guidance: float = 0.0):
         super().__init__(decoder_channels, num_subtypes)
         if init_temperature <= 0:
             raise ValueError(f"init_temperature must be positive, got {init_temperature}")
+        if not 0.0 <= truth_guidance <= 1.0:
+            raise ValueError(f"truth_guidance is a share of samples in [0, 1], got {truth_guidance}")
         self.lesion_channel = int(lesion_channel)
         self.detach_attention = bool(detach_attention)
+        self.truth_guidance = float(truth_guidance)
         log_t = torch.full((len(self.decoder_channels),), math.log(init_temperature))
         self.log_temperature = nn.Parameter(log_t, requires_grad=learn_temperature)
         self.project = nn.ModuleList([nn.Linear(c, stage_features) for c in self.decoder_channels])
@@ -227,9 +243,22 @@ class LesionAttentionHead(ClassificationHead):
         gate = p.amax(dim=1, keepdim=True)  # ~0 where no lesion is predicted: uniform pooling
         return gate * focused + (1.0 - gate) / p.shape[1]
 
-    def forward(self, unet: UNetOutput) -> Tensor:
-        """unet: the backbone's output -> class logits (B, num_subtypes)."""
-        probability = self.lesion_probability(unet.seg_logits[0])
+    def guide(self, seg_logits: Tensor, lesion_mask: Tensor | None) -> Tensor:
+        """The map the pooling follows (B, 1, Z, Y, X): the predicted lesion probability, or for a
+        ``truth_guidance`` share of the samples in training the true ``lesion_mask`` (B, 1, Z, Y, X)."""
+        probability = self.lesion_probability(seg_logits)
+        if lesion_mask is None or not self.training or self.truth_guidance <= 0:
+            return probability
+        if lesion_mask.shape[2:] != probability.shape[2:]:
+            raise ValueError(f"lesion_mask has spatial shape {tuple(lesion_mask.shape[2:])}, the segmentation "
+                             f"logits {tuple(probability.shape[2:])}")
+        chosen = torch.rand(probability.shape[0], device=probability.device) < self.truth_guidance
+        return torch.where(chosen.view(-1, 1, 1, 1, 1), lesion_mask.to(probability.dtype), probability)
+
+    def forward(self, unet: UNetOutput, lesion_mask: Tensor | None = None) -> Tensor:
+        """unet: the backbone's output; lesion_mask: the true lesion (B, 1, Z, Y, X), used only in
+        training (see ``truth_guidance``) -> class logits (B, num_subtypes)."""
+        probability = self.guide(unet.seg_logits[0], lesion_mask)
         tokens = []
         for stage, (features, project) in enumerate(zip(unet.decoder_features, self.project)):
             p = F.interpolate(probability, size=features.shape[2:], mode="area")

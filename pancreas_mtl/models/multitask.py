@@ -40,14 +40,21 @@ class MultiTaskNet(nn.Module):
         """Loss the class logits are meant for: "ce", "bce" (one-vs-rest), or None without a head."""
         return None if self.head is None else self.head.loss_kind
 
-    def forward_unet(self, x: Tensor) -> tuple[UNetOutput, Tensor | None]:
+    def forward_unet(self, x: Tensor, lesion_mask: Tensor | None = None) -> tuple[UNetOutput, Tensor | None]:
         """The backbone's full output and the class logits (None without a head)."""
         unet = self.backbone(x)
-        return unet, (None if self.head is None else self.head(unet))
+        if self.head is None:
+            return unet, None
+        if lesion_mask is not None and self.head.uses_lesion_mask:
+            return unet, self.head(unet, lesion_mask)
+        return unet, self.head(unet)
 
-    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        """x (B, C, Z, Y, X) -> (segmentation logits, highest resolution first; class logits (B, K) or None)."""
-        unet, class_logits = self.forward_unet(x)
+    def forward(self, x: Tensor, lesion_mask: Tensor | None = None) -> tuple[list[Tensor], Tensor | None]:
+        """x (B, C, Z, Y, X) -> (segmentation logits, highest resolution first; class logits (B, K) or None).
+
+        ``lesion_mask`` (B, 1, Z, Y, X), the true lesion of a training batch, goes to heads that use it
+        (``head.uses_lesion_mask``); the others ignore it."""
+        unet, class_logits = self.forward_unet(x, lesion_mask)
         return unet.seg_logits, class_logits
 
     def class_probabilities(self, class_logits: Tensor) -> Tensor:
