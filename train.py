@@ -21,7 +21,7 @@ from pancreas_mtl.data.datamodule import PancreasDataModule
 from pancreas_mtl.data.prepare import prepare_dataset
 from pancreas_mtl.inference.checkpoint import read_checkpoint
 from pancreas_mtl.logging_utils import build_loggers
-from pancreas_mtl.module import build_module, set_tf32
+from pancreas_mtl.module import AtomicCheckpointIO, build_module, set_tf32
 from pancreas_mtl.planning.plan import save_json
 from pancreas_mtl.planning.planner import describe_plan
 from pancreas_mtl.run_info import write_run_info
@@ -73,7 +73,8 @@ def train(cfg: DictConfig) -> float | None:
     module = build_module(cfg, datamodule.plan, datamodule.subtype_counts())
     loggers = build_loggers(cfg.get("logger"), cfg.paths.output_dir, config=OmegaConf.to_container(cfg, resolve=True))
     set_tf32(cfg.module.get("tf32"))
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg, bool(loggers)))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg, bool(loggers)),
+                          plugins=[AtomicCheckpointIO()])
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:
         read_checkpoint(ckpt_path)  # a truncated or foreign file, or one carrying code, fails here with its path

@@ -19,6 +19,8 @@ the data module's state).
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -337,6 +340,25 @@ def step_checkpoint(dirpath: str | Path, every_n_train_steps: int = 0) -> ModelC
         return None
     return ModelCheckpoint(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=int(every_n_train_steps),
                            enable_version_counter=False)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but a local checkpoint goes to a temporary file beside its final
+    name and is renamed over it: Lightning's own writer stages it in the system's temporary folder,
+    and where that is another disk than the run folder the final move is a copy, which a kill can cut
+    short, leaving a truncated ``last.ckpt`` and nothing to resume from."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def build_module(cfg: Mapping | DictConfig, plan: Plan, subtype_counts: Mapping | Sequence | None) -> MultiTaskModule:

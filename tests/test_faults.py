@@ -1,5 +1,5 @@
-"""Faults a long unattended run meets: training killed mid-epoch and resumed, two identical seeded runs,
-prediction killed mid-folder and rerun, two processes filling one preprocessing cache (docs/reliability.md)."""
+"""Faults a long unattended run meets (docs/reliability.md): training killed mid-epoch and resumed, two
+identical seeded runs, prediction killed mid-folder and rerun, two processes filling one cache."""
 
 from __future__ import annotations
 
@@ -51,9 +51,10 @@ class KillAfterStep(Callback):
 def short_run_overrides() -> list[str]:
     """The demo experiment cut down: tiny synthetic set, small preset, 2 epochs of 4 steps, validation at
     the end, last.ckpt every 2 steps, no data-loader workers (so patches resume exactly)."""
-    return ["experiment=cpu_demo", f"data.iterations_per_epoch={STEPS_PER_EPOCH}", f"trainer.max_epochs={EPOCHS}",
-            f"trainer.check_val_every_n_epoch={EPOCHS}", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
-            "callbacks.rich_progress_bar=null", "callbacks.rich_model_summary=null",
+    return ["experiment=cpu_demo", f"data.iterations_per_epoch={STEPS_PER_EPOCH}",
+            f"trainer.max_epochs={EPOCHS}", f"trainer.check_val_every_n_epoch={EPOCHS}",
+            "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "callbacks.rich_progress_bar=null",
+            "callbacks.rich_model_summary=null",
             f"callbacks.step_checkpoint.every_n_train_steps={CHECKPOINT_EVERY}", "seed=7"]
 
 
@@ -96,7 +97,8 @@ def uninterrupted(train_root, tmp_path_factory):
 def test_same_seed_gives_identical_runs(uninterrupted, train_root, tmp_path, deterministic_mode_restored):
     step, weights, metrics = final_state(train_in_process(train_root, tmp_path / "again"))
     assert step == uninterrupted[0] == STEPS_PER_EPOCH * EPOCHS
-    assert metrics == uninterrupted[2] and {"val/dice_pancreas", "val/f1_macro", "val/combined"} <= set(metrics)
+    assert metrics == uninterrupted[2]
+    assert {"val/dice_pancreas", "val/f1_macro", "val/combined"} <= set(metrics)
     for key, value in weights.items():
         torch.testing.assert_close(value, uninterrupted[1][key], rtol=0, atol=0)
 
@@ -107,8 +109,9 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(uninterrupted,
     killed = tmp_path / "killed"
     command = [sys.executable, str(REPO_ROOT / "train.py"), *short_run_overrides(),
                "data.synthetic.size=tiny", "planning=small", "planning.spacing_scale=2", "data.num_workers=0",
-               "data.preprocessing_workers=0", "data.progress=false", "logger=csv", f"paths.output_root={train_root}",
-               f"hydra.run.dir={killed}", "+callbacks.kill._target_=tests.test_faults.KillAfterStep",
+               "data.preprocessing_workers=0", "data.progress=false", "logger=csv",
+               f"paths.output_root={train_root}", f"hydra.run.dir={killed}",
+               "+callbacks.kill._target_=tests.test_faults.KillAfterStep",
                f"+callbacks.kill.step={KILL_AFTER_STEP}"]
     env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
@@ -172,7 +175,8 @@ def test_prediction_killed_mid_folder_then_rerun_completes_the_rest(tmp_path):
     summary = run_predict(args)
     assert summary.skipped == finished and sorted(summary.predicted) == sorted(set(names) - set(finished))
     rows = (out / "subtype_results.csv").read_text().splitlines()
-    assert rows[0] == "Names,Subtype" and [row.split(",")[0] for row in rows[1:]] == [f"{n}.nii.gz" for n in names]
+    assert rows[0] == "Names,Subtype"
+    assert [row.split(",")[0] for row in rows[1:]] == [f"{n}.nii.gz" for n in names]  # each case once
     assert len((out / "subtype_probabilities.csv").read_text().splitlines()) == len(names) + 1
 
 
@@ -195,7 +199,8 @@ print(len(prepared.cases))
 
 @pytest.mark.slow
 def test_two_processes_preparing_one_dataset_leave_a_valid_cache(tmp_path):
-    root = write_distributed_dataset(tmp_path / "quiz", train_per_subtype=4, validation_per_subtype=2, test_cases=0)
+    root = write_distributed_dataset(tmp_path / "quiz", train_per_subtype=4, validation_per_subtype=2,
+                                     test_cases=0)
     cache = tmp_path / "cache"
     go = tmp_path / "go"
     env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO_ROOT)}
@@ -212,8 +217,8 @@ def test_two_processes_preparing_one_dataset_leave_a_valid_cache(tmp_path):
         assert stdout.split()[-1] == "18"
 
     index = discover(root)
-    plan = prepare_dataset({"root": str(root), "cache_dir": str(tmp_path / "reference"), "preprocessing_workers": 0},
-                           load_preset("small"), progress=False).plan
+    reference_cfg = {"root": str(root), "cache_dir": str(tmp_path / "reference"), "preprocessing_workers": 0}
+    plan = prepare_dataset(reference_cfg, load_preset("small"), progress=False).plan
     folder = dataset_cache_root(cache, index) / plan.preprocessing_key()
     reference = {e.case_id: e for e in build_cache(index, plan, tmp_path / "inline", progress=False)}
     for case in index.labelled:
