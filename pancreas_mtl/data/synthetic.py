@@ -51,8 +51,8 @@ class SyntheticConfig:
 
     name: str = "default"
     seed: int = 0
-    train_counts: tuple[int, ...] = (20, 20, 20)        # cases per subtype
-    validation_counts: tuple[int, ...] = (6, 6, 6)
+    train_counts: tuple[int, ...] = (50, 50, 50)        # cases per subtype
+    validation_counts: tuple[int, ...] = (10, 10, 10)
     test_counts: tuple[int, ...] = (4, 4, 4)
     float_mask_fraction: float = 0.0                   # masks stored as float32 with pancreas = 1.0000153
     # geometry: field of view in mm and voxel size, per case; shape = fov / spacing
