@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     fold = args.fold if args.fold == "all" else int(args.fold)
     predictor.initialize_from_trained_model_folder(str(args.model), use_folds=(fold,),
                                                    checkpoint_name=args.checkpoint)
-    initialised = time.perf_counter()
+    initialised, startup_cpu = time.perf_counter(), time.process_time()
 
     if args.dump is not None and args.pipeline != "sequential":
         raise SystemExit("--dump needs --pipeline sequential")
@@ -118,12 +118,12 @@ def main(argv=None) -> None:
     if args.pipeline == "sequential":
         for case_id, image in zip(case_ids, images):
             current_case.append(case_id)
-            case_start = time.perf_counter()
+            case_start, case_cpu = time.perf_counter(), time.process_time()
             predictor.predict_from_files_sequential([[str(image)]], [str(args.output / case_id)],
                                                     save_probabilities=False, overwrite=True)
             dumped = dump_seconds[-1] if args.dump is not None else 0.0
             cases.append({"case_id": case_id, "total": time.perf_counter() - case_start - dumped,
-                          "network": network_seconds[-1]})
+                          "network": network_seconds[-1], "cpu": time.process_time() - case_cpu - dumped})
             print(f"nnU-Net {case_id}: {cases[-1]['total']:.2f} s (network {cases[-1]['network']:.2f} s)",
                   file=sys.stderr, flush=True)
     else:
@@ -138,6 +138,7 @@ def main(argv=None) -> None:
         "pipeline": args.pipeline, "step": args.step, "mirroring": not args.disable_tta,
         "mirror_axes": None if args.disable_tta else list(predictor.allowed_mirroring_axes or ()),
         "import_s": imported - PROCESS_START, "initialise_s": initialised - imported,
+        "startup_cpu_s": startup_cpu,
         "folder_s": folder_seconds, "cases": cases, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "nnunetv2": version("nnunetv2"),
         "dynamic_network_architectures": version("dynamic-network-architectures"),
