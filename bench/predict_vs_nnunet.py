@@ -19,13 +19,15 @@ Each run is its own process, one after another, with ``--threads`` torch threads
   combinations), ``predict_from_files_sequential`` one case at a time. Its default is also the
   equal-settings comparison for our ``accurate``, so one nnU-Net run serves every row.
 - Ours: ``predict.py`` with ``inference=accurate|fast|fastest``, fp32 on the CPU, ``prefetch=false``
-  (one case after another in one process, as nnU-Net's sequential path).
+  (one case after another in one process, as nnU-Net's sequential path), through
+  bench/_ours_predict.py, which adds up each case's CPU seconds.
 
-Seconds per case: end to end is the command's wall clock (interpreter, imports, model loading) over
-the cases; "per case" leaves start-up out (load, preprocess, windows, export, write of each case);
-"network" is the sliding-window part. "x nnU-Net" is nnU-Net's seconds over ours (above 1: ours
-faster). CPU seconds (user + system of the command, from getrusage) are the figure to compare on a
-shared machine: wall times follow the load other jobs put on the cores, CPU times much less.
+Seconds per case: "end to end" is the whole command (interpreter, imports, model loading) over the
+cases; "per case" leaves start-up out (read, preprocess, windows, export, write of each case);
+"network" is the sliding-window part. "(x)" is nnU-Net's seconds over ours (above 1: ours faster).
+CPU seconds (user + system: ``process_time`` per case, ``getrusage`` for a command) are the figures
+to compare on a shared machine: wall times follow the load other jobs put on the cores (a run under
+``nice -n 19`` beside a training job can get a tenth of a core), CPU times much less.
 Agreement: Dice per label (pancreas = labels 1 + 2, lesion = 2) between the masks of the two tools
 on the input's grid, and of ``fast``/``fastest`` to our ``accurate``.
 
@@ -152,15 +154,19 @@ def run_nnunet(args, model: Path, inputs: Path, output: Path, dump: Path | None)
 
 def run_ours(args, ckpt: Path, inputs: Path, output: Path, preset: str) -> dict:
     shutil.rmtree(output, ignore_errors=True)
-    command = [sys.executable, "predict.py", f"ckpt='{ckpt}'", f"input='{inputs}'", f"output='{output}'",
-               f"inference={preset}", "device=cpu", "precision=fp32", f"num_threads={args.threads}",
-               "prefetch=false", "progress=false", "overwrite=true",
-               f"hydra.run.dir='{output.parent / 'logs' / preset}'"]
+    cpu_json = output.parent / "logs" / f"{preset}_cpu.json"
+    cpu_json.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(REPO_ROOT / "bench/_ours_predict.py"), "--cpu-json", str(cpu_json),
+               f"ckpt='{ckpt}'", f"input='{inputs}'", f"output='{output}'", f"inference={preset}",
+               "device=cpu", "precision=fp32", f"num_threads={args.threads}", "prefetch=false",
+               "progress=false", "overwrite=true", f"hydra.run.dir='{output.parent / 'logs' / preset}'"]
     run = run_timed(command, args.threads, output.parent / "logs" / f"{preset}.log")
     run.pop("stdout")
+    case_cpu = json.loads(cpu_json.read_text())["cases"]
     with open(output / "timings.csv") as stream:
         cases = {row["case_id"]: {"total": float(row["total_s"]), "network": float(row["network_s"]),
-                                  "windows": int(row["windows"])} for row in csv.DictReader(stream)}
+                                  "windows": int(row["windows"]), "cpu": case_cpu[row["case_id"]]}
+                 for row in csv.DictReader(stream)}
     return {**run, "cases": cases}
 
 
@@ -241,19 +247,20 @@ def per_case(run: dict, key: str) -> float:
     return float(np.mean([c[key] for c in run["cases"].values()]))
 
 
+def ratio(ours: float, theirs: float) -> str:
+    return f"{ours:.2f} / {theirs:.2f} ({theirs / ours:.2f})"
+
+
 def speed_row(input_name: str, row: str, preset: str, ours: dict, nnunet: dict, vs_nnunet: dict,
               vs_accurate: dict | None) -> list[str]:
     n = len(ours["cases"])
-    ours_e2e, nn_e2e = ours["wall"] / n, nnunet["wall"] / n
-    ours_case, nn_case = per_case(ours, "total"), per_case(nnunet, "total")
-    ours_cpu, nn_cpu = ours["cpu"] / n, nnunet["cpu"] / n
     accurate = ("-" if vs_accurate is None
                 else f"{mean_min(vs_accurate, PANCREAS)} / {mean_min(vs_accurate, LESION)}")
     return [input_name, row, preset, str(n),
-            f"{ours_e2e:.2f}; {ours_case:.2f} ({per_case(ours, 'network'):.2f})",
-            f"{nn_e2e:.2f}; {nn_case:.2f} ({per_case(nnunet, 'network'):.2f})",
-            f"{nn_e2e / ours_e2e:.2f} / {nn_case / ours_case:.2f}",
-            f"{ours_cpu:.1f} / {nn_cpu:.1f} ({nn_cpu / ours_cpu:.2f})",
+            ratio(per_case(ours, "cpu"), per_case(nnunet, "cpu")), ratio(ours["cpu"] / n, nnunet["cpu"] / n),
+            ratio(per_case(ours, "total"), per_case(nnunet, "total")),
+            f"{per_case(ours, 'network'):.2f} / {per_case(nnunet, 'network'):.2f}",
+            ratio(ours["wall"] / n, nnunet["wall"] / n),
             f"{mean_min(vs_nnunet, PANCREAS)} / {mean_min(vs_nnunet, LESION)}", accurate,
             f"{ours['load'][0]:.1f}-{ours['load'][1]:.1f} / {nnunet['load'][0]:.1f}-{nnunet['load'][1]:.1f}"]
 
@@ -373,10 +380,11 @@ def main() -> None:
         print("# random weights: agreement tests that both tools compute the same thing, not segmentation "
               "quality")
     print()
-    print_table(["input", "row", "ours", "cases", "ours s/case: end to end; per case (network)",
-                 "nnU-Net s/case: end to end; per case (network)", "x nnU-Net: end to end / per case",
-                 "CPU s/case end to end: ours / nnU-Net (x)", "Dice to nnU-Net pancreas / lesion, mean (min)",
-                 "Dice to our accurate pancreas / lesion", "load: ours / nnU-Net run"], speed_rows)
+    print_table(["input", "row", "ours", "cases", "CPU s per case: ours / nnU-Net (x)",
+                 "CPU s/case end to end: ours / nnU-Net (x)", "wall s per case: ours / nnU-Net (x)",
+                 "wall s network per case: ours / nnU-Net", "wall s/case end to end: ours / nnU-Net (x)",
+                 "Dice to nnU-Net pancreas / lesion, mean (min)", "Dice to our accurate pancreas / lesion",
+                 "load: ours / nnU-Net run"], speed_rows)
     if diagnosis_rows:
         print_table(["input", "case", "preprocessed image: mean / max abs difference (z-score units)",
                      "windows on nnU-Net's image: Dice pancreas / lesion to nnU-Net's argmax (plan grid)",
