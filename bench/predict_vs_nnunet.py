@@ -312,8 +312,12 @@ def main() -> None:
         ckpt = random_m_checkpoint(out / "random_M_seed0.ckpt")
         network_name = "ResEnc M, random weights (seed 0), quiz plan"
     else:
-        ckpt = (args.ckpt or newest_demo_checkpoint()).resolve()
-        network_name = f"checkpoint {ckpt.relative_to(REPO_ROOT) if ckpt.is_relative_to(REPO_ROOT) else ckpt}"
+        source = (args.ckpt or newest_demo_checkpoint()).resolve()
+        shown = source.relative_to(REPO_ROOT) if source.is_relative_to(REPO_ROOT) else source
+        network_name = f"checkpoint {shown}"
+        # a copy: a training run may rewrite last.ckpt while the two tools read it one after another
+        ckpt = out / "checkpoint.ckpt"
+        shutil.copyfile(source, ckpt)
     network, plan, _ = load_network(ckpt)
     model_folder = export_nnunet_model_folder(network, plan, out / "nnunet_model")
     del network
