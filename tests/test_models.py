@@ -239,6 +239,24 @@ def test_lesion_attention_pools_over_the_true_lesion_in_training_only(image):
         LesionAttentionHead([8], 3, truth_guidance=1.5)
 
 
+def test_lesion_attention_meanmax_sees_a_bright_voxel_inside_the_lesion_only():
+    head = LesionAttentionHead([1], 3, pool="meanmax", dropout=0.0, init_temperature=0.05)
+    with torch.no_grad():
+        head.project[0].weight.copy_(torch.tensor([[0.0, 1.0]]))  # the token is the max part
+        head.project[0].bias.zero_()
+    seg = torch.full((1, 3, 2, 4, 4), -20.0)
+    seg[:, 2, 0, :2, :2] = 20.0                                     # the lesion: 4 voxels
+    features = torch.zeros(1, 1, 2, 4, 4)
+    unet = UNetOutput([seg], [features], features)
+    outside, inside = features.clone(), features.clone()
+    outside[0, 0, 1, 3, 3] = 5.0                                    # bright, but not in the lesion
+    inside[0, 0, 0, 1, 1] = 5.0                                     # bright, in the lesion
+    assert torch.allclose(head(UNetOutput([seg], [outside], outside)), head(unet), atol=1e-4)
+    assert not torch.allclose(head(UNetOutput([seg], [inside], inside)), head(unet), atol=1e-4)
+    with pytest.raises(ValueError, match="lesion pooling"):
+        LesionAttentionHead([8], 3, pool="median")
+
+
 def test_ovr_head_is_for_binary_cross_entropy():
     head = OneVsRestHead([8, 4], 3)
     assert head.loss_kind == "bce" and MultiStageHead([8, 4], 3).loss_kind == "ce"

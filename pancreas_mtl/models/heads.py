@@ -205,6 +205,9 @@ class LesionAttentionHead(ClassificationHead):
             attention weights (the lesion is where the segmentation task says it is).
         truth_guidance: share of training samples pooled over the true lesion mask when one is
             given (0: always the network's own lesion probability).
+        pool: "mean" (the attention-weighted mean of each channel) or "meanmax" (that mean and the
+            largest response among the attended voxels, each voxel scaled by its weight relative to
+            the largest: thin bright structures such as septa show in the maximum, not the mean).
     """
 
     uses_lesion_mask = True
@@ -212,8 +215,11 @@ class LesionAttentionHead(ClassificationHead):
     def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, lesion_channel: int = 2,
                  stage_features: int = 64, hidden: int = 128, dropout: float = 0.2,
                  init_temperature: float = 1.0, learn_temperature: bool = True, detach_attention: bool = True,
-                 truth_guidance: float = 0.0):
+                 truth_guidance: float = 0.0, pool: str = "mean"):
         super().__init__(decoder_channels, num_subtypes)
+        if pool not in ("mean", "meanmax"):
+            raise ValueError(f"unknown lesion pooling {pool!r}, expected 'mean' or 'meanmax'")
+        self.pool = pool
         if init_temperature <= 0:
             raise ValueError(f"init_temperature must be positive, got {init_temperature}")
         if not 0.0 <= truth_guidance <= 1.0:
@@ -223,7 +229,8 @@ class LesionAttentionHead(ClassificationHead):
         self.truth_guidance = float(truth_guidance)
         log_t = torch.full((len(self.decoder_channels),), math.log(init_temperature))
         self.log_temperature = nn.Parameter(log_t, requires_grad=learn_temperature)
-        self.project = nn.ModuleList([nn.Linear(c, stage_features) for c in self.decoder_channels])
+        widen = 2 if pool == "meanmax" else 1
+        self.project = nn.ModuleList([nn.Linear(widen * c, stage_features) for c in self.decoder_channels])
         self.act = nn.LeakyReLU(1e-2)
         self.stage_score = nn.Linear(stage_features, 1)
         self.classifier = classifier_mlp(stage_features, num_subtypes, hidden, dropout)
@@ -263,7 +270,12 @@ class LesionAttentionHead(ClassificationHead):
         for stage, (features, project) in enumerate(zip(unet.decoder_features, self.project)):
             p = F.interpolate(probability, size=features.shape[2:], mode="area")
             weights = self.attention_weights(p, stage)                         # (B, N)
-            pooled = torch.einsum("bn,bcn->bc", weights.to(features.dtype), features.flatten(2))
+            weights = weights.to(features.dtype)
+            flat = features.flatten(2)
+            pooled = torch.einsum("bn,bcn->bc", weights, flat)
+            if self.pool == "meanmax":
+                relative = weights / weights.amax(dim=1, keepdim=True).clamp_min(1e-12)   # 1 at the focus
+                pooled = torch.cat([pooled, (flat * relative[:, None]).amax(dim=2)], dim=1)
             tokens.append(self.act(project(pooled)))
         tokens = torch.stack(tokens, dim=1)                                    # (B, S, F)
         stage_weights = self.stage_score(tokens).softmax(dim=1)                # (B, S, 1)
