@@ -19,8 +19,6 @@ the data module's state).
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from pancreas_mtl import __version__
+from pancreas_mtl.atomic import atomic_path
 from pancreas_mtl.evaluation.metrics import ClassificationMetrics, lesion_dice, whole_pancreas_dice
 from pancreas_mtl.inference.checkpoint import (  # noqa: F401  (load_network re-exported for callers)
     MODEL_PREFIX,
@@ -351,14 +350,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def build_module(cfg: Mapping | DictConfig, plan: Plan, subtype_counts: Mapping | Sequence | None) -> MultiTaskModule:

@@ -15,12 +15,11 @@ leaves no entry that looks complete, and two processes building the same entry d
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from pancreas_mtl.atomic import atomic_path
 from pancreas_mtl.data.cached_case import CachedCase
 from pancreas_mtl.data.checks import load_case
 from pancreas_mtl.data.errors import DataError, DatasetError, Problem
@@ -48,12 +47,8 @@ def _source_records(case: Case) -> list[list]:
 
 
 def _save_npy(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npy")
-    try:
+    with atomic_path(path, suffix=".npy") as tmp:  # np.save appends .npy to any other name
         np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def cached_entry(folder: Path, case: Case, plan_key: str) -> CachedCase | None:

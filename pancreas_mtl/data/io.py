@@ -9,9 +9,7 @@ with it lands on the input's grid.
 from __future__ import annotations
 
 import gzip
-import os
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from pancreas_mtl.atomic import atomic_path
 from pancreas_mtl.data.errors import DataError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -149,13 +148,8 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, header:
     path = Path(path)
     if image_suffix(path) not in NIFTI_SUFFIXES:
         raise ValueError(f"{path}: write_nifti writes .nii.gz or .nii, not {path.suffix}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)), affine, header=header)
     image.set_data_dtype(array.dtype)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp{image_suffix(path)}")
-    try:
+    with atomic_path(path, suffix=image_suffix(path)) as tmp:
         nib.save(image, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

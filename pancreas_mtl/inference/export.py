@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pancreas_mtl.atomic import atomic_path
 from pancreas_mtl.data.io import NIFTI_SUFFIXES, image_suffix, write_nifti
 from pancreas_mtl.data.preprocessing import PreprocessedCase
 from pancreas_mtl.data.resampling import resample_image, separate_axis
@@ -81,13 +80,8 @@ def write_mask(labels: np.ndarray, affine: np.ndarray, path: str | Path, referen
 
 
 def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

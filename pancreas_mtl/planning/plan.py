@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from pancreas_mtl.atomic import atomic_path
 
 
 @dataclass
@@ -145,15 +145,9 @@ class Plan:
 
 def save_json(data: dict, path: str | Path) -> Path:
     """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def load_json(path: str | Path) -> dict:
