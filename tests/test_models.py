@@ -19,6 +19,7 @@ from pancreas_mtl.models import (
     build_model,
     count_parameters,
 )
+from pancreas_mtl.models.heads import lesion_regions
 from pancreas_mtl.planning.plan import ChannelIntensity, ChannelNormalization, Fingerprint, Plan
 from pancreas_mtl.planning.planner import load_preset, plan_experiment
 
@@ -255,6 +256,32 @@ def test_lesion_attention_meanmax_sees_a_bright_voxel_inside_the_lesion_only():
     assert not torch.allclose(head(UNetOutput([seg], [inside], inside)), head(unet), atol=1e-4)
     with pytest.raises(ValueError, match="lesion pooling"):
         LesionAttentionHead([8], 3, pool="median")
+
+
+def test_lesion_regions_split_a_mask_into_core_rim_and_ring():
+    lesion = torch.zeros(1, 1, 7, 7, 7)
+    lesion[:, :, 1:6, 1:6, 1:6] = 1.0                                # a 5^3 cube
+    core, rim, ring = lesion_regions(lesion)[0]
+    assert core.sum() == 27 and core[2:5, 2:5, 2:5].all()           # the inner 3^3
+    assert rim.sum() == 125 - 27 and ring.sum() == 7 ** 3 - 125       # the cube's shell, its outside
+    torch.testing.assert_close(core + rim, lesion[0, 0])
+
+
+def test_lesion_attention_regions_tell_a_bright_rim_from_a_bright_core():
+    head = LesionAttentionHead([1], 3, pool="regions", dropout=0.0, init_temperature=1.0)
+    seg = torch.full((1, 3, 7, 7, 7), -20.0)
+    seg[:, 0] = 20.0                                                 # background ...
+    seg[:, 0, 1:6, 1:6, 1:6], seg[:, 2, 1:6, 1:6, 1:6] = -20.0, 20.0  # ... around a 5^3 lesion
+    bright_rim = torch.zeros(1, 1, 7, 7, 7)
+    bright_rim[:, :, 1:6, 1:6, 1:6] = 1.0
+    bright_rim[:, :, 2:5, 2:5, 2:5] = 0.0
+    bright_core = torch.zeros(1, 1, 7, 7, 7)
+    bright_core[:, :, 2:5, 2:5, 2:5] = 98 / 27                      # same lesion mean as bright_rim
+    means = [head.pool_stage(f, lesion_regions(head.lesion_probability(seg)), 0) for f in (bright_rim, bright_core)]
+    assert means[0].shape == (1, 3)
+    assert means[0][0, 1] > 0.99 and means[0][0, 0] < 0.01        # rim pooled bright, core dark
+    assert means[1][0, 0] > 3.5 and means[1][0, 1] < 0.01
+    assert head(UNetOutput([seg], [bright_rim], bright_rim)).shape == (1, 3)
 
 
 def test_ovr_head_is_for_binary_cross_entropy():

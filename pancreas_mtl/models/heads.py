@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from pancreas_mtl.models.resenc_unet import UNetOutput
 
 POOLINGS = ("max", "avg", "avgmax")
+LESION_POOLINGS = ("mean", "meanmax", "regions")
 
 
 def global_pool(features: Tensor, pool: str) -> Tensor:
@@ -33,6 +34,15 @@ def global_pool(features: Tensor, pool: str) -> Tensor:
     if pool == "avg":
         return flat.mean(dim=2)
     return 0.5 * (flat.amax(dim=2) + flat.mean(dim=2))
+
+
+def lesion_regions(lesion: Tensor) -> Tensor:
+    """A lesion map (B, 1, Z, Y, X) in [0, 1] -> (B, 3, Z, Y, X): its core (eroded by one voxel), its
+    rim (the lesion less the core) and the ring of one voxel around it (dilation less the lesion).
+    Erosion and dilation are 3 x 3 x 3 min and max filters, so soft maps stay soft."""
+    dilated = F.max_pool3d(lesion, kernel_size=3, stride=1, padding=1)
+    core = -F.max_pool3d(-lesion, kernel_size=3, stride=1, padding=1)
+    return torch.cat([core, (lesion - core).clamp_min(0.0), (dilated - lesion).clamp_min(0.0)], dim=1)
 
 
 def _check_pool(pool: str) -> str:
@@ -205,9 +215,12 @@ class LesionAttentionHead(ClassificationHead):
             attention weights (the lesion is where the segmentation task says it is).
         truth_guidance: share of training samples pooled over the true lesion mask when one is
             given (0: always the network's own lesion probability).
-        pool: "mean" (the attention-weighted mean of each channel) or "meanmax" (that mean and the
+        pool: "mean" (the attention-weighted mean of each channel), "meanmax" (that mean and the
             largest response among the attended voxels, each voxel scaled by its weight relative to
-            the largest: thin bright structures such as septa show in the maximum, not the mean).
+            the largest: thin bright structures such as septa show in the maximum, not the mean), or
+            "regions" (separate means over the lesion's core, its rim and the ring of tissue around
+            it, see ``lesion_regions``: an enhancing wall or a contrast to the neighbouring
+            parenchyma is lost when the whole lesion is averaged).
     """
 
     uses_lesion_mask = True
@@ -217,8 +230,8 @@ class LesionAttentionHead(ClassificationHead):
                  init_temperature: float = 1.0, learn_temperature: bool = True, detach_attention: bool = True,
                  truth_guidance: float = 0.0, pool: str = "mean"):
         super().__init__(decoder_channels, num_subtypes)
-        if pool not in ("mean", "meanmax"):
-            raise ValueError(f"unknown lesion pooling {pool!r}, expected 'mean' or 'meanmax'")
+        if pool not in LESION_POOLINGS:
+            raise ValueError(f"unknown lesion pooling {pool!r}, expected one of {LESION_POOLINGS}")
         self.pool = pool
         if init_temperature <= 0:
             raise ValueError(f"init_temperature must be positive, got {init_temperature}")
@@ -229,7 +242,7 @@ class LesionAttentionHead(ClassificationHead):
         self.truth_guidance = float(truth_guidance)
         log_t = torch.full((len(self.decoder_channels),), math.log(init_temperature))
         self.log_temperature = nn.Parameter(log_t, requires_grad=learn_temperature)
-        widen = 2 if pool == "meanmax" else 1
+        widen = {"mean": 1, "meanmax": 2, "regions": 3}[pool]
         self.project = nn.ModuleList([nn.Linear(widen * c, stage_features) for c in self.decoder_channels])
         self.act = nn.LeakyReLU(1e-2)
         self.stage_score = nn.Linear(stage_features, 1)
@@ -262,21 +275,28 @@ class LesionAttentionHead(ClassificationHead):
         chosen = torch.rand(probability.shape[0], device=probability.device) < self.truth_guidance
         return torch.where(chosen.view(-1, 1, 1, 1, 1), lesion_mask.to(probability.dtype), probability)
 
+    def pool_stage(self, features: Tensor, guide: Tensor, stage: int) -> Tensor:
+        """features (B, C, z, y, x) and the guide map(s) (B, R, Z, Y, X) at full resolution -> the
+        pooled vector (B, widen * C) of this stage."""
+        maps = F.interpolate(guide, size=features.shape[2:], mode="area")
+        flat = features.flatten(2)
+        pooled = []
+        for region in range(maps.shape[1]):
+            weights = self.attention_weights(maps[:, region:region + 1], stage).to(features.dtype)  # (B, N)
+            pooled.append(torch.einsum("bn,bcn->bc", weights, flat))
+            if self.pool == "meanmax":
+                relative = weights / weights.amax(dim=1, keepdim=True).clamp_min(1e-12)   # 1 at the focus
+                pooled.append((flat * relative[:, None]).amax(dim=2))
+        return torch.cat(pooled, dim=1)
+
     def forward(self, unet: UNetOutput, lesion_mask: Tensor | None = None) -> Tensor:
         """unet: the backbone's output; lesion_mask: the true lesion (B, 1, Z, Y, X), used only in
         training (see ``truth_guidance``) -> class logits (B, num_subtypes)."""
-        probability = self.guide(unet.seg_logits[0], lesion_mask)
-        tokens = []
-        for stage, (features, project) in enumerate(zip(unet.decoder_features, self.project)):
-            p = F.interpolate(probability, size=features.shape[2:], mode="area")
-            weights = self.attention_weights(p, stage)                         # (B, N)
-            weights = weights.to(features.dtype)
-            flat = features.flatten(2)
-            pooled = torch.einsum("bn,bcn->bc", weights, flat)
-            if self.pool == "meanmax":
-                relative = weights / weights.amax(dim=1, keepdim=True).clamp_min(1e-12)   # 1 at the focus
-                pooled = torch.cat([pooled, (flat * relative[:, None]).amax(dim=2)], dim=1)
-            tokens.append(self.act(project(pooled)))
+        guide = self.guide(unet.seg_logits[0], lesion_mask)
+        if self.pool == "regions":
+            guide = lesion_regions(guide)
+        tokens = [self.act(project(self.pool_stage(features, guide, stage)))
+                  for stage, (features, project) in enumerate(zip(unet.decoder_features, self.project))]
         tokens = torch.stack(tokens, dim=1)                                    # (B, S, F)
         stage_weights = self.stage_score(tokens).softmax(dim=1)                # (B, S, 1)
         return self.classifier((stage_weights * tokens).sum(dim=1))
