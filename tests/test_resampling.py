@@ -1,5 +1,7 @@
 """Resampling: shapes, the separate-axis rule, label preservation, and preprocessing order."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,36 @@ def test_normalize_ct_clips_then_zscores():
     np.testing.assert_allclose(out[0, 0, 0], [(-50 - 80) / 40, 0.0, (150 - 80) / 40])
     with pytest.raises(ValueError, match="unknown normalisation scheme"):
         normalize(image, [ChannelNormalization("minmax")])
+
+
+def test_cubic_resampling_is_nnunets():
+    """order=3 against nnU-Net v2's resample_data_or_seg (tests/data/make_nnunet_resampling_fixture.py):
+    full cubic, and in-plane cubic with nearest along a separate axis (up- and downsampling)."""
+    fixture = np.load(Path(__file__).parent / "data" / "nnunet_resampling.npz")
+    image = torch.from_numpy(fixture["image"])
+    for index in range(4):
+        shape, axis = tuple(fixture[f"shape{index}"].tolist()), int(fixture[f"axis{index}"])
+        out = resample_image(image, shape, None if axis < 0 else axis, order=3)
+        assert out.shape == (2, *shape) and out.dtype == torch.float32
+        np.testing.assert_allclose(out.numpy(), fixture[f"expected{index}"], atol=1e-3, rtol=0)
+
+
+def test_cubic_resampling_is_closer_than_linear_on_a_smooth_image_and_stays_in_range():
+    def sampled(n):  # a smooth rising image sampled at voxel centres of an n-voxel grid over [0, 1]
+        centres = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        return torch.sin(torch.pi * (centres - 0.5))[None, :, None, None].expand(1, n, 4, 4).float()
+
+    coarse, fine = sampled(12), sampled(36)
+    errors = {order: (resample_image(coarse, (36, 4, 4), order=order) - fine)[:, 3:-3].abs().max()
+              for order in (1, 3)}
+    assert errors[3] < errors[1] / 3, errors
+    spike = torch.zeros(1, 8, 8, 8)
+    spike[0, 4, 4, 4] = 1.0
+    out = resample_image(spike, (20, 20, 20), order=3)
+    assert out.min() >= 0.0 and out.max() <= 1.0  # no spline overshoot past the input's range
+    assert torch.equal(resample_image(spike, (8, 8, 8), order=3), spike)
+    with pytest.raises(ValueError, match="order"):
+        resample_image(spike, (4, 4, 4), order=2)
 
 
 def test_preprocess_crops_normalises_resamples():

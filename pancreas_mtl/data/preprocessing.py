@@ -58,15 +58,16 @@ def crop(array: np.ndarray, bbox: tuple[tuple[int, int], ...]) -> np.ndarray:
     return array[(..., *(slice(start, stop) for start, stop in bbox))]
 
 
-def preprocess(loaded: LoadedCase, plan: Plan) -> PreprocessedCase:
-    """Crop, normalise and resample a loaded case to the plan's target spacing."""
+def preprocess(loaded: LoadedCase, plan: Plan, image_order: int = 1) -> PreprocessedCase:
+    """Crop, normalise and resample a loaded case to the plan's target spacing; the image linearly
+    (``image_order`` 1, as training's cache does) or with nnU-Net's cubic resampling (3)."""
     spacing = loaded.spacing
     bbox = nonzero_bbox(loaded.image)
     image = normalize(crop(loaded.image, bbox), plan.normalization)
     new_shape = resampled_shape(image.shape[1:], spacing, plan.target_spacing)
     axis = separate_axis(spacing, plan.target_spacing)
     with torch.inference_mode():
-        image = resample_image(torch.from_numpy(image), new_shape, axis).numpy()
+        image = resample_image(torch.from_numpy(image), new_shape, axis, image_order).numpy()
         seg = None
         if loaded.seg is not None:
             seg = resample_segmentation(torch.from_numpy(crop(loaded.seg, bbox).copy()), new_shape,

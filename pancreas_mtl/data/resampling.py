@@ -4,7 +4,10 @@ nnU-Net resamples images with cubic splines and label maps with per-label linear
 treats a much coarser axis separately (nearest neighbour along it, in-plane interpolation only).
 We keep the separate-axis rule and the per-label scheme but interpolate linearly: on this data the
 target spacing is close to the source spacing and linear interpolation is several times faster
-(see docs/benchmarks.md). All tensors are (Z, Y, X) in their spatial axes.
+(see docs/benchmarks.md). ``resample_image(..., order=3)`` is nnU-Net's image resampling itself
+(cubic B-spline, edge mode, clipped to the input's range, slice by slice when an axis is separate;
+on the CPU with scipy), for predictions that reproduce nnU-Net's (``inference.nnunet_compat``).
+All tensors are (Z, Y, X) in their spatial axes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 # nnU-Net treats an axis separately when its spacing exceeds the finest by this factor.
 ANISOTROPY_THRESHOLD = 3.0
@@ -55,10 +59,44 @@ def _interpolate(volumes: torch.Tensor, new_shape: tuple[int, int, int], axis: i
     return planes.movedim(1, axis + 1)
 
 
-def resample_image(image: torch.Tensor, new_shape: Sequence[int], axis: int | None = None) -> torch.Tensor:
-    """image: (C, Z, Y, X) float -> (C, *new_shape), same dtype."""
+def _cubic_resize(volume: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
+    """One channel or slice, float64: cubic B-spline at the voxel centres (align_corners=False), edge
+    values beyond the border, clipped to the input's range (skimage's resize as nnU-Net calls it)."""
+    if tuple(volume.shape) == tuple(new_shape):
+        return volume
+    zoom = [new / old for new, old in zip(new_shape, volume.shape)]
+    out = ndimage.zoom(volume, zoom, order=3, mode="nearest", grid_mode=True)
+    return np.clip(out, volume.min(), volume.max(), out=out)
+
+
+def _cubic(volumes: torch.Tensor, new_shape: tuple[int, int, int], axis: int | None) -> torch.Tensor:
+    """volumes: (N, Z, Y, X) -> (N, *new_shape) float64 on the CPU; cubic, or slice by slice in-plane
+    cubic + nearest along ``axis``."""
+    data = volumes.detach().cpu().double().numpy()
+    if axis is None:
+        return torch.from_numpy(np.stack([_cubic_resize(channel, new_shape) for channel in data]))
+    in_plane = [s for i, s in enumerate(new_shape) if i != axis]
+    planes = np.stack([np.stack([_cubic_resize(plane, in_plane) for plane in np.moveaxis(channel, axis, 0)])
+                       for channel in data])                                # (N, A, P, Q)
+    planes = torch.from_numpy(planes)
+    planes = planes.index_select(1, _nearest_indices(planes.shape[1], new_shape[axis], planes.device))
+    return planes.movedim(1, axis + 1)
+
+
+def resample_image(image: torch.Tensor, new_shape: Sequence[int], axis: int | None = None,
+                   order: int = 1) -> torch.Tensor:
+    """image: (C, Z, Y, X) float -> (C, *new_shape), same dtype and device.
+
+    ``order`` 1: linear in torch (on the image's device); 3: nnU-Net's cubic resampling (scipy, CPU).
+    """
     new_shape = tuple(int(s) for s in new_shape)
     dtype = image.dtype
+    if order == 3:
+        if tuple(image.shape[1:]) == new_shape:
+            return image
+        return _cubic(image, new_shape, axis).to(device=image.device, dtype=dtype)
+    if order != 1:
+        raise ValueError(f"image resampling order must be 1 (linear) or 3 (cubic, nnU-Net), got {order}")
     compute = image if image.is_floating_point() else image.float()
     return _interpolate(compute, new_shape, axis).to(dtype)
 
