@@ -367,12 +367,13 @@ def test_ensemble_of_identical_checkpoints_equals_one(tmp_path):
 
 def test_presets_compose_into_settings():
     presets = sorted(p.stem for p in (CONF / "inference").glob("*.yaml"))
-    assert presets == ["accurate", "fast", "fastest"]
+    assert presets == ["accurate", "fast", "fastest", "nnunet"]
     loaded = {name: InferenceSettings.from_config(OmegaConf.to_container(compose_predict(
         ["ckpt=x", "input=y", "output=z", f"inference={name}"]).inference)) for name in presets}
     assert loaded["accurate"].overlap == 0.5 and loaded["accurate"].mirror_axes == (0, 1, 2)
     assert loaded["fast"].mirror_axes == () and loaded["fast"].overlap < 0.5 and not loaded["fast"].coarse_to_fine
     assert loaded["fastest"].coarse_to_fine and loaded["fastest"].coarse_factor == (2.0, 2.0, 2.0)
+    assert loaded["nnunet"].nnunet_compat and not any(loaded[p].nnunet_compat for p in presets[:3])
     assert compose_predict(["ckpt=x", "input=y", "output=z"]).inference.name == "fast"  # the default
     with pytest.raises(ValueError, match="unknown inference setting"):
         InferenceSettings.from_config({"overlapp": 0.5})

@@ -3,7 +3,9 @@
 Undoing preprocessing, in reverse order, on the prediction's device: the class probabilities
 (K, z', y', x') are resampled to the crop's shape (linear, with the same separate-axis rule as
 preprocessing), their argmax taken, and the crop padded back into the original shape with background
-outside it. Probabilities are resampled, never the argmax, so boundaries stay smooth.
+outside it. Probabilities are resampled, never the argmax, so boundaries stay smooth. nnU-Net
+resamples logits instead (``logits=True``, for ``inference.nnunet_compat``); the two argmaxes differ
+where a voxel lies between classes.
 
 Every file is written under a temporary name in its folder and renamed (``os.replace``), so a reader
 or a rerun never sees a half-written file. Masks keep the source file's NIfTI header and affine and
@@ -29,12 +31,13 @@ from pancreas_mtl.data.resampling import resample_image, separate_axis
 
 
 def restore_original_geometry(probabilities: Tensor, preprocessed: PreprocessedCase,
-                              target_spacing: Sequence[float], keep_probabilities: bool = False
-                              ) -> tuple[np.ndarray, np.ndarray | None]:
+                              target_spacing: Sequence[float], keep_probabilities: bool = False,
+                              logits: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Label map (and optionally probabilities) on the input's grid from probabilities on the plan's grid.
 
     Args:
-        probabilities: (K, z', y', x') class probabilities on the plan's grid (any device).
+        probabilities: (K, z', y', x') class probabilities on the plan's grid (any device); with
+            ``logits``, logits, resampled as they are and turned into probabilities afterwards.
         preprocessed: the case's crop box, original shape and spacing (``preprocess``'s output).
         target_spacing: the plan's (z, y, x) spacing the probabilities are at.
         keep_probabilities: also return the probabilities on the input's grid.
@@ -48,7 +51,11 @@ def restore_original_geometry(probabilities: Tensor, preprocessed: PreprocessedC
     with torch.inference_mode():
         resampled = resample_image(probabilities.float(), crop_shape, axis)
         crop_labels = resampled.argmax(dim=0).to(torch.uint8).cpu().numpy()
-        crop_probabilities = resampled.half().cpu().numpy() if keep_probabilities else None
+        if keep_probabilities:
+            resampled = resampled.softmax(dim=0) if logits else resampled
+            crop_probabilities = resampled.half().cpu().numpy()
+        else:
+            crop_probabilities = None
     region = tuple(slice(start, stop) for start, stop in bbox)
     labels = np.zeros(preprocessed.original_shape, dtype=np.uint8)
     labels[region] = crop_labels

@@ -11,6 +11,12 @@ preprocessed image is averaged down by ``coarse_factor``, one pass of the same n
 mirroring) predicts where the pancreas is, and the full-resolution windows run only over the bounding
 box of the predicted pancreas and lesion grown by ``coarse_margin_mm``; outside it the prediction is
 background. When the coarse pass finds nothing, the whole case is predicted.
+
+nnU-Net compatibility (``nnunet_compat``, the ``nnunet`` preset): three choices where we differ from
+nnU-Net v2's predictor on purpose are switched to its own, so that the same weights give its masks:
+cubic instead of linear image resampling in preprocessing, its Gaussian map (see
+``gaussian_importance_map``), and logits instead of probabilities averaged over an ensemble and
+resampled to the input grid (``Prediction.logits``; docs/inference.md says why ours differ).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class InferenceSettings:
         coarse_factor: (z, y, x) or one factor by which the coarse pass averages the image down.
         coarse_margin_mm: margin around the coarse bounding box, in mm.
         coarse_overlap: window overlap of the coarse pass.
+        nnunet_compat: reproduce nnU-Net v2's predictor (module docstring); not with coarse_to_fine.
     """
 
     name: str = "custom"
@@ -71,6 +78,7 @@ class InferenceSettings:
     coarse_factor: tuple[float, float, float] = (2.0, 2.0, 2.0)
     coarse_margin_mm: float = 20.0
     coarse_overlap: float = 0.25
+    nnunet_compat: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping | None) -> InferenceSettings:
@@ -92,6 +100,9 @@ class InferenceSettings:
         settings = cls(**config)
         if not 0 <= settings.overlap < 1 or not 0 <= settings.coarse_overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {settings.overlap} / coarse {settings.coarse_overlap}")
+        if settings.nnunet_compat and settings.coarse_to_fine:
+            raise ValueError("nnunet_compat reproduces nnU-Net's predictor, which has no coarse-to-fine pass; "
+                             "set coarse_to_fine: false")
         return settings
 
     def to_dict(self) -> dict:
@@ -157,6 +168,8 @@ class Prediction:
         windows: full-resolution window forward passes (windows x mirror passes x networks).
         box: (z, y, x) [start, stop) region the full-resolution windows covered (the whole case unless
             coarse-to-fine found a box).
+        logits: with ``nnunet_compat``, the (K, Z, Y, X) ensemble-mean logits that ``probabilities`` is
+            the softmax of (nnU-Net resamples these, not the probabilities); None otherwise.
     """
 
     probabilities: Tensor
@@ -164,6 +177,7 @@ class Prediction:
     windows: int
     box: tuple[tuple[int, int], ...]
     info: dict = field(default_factory=dict)
+    logits: Tensor | None = None
 
 
 class Predictor:
@@ -226,7 +240,7 @@ class Predictor:
         if loaded.image.shape[0] != self.plan.num_input_channels:
             raise DataError(loaded.case.image_paths[0], f"the network reads {self.plan.num_input_channels} "
                             f"channel(s), the case has {loaded.image.shape[0]}", loaded.case.case_id)
-        return preprocess(loaded, self.plan)
+        return preprocess(loaded, self.plan, image_order=3 if self.settings.nnunet_compat else 1)
 
     def window_for(self, member: Member, shape: Sequence[int], shrink: bool | None = None) -> tuple[int, int, int]:
         """The window for a region of ``shape``: the configured one or the plan's patch, shrunk to the
@@ -240,16 +254,18 @@ class Predictor:
     def _ensemble(self, image: Tensor, overlap: float, mirror_axes: Sequence[int], shrink: bool | None = None
                   ) -> tuple[Tensor, Tensor | None, int]:
         """Mean softmax probabilities (K, Z, Y, X) and subtype probabilities of every member over ``image``,
-        and the number of window forward passes (windows x mirror passes, summed over members)."""
+        and the number of window forward passes (windows x mirror passes, summed over members). With
+        ``nnunet_compat`` the first is the members' mean logits instead."""
+        compat = self.settings.nnunet_compat
         probability_sum, subtype_sum, windows = None, None, 0
         for member in self.members:
             result = predict_windows(member.network, image, self.window_for(member, image.shape[2:], shrink),
                                      self.sw_batch_size, overlap, self.settings.sigma_scale, mirror_axes,
                                      self.lesion_channel, self.memory_format, self.autocast_dtype,
-                                     accumulate_on_cpu=self.accumulate_on_cpu)
+                                     accumulate_on_cpu=self.accumulate_on_cpu, nnunet_compat=compat)
             self.sw_batch_size = min(self.sw_batch_size, result.sw_batch_size)
             self.accumulate_on_cpu = self.accumulate_on_cpu or result.accumulated_on_cpu
-            probabilities = result.logits[0].softmax(dim=0)
+            probabilities = result.logits[0] if compat else result.logits[0].softmax(dim=0)
             if probability_sum is not None and probability_sum.device != probabilities.device:
                 probability_sum = probability_sum.cpu()  # a member fell back to the CPU: the sum follows
                 probabilities = probabilities.cpu()
@@ -321,7 +337,10 @@ class Predictor:
             probabilities = full
         if self.sw_batch_size != self.settings.sw_batch_size or self.accumulate_on_cpu:  # ran out of memory
             info.update(sw_batch_size=self.sw_batch_size, sums_on_cpu=self.accumulate_on_cpu)
-        return Prediction(probabilities, None if subtypes is None else subtypes.cpu(), windows, box, info)
+        subtypes = None if subtypes is None else subtypes.cpu()
+        if self.settings.nnunet_compat:  # no coarse box here (from_config refuses it): the whole case
+            return Prediction(probabilities.softmax(dim=0), subtypes, windows, box, info, logits=probabilities)
+        return Prediction(probabilities, subtypes, windows, box, info)
 
     def synchronize(self) -> None:
         """Wait for the device (for honest timings)."""

@@ -173,17 +173,21 @@ def _predict_one(predictor: Predictor, loaded: _Loaded, output_dir: Path, save_p
     prediction = predictor.predict_preprocessed(loaded.preprocessed.image)
     predictor.synchronize()
     network_done = time.perf_counter()
+    # nnunet_compat: nnU-Net resamples the logits; otherwise the probabilities are (export.py)
+    scores, are_logits = ((prediction.logits, True) if prediction.logits is not None
+                          else (prediction.probabilities, False))
     try:
-        labels, probabilities = restore_original_geometry(prediction.probabilities, loaded.preprocessed,
-                                                          predictor.plan.target_spacing, save_probabilities)
+        labels, probabilities = restore_original_geometry(scores, loaded.preprocessed, predictor.plan.target_spacing,
+                                                          save_probabilities, are_logits)
     except OutOfMemoryError:
         labels = None  # retried below, once the exception and the tensors its frames hold are gone
     if labels is None:
-        release_memory(prediction.probabilities.device)
+        release_memory(scores.device)
         log.warning("case %s: out of memory resampling the prediction on %s; resampling on the CPU", case_id,
-                    prediction.probabilities.device)
-        labels, probabilities = restore_original_geometry(prediction.probabilities.cpu(), loaded.preprocessed,
-                                                          predictor.plan.target_spacing, save_probabilities)
+                    scores.device)
+        labels, probabilities = restore_original_geometry(scores.cpu(), loaded.preprocessed,
+                                                          predictor.plan.target_spacing, save_probabilities,
+                                                          are_logits)
     if postprocessing.get("largest_pancreas") or postprocessing.get("largest_lesion"):
         labels = keep_largest_components(labels, pancreas=bool(postprocessing.get("largest_pancreas")),
                                          lesion=bool(postprocessing.get("largest_lesion")),

@@ -80,14 +80,22 @@ def lesion_volumes(seg_logits: Tensor, lesion_channel: int = 2) -> Tensor:
 
 
 def gaussian_importance_map(roi_size: Sequence[int], sigma_scale: float = 0.125,
-                            device: torch.device | str = "cpu") -> Tensor:
+                            device: torch.device | str = "cpu", nnunet_compat: bool = False) -> Tensor:
     """(Z, Y, X) float32 weights: a Gaussian centred on the window with sigma ``sigma_scale`` x its size
-    per axis, maximum 1, with values that underflow to 0 raised to the smallest positive one (nnU-Net)."""
+    per axis, maximum 1, with values that underflow to 0 raised to the smallest positive one (nnU-Net).
+
+    With ``nnunet_compat`` it is nnU-Net v2's map exactly: centred on voxel ``size // 2`` (half a voxel
+    past the middle of an even window) and cut to 0 beyond 4 sigma (scipy's gaussian_filter of a
+    delta), before the zeros are raised."""
     axes = []
     for size in roi_size:
-        position = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
         sigma = max(size * sigma_scale, 1e-6)
-        axes.append(torch.exp(-0.5 * (position / sigma) ** 2))
+        centre = size // 2 if nnunet_compat else (size - 1) / 2
+        position = torch.arange(size, dtype=torch.float64, device=device) - centre
+        axis = torch.exp(-0.5 * (position / sigma) ** 2)
+        if nnunet_compat:
+            axis[position.abs() > int(4.0 * sigma + 0.5)] = 0.0
+        axes.append(axis)
     weights = (axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]).float()
     weights = weights / weights.max()
     positive = weights > 0
@@ -249,8 +257,8 @@ def _new_stitcher(num_channels: int, shape: Sequence[int], weights: Tensor, devi
 def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw_batch_size: int = 2,
                     overlap: float = 0.5, sigma_scale: float = 0.125, mirror_axes: Sequence[int] = (),
                     lesion_channel: int = 2, memory_format: torch.memory_format | None = None,
-                    autocast_dtype: torch.dtype | None = None, accumulate_on_cpu: bool = False
-                    ) -> WindowPrediction:
+                    autocast_dtype: torch.dtype | None = None, accumulate_on_cpu: bool = False,
+                    nnunet_compat: bool = False) -> WindowPrediction:
     """Gaussian-weighted sliding-window prediction of one case; every buffer stays on the image's device
     unless it runs out of memory.
 
@@ -277,6 +285,7 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw
             Accumulation is float32 either way.
         accumulate_on_cpu: keep the whole-case sums on the CPU from the start (the network still runs on
             the image's device).
+        nnunet_compat: nnU-Net's own Gaussian map (see :func:`gaussian_importance_map`).
     """
     if image.ndim != 5 or image.shape[0] != 1:
         raise ValueError(f"expected one case (1, C, Z, Y, X), got {tuple(image.shape)}")
@@ -298,7 +307,7 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw
     starts = [window_starts(size, window, 1.0 - overlap) for size, window in zip(padded, roi_size)]
     positions = list(itertools.product(*starts))
     flips = mirror_combinations(mirror_axes)
-    weights = gaussian_importance_map(roi_size, sigma_scale, image.device)
+    weights = gaussian_importance_map(roi_size, sigma_scale, image.device, nnunet_compat)
 
     stitcher: _Stitcher | None = None
     window_probabilities, volumes = [], []
