@@ -19,7 +19,7 @@ from pancreas_mtl.models import (
     build_model,
     count_parameters,
 )
-from pancreas_mtl.models.heads import lesion_regions
+from pancreas_mtl.models.heads import lesion_image_statistics, lesion_regions
 from pancreas_mtl.planning.plan import ChannelIntensity, ChannelNormalization, Fingerprint, Plan
 from pancreas_mtl.planning.planner import load_preset, plan_experiment
 
@@ -282,6 +282,35 @@ def test_lesion_attention_regions_tell_a_bright_rim_from_a_bright_core():
     assert means[0][0, 1] > 0.99 and means[0][0, 0] < 0.01        # rim pooled bright, core dark
     assert means[1][0, 0] > 3.5 and means[1][0, 1] < 0.01
     assert head(UNetOutput([seg], [bright_rim], bright_rim)).shape == (1, 3)
+
+
+def test_lesion_image_statistics_read_the_image_under_the_lesion():
+    lesion = torch.zeros(1, 1, 9, 9, 9)
+    lesion[:, :, 2:7, 2:7, 2:7] = 1.0
+    image = torch.zeros(1, 1, 9, 9, 9)
+    image[:, :, 2:7, 2:7, 2:7] = 1.0                                  # lesion 1, around it 0
+    image[:, :, 3:6, 3:6, 3:6] = 3.0                                  # a bright core
+    stats = lesion_image_statistics(image, lesion)
+    mean = (27 * 3.0 + 98 * 1.0) / 125
+    assert stats.shape == (1, 7)
+    torch.testing.assert_close(stats[0, 0], torch.tensor(mean))
+    torch.testing.assert_close(stats[0, 1], torch.tensor(((27 * 9 + 98) / 125 - mean ** 2) ** 0.5), atol=1e-3, rtol=0)
+    torch.testing.assert_close(stats[0, 2], torch.tensor(2.0))          # core minus rim
+    torch.testing.assert_close(stats[0, 3], torch.tensor(mean))         # lesion minus the ring (0)
+    flat = lesion_image_statistics(torch.ones(1, 1, 9, 9, 9), lesion)
+    torch.testing.assert_close(flat[0, 4:], torch.zeros(3))             # no edges: no gradient
+
+
+def test_lesion_attention_with_image_statistics_needs_and_uses_the_image(image):
+    net = tiny_net()
+    head = LesionAttentionHead(net.decoder_channels, 3, dropout=0.0, image_statistics=True, input_channels=1)
+    model = MultiTaskNet(net, head).eval()
+    unet = net(image)
+    with pytest.raises(ValueError, match="image"):
+        head(unet)
+    _, logits = model(image)                                            # the wrapper hands the input over
+    torch.testing.assert_close(logits, head(unet, image=image))
+    assert not torch.allclose(logits, head(unet, image=image + 1.0))
 
 
 def test_ovr_head_is_for_binary_cross_entropy():

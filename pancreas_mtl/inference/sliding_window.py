@@ -135,7 +135,7 @@ def window_forward(model: nn.Module, windows: Tensor) -> tuple[Tensor, Tensor | 
     """
     if isinstance(model, MultiTaskNet):
         unet = model.backbone(windows, deep_supervision=False)
-        probabilities = None if model.head is None else model.class_probabilities(model.head(unet))
+        probabilities = None if model.head is None else model.class_probabilities(model.classify(unet, windows))
         return unet.seg_logits[0], probabilities
     return model(windows)
 

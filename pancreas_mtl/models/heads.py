@@ -45,6 +45,36 @@ def lesion_regions(lesion: Tensor) -> Tensor:
     return torch.cat([core, (lesion - core).clamp_min(0.0), (dilated - lesion).clamp_min(0.0)], dim=1)
 
 
+IMAGE_STATISTICS = 7  # per input channel, see lesion_image_statistics
+
+
+def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """values (B, C, N), weights (B, N) >= 0 -> (B, C); uniform where the weights sum to ~0."""
+    total = weights.sum(dim=1, keepdim=True)
+    weights = torch.where(total > 1e-6, weights / total.clamp_min(1e-6), torch.full_like(weights, 1 / weights.shape[1]))
+    return torch.einsum("bn,bcn->bc", weights, values)
+
+
+def lesion_image_statistics(image: Tensor, lesion: Tensor) -> Tensor:
+    """The input under a lesion map, as a radiologist reads it: image (B, C, Z, Y, X) and lesion map
+    (B, 1, Z, Y, X) in [0, 1] -> (B, 7 * C) float32, per channel: the lesion's mean and standard
+    deviation, core minus rim (an enhancing wall), lesion minus the ring around it (attenuation against
+    the neighbouring tissue), and the mean gradient magnitude (per voxel) over the lesion, its core and
+    its rim (septa and texture versus a smooth interior). Regions as in ``lesion_regions``."""
+    image = image.float()
+    batch, channels = image.shape[:2]
+    core, rim, ring = lesion_regions(lesion.float()).flatten(2).unbind(dim=1)   # each (B, N)
+    whole = lesion.float().flatten(1)
+    gradient = torch.stack(torch.gradient(image, dim=(2, 3, 4)), dim=0).pow(2).sum(dim=0).sqrt().flatten(2)
+    values = image.flatten(2)
+    mean = _weighted_mean(values, whole)
+    spread = (_weighted_mean(values.pow(2), whole) - mean.pow(2)).clamp_min(0.0).add(1e-6).sqrt()
+    features = [mean, spread, _weighted_mean(values, core) - _weighted_mean(values, rim),
+                mean - _weighted_mean(values, ring), _weighted_mean(gradient, whole),
+                _weighted_mean(gradient, core), _weighted_mean(gradient, rim)]
+    return torch.stack(features, dim=2).reshape(batch, channels * IMAGE_STATISTICS)
+
+
 def _check_pool(pool: str) -> str:
     if pool not in POOLINGS:
         raise ValueError(f"unknown pooling {pool!r}, expected one of {POOLINGS}")
@@ -70,6 +100,7 @@ class ClassificationHead(nn.Module):
 
     loss_kind = "ce"
     uses_lesion_mask = False  # True: forward(unet, lesion_mask) takes the true lesion in training
+    uses_image = False        # True: forward(..., image=) also reads the network's input
 
     def __init__(self, decoder_channels: Sequence[int], num_subtypes: int):
         super().__init__()
@@ -221,6 +252,10 @@ class LesionAttentionHead(ClassificationHead):
             "regions" (separate means over the lesion's core, its rim and the ring of tissue around
             it, see ``lesion_regions``: an enhancing wall or a contrast to the neighbouring
             parenchyma is lost when the whole lesion is averaged).
+        image_statistics: also describe the input image under the same guide, radiomics-style
+            (``lesion_image_statistics``: mean, spread, core-to-rim and lesion-to-surroundings
+            contrast, edge strength), projected and joined to the stage mixture before the classifier.
+        input_channels: channels of the input image (from the plan).
     """
 
     uses_lesion_mask = True
@@ -228,8 +263,10 @@ class LesionAttentionHead(ClassificationHead):
     def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, lesion_channel: int = 2,
                  stage_features: int = 64, hidden: int = 128, dropout: float = 0.2,
                  init_temperature: float = 1.0, learn_temperature: bool = True, detach_attention: bool = True,
-                 truth_guidance: float = 0.0, pool: str = "mean"):
+                 truth_guidance: float = 0.0, pool: str = "mean", image_statistics: bool = False,
+                 input_channels: int = 1):
         super().__init__(decoder_channels, num_subtypes)
+        self.uses_image = bool(image_statistics)
         if pool not in LESION_POOLINGS:
             raise ValueError(f"unknown lesion pooling {pool!r}, expected one of {LESION_POOLINGS}")
         self.pool = pool
@@ -246,7 +283,10 @@ class LesionAttentionHead(ClassificationHead):
         self.project = nn.ModuleList([nn.Linear(widen * c, stage_features) for c in self.decoder_channels])
         self.act = nn.LeakyReLU(1e-2)
         self.stage_score = nn.Linear(stage_features, 1)
-        self.classifier = classifier_mlp(stage_features, num_subtypes, hidden, dropout)
+        self.image_project = (nn.Linear(IMAGE_STATISTICS * int(input_channels), stage_features)
+                              if self.uses_image else None)
+        widths = stage_features * (2 if self.uses_image else 1)
+        self.classifier = classifier_mlp(widths, num_subtypes, hidden, dropout)
 
     def lesion_probability(self, seg_logits: Tensor) -> Tensor:
         """seg_logits (B, K, Z, Y, X) -> lesion probability (B, 1, Z, Y, X), float32."""
@@ -289,14 +329,20 @@ class LesionAttentionHead(ClassificationHead):
                 pooled.append((flat * relative[:, None]).amax(dim=2))
         return torch.cat(pooled, dim=1)
 
-    def forward(self, unet: UNetOutput, lesion_mask: Tensor | None = None) -> Tensor:
+    def forward(self, unet: UNetOutput, lesion_mask: Tensor | None = None, image: Tensor | None = None) -> Tensor:
         """unet: the backbone's output; lesion_mask: the true lesion (B, 1, Z, Y, X), used only in
-        training (see ``truth_guidance``) -> class logits (B, num_subtypes)."""
-        guide = self.guide(unet.seg_logits[0], lesion_mask)
-        if self.pool == "regions":
-            guide = lesion_regions(guide)
+        training (see ``truth_guidance``); image: the network's input (B, C, Z, Y, X), required with
+        ``image_statistics`` -> class logits (B, num_subtypes)."""
+        lesion = self.guide(unet.seg_logits[0], lesion_mask)
+        guide = lesion_regions(lesion) if self.pool == "regions" else lesion
         tokens = [self.act(project(self.pool_stage(features, guide, stage)))
                   for stage, (features, project) in enumerate(zip(unet.decoder_features, self.project))]
         tokens = torch.stack(tokens, dim=1)                                    # (B, S, F)
         stage_weights = self.stage_score(tokens).softmax(dim=1)                # (B, S, 1)
-        return self.classifier((stage_weights * tokens).sum(dim=1))
+        mixed = (stage_weights * tokens).sum(dim=1)
+        if self.uses_image:
+            if image is None:
+                raise ValueError("this head describes the input image (image_statistics: true); pass image=")
+            statistics = lesion_image_statistics(image, lesion).to(mixed.dtype)
+            mixed = torch.cat([mixed, self.act(self.image_project(statistics))], dim=1)
+        return self.classifier(mixed)

@@ -43,11 +43,17 @@ class MultiTaskNet(nn.Module):
     def forward_unet(self, x: Tensor, lesion_mask: Tensor | None = None) -> tuple[UNetOutput, Tensor | None]:
         """The backbone's full output and the class logits (None without a head)."""
         unet = self.backbone(x)
+        return unet, self.classify(unet, x, lesion_mask)
+
+    def classify(self, unet: UNetOutput, x: Tensor, lesion_mask: Tensor | None = None) -> Tensor | None:
+        """The head's class logits (B, K) from the backbone's output ``unet`` for input ``x``, handing
+        the head what it declares it reads (``uses_lesion_mask``, ``uses_image``); None without a head."""
         if self.head is None:
-            return unet, None
+            return None
+        extra = {"image": x} if self.head.uses_image else {}
         if lesion_mask is not None and self.head.uses_lesion_mask:
-            return unet, self.head(unet, lesion_mask)
-        return unet, self.head(unet)
+            extra["lesion_mask"] = lesion_mask
+        return self.head(unet, **extra)
 
     def forward(self, x: Tensor, lesion_mask: Tensor | None = None) -> tuple[list[Tensor], Tensor | None]:
         """x (B, C, Z, Y, X) -> (segmentation logits, highest resolution first; class logits (B, K) or None).
@@ -86,7 +92,7 @@ def build_model(model_cfg: Mapping | Any, plan: Plan) -> MultiTaskNet:
     ``model_cfg.backbone`` and ``model_cfg.head`` are Hydra configs whose ``_target_`` is a factory
     instantiated as a partial (``_partial_: true``); the sizes that come from the plan are filled in
     here: the backbone's ``plan``, and for the head ``decoder_channels``, ``num_subtypes`` and (where
-    the head takes it and the config does not set it) ``lesion_channel``. A head config with
+    the head takes them and the config does not set them) ``lesion_channel`` and ``input_channels``. A head config with
     ``_target_: null`` (``model/head=none``) or no head config means segmentation only.
 
     Example::
@@ -109,7 +115,8 @@ def build_model(model_cfg: Mapping | Any, plan: Plan) -> MultiTaskNet:
         raise ValueError(f"the plan has {plan.num_subtypes} subtypes, a classification head needs at least 2; "
                          "use model/head=none for segmentation only")
     factory = instantiate(head_cfg, _partial_=True)
-    runtime = {"decoder_channels": backbone.decoder_channels, "num_subtypes": plan.num_subtypes}
+    runtime = {"decoder_channels": backbone.decoder_channels, "num_subtypes": plan.num_subtypes,
+               "input_channels": plan.num_input_channels}
     if "lesion" in plan.labels:
         runtime["lesion_channel"] = int(plan.labels["lesion"])
     accepted = inspect.signature(factory).parameters
