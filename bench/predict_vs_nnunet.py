@@ -18,7 +18,7 @@ Each run is its own process, one after another, with ``--threads`` torch threads
   real ``nnUNetPredictor`` with its defaults (step 0.5, Gaussian, mirroring over all 8 axis
   combinations), ``predict_from_files_sequential`` one case at a time. Its default is also the
   equal-settings comparison for our ``accurate``, so one nnU-Net run serves every row.
-- Ours: ``predict.py`` with ``inference=accurate|fast|fastest``, fp32 on the CPU, ``prefetch=false``
+- Ours: ``predict.py`` with ``inference=accurate|nnunet|fast|fastest``, fp32 on the CPU, ``prefetch=false``
   (one case after another in one process, as nnU-Net's sequential path), through
   bench/_ours_predict.py, which adds up each case's CPU seconds.
 
@@ -29,7 +29,9 @@ CPU seconds (user + system: ``process_time`` per case, ``getrusage`` for a comma
 to compare on a shared machine: wall times follow the load other jobs put on the cores (a run under
 ``nice -n 19`` beside a training job can get a tenth of a core), CPU times much less.
 Agreement: Dice per label (pancreas = labels 1 + 2, lesion = 2) between the masks of the two tools
-on the input's grid, and of ``fast``/``fastest`` to our ``accurate``.
+on the input's grid, and of the other presets to our ``accurate``. ``nnunet`` is ``accurate`` with
+``nnunet_compat`` (nnU-Net's image resampling, Gaussian and logit resampling: docs/inference.md), the
+row that should reproduce nnU-Net's masks.
 
 With ``--diagnose`` (default) the equal-settings pair is taken apart per case, from nnU-Net's own
 preprocessed image and stitched logits (``_nnunet_predict.py --dump``): preprocessing (our
@@ -81,7 +83,7 @@ from param_count import quiz_like_fingerprint  # noqa: E402
 CONF = REPO_ROOT / "conf"
 CT_FOLDER = REPO_ROOT.parent / "shared" / "data" / "ct"
 CT_CASES = ("example_ct", "example_ct_sm")
-OUR_PRESETS = ("accurate", "fast", "fastest")
+OUR_PRESETS = ("accurate", "nnunet", "fast", "fastest")
 PANCREAS, LESION = "pancreas", "lesion"
 
 
@@ -354,7 +356,8 @@ def main() -> None:
         vs_accurate = {p: compare_masks(predictions / p, predictions / "accurate", case_ids)
                        for p in args.presets if p != "accurate"}
         for preset in args.presets:
-            row = "(a) equal settings = (b)" if preset == "accurate" else "(b)"
+            row = {"accurate": "(a) equal settings = (b)", "nnunet": "(a') equal settings, nnunet_compat"
+                   }.get(preset, "(b)")
             speed_rows.append(speed_row(input_name, row, preset, ours[preset], nnunet, vs_nnunet[preset],
                                         vs_accurate.get(preset)))
         diagnosis = (diagnose(ckpt, inputs, dump, predictions / "nnunet", args.diagnose_max_passes)
