@@ -19,7 +19,7 @@ from pancreas_mtl.models import (
     build_model,
     count_parameters,
 )
-from pancreas_mtl.models.heads import lesion_image_statistics, lesion_regions
+from pancreas_mtl.models.heads import jitter_mask, lesion_image_statistics, lesion_regions
 from pancreas_mtl.planning.plan import ChannelIntensity, ChannelNormalization, Fingerprint, Plan
 from pancreas_mtl.planning.planner import load_preset, plan_experiment
 
@@ -282,6 +282,15 @@ def test_lesion_attention_regions_tell_a_bright_rim_from_a_bright_core():
     assert means[0][0, 1] > 0.99 and means[0][0, 0] < 0.01        # rim pooled bright, core dark
     assert means[1][0, 0] > 3.5 and means[1][0, 1] < 0.01
     assert head(UNetOutput([seg], [bright_rim], bright_rim)).shape == (1, 3)
+
+
+def test_jitter_mask_erodes_keeps_or_dilates_each_sample():
+    mask = torch.zeros(60, 1, 7, 7, 7)
+    mask[:, :, 2:5, 2:5, 2:5] = 1.0
+    torch.manual_seed(0)
+    sizes = jitter_mask(mask, 1).sum(dim=(1, 2, 3, 4)).tolist()
+    assert set(sizes) == {1.0, 27.0, 125.0}                          # eroded, kept, dilated: all occur
+    assert torch.equal(jitter_mask(mask, 0), mask)
 
 
 def test_lesion_image_statistics_read_the_image_under_the_lesion():

@@ -45,6 +45,18 @@ def lesion_regions(lesion: Tensor) -> Tensor:
     return torch.cat([core, (lesion - core).clamp_min(0.0), (dilated - lesion).clamp_min(0.0)], dim=1)
 
 
+def jitter_mask(mask: Tensor, voxels: int) -> Tensor:
+    """mask (B, 1, Z, Y, X) in [0, 1] -> each sample eroded, kept or dilated (equal chance) by
+    ``voxels`` voxels (cubic max / min filters)."""
+    if voxels <= 0:
+        return mask
+    size = 2 * voxels + 1
+    dilated = F.max_pool3d(mask, kernel_size=size, stride=1, padding=voxels)
+    eroded = -F.max_pool3d(-mask, kernel_size=size, stride=1, padding=voxels)
+    choice = torch.randint(0, 3, (mask.shape[0], 1, 1, 1, 1), device=mask.device)
+    return torch.where(choice == 0, eroded, torch.where(choice == 1, mask, dilated))
+
+
 IMAGE_STATISTICS = 7  # per input channel, see lesion_image_statistics
 
 
@@ -246,6 +258,9 @@ class LesionAttentionHead(ClassificationHead):
             attention weights (the lesion is where the segmentation task says it is).
         truth_guidance: share of training samples pooled over the true lesion mask when one is
             given (0: always the network's own lesion probability).
+        truth_jitter: the true mask of a truth-guided sample is, with equal chance, eroded, kept or
+            dilated by this many voxels, so the head does not learn the exact boundary that a
+            predicted lesion never has (0: the mask as it is).
         pool: "mean" (the attention-weighted mean of each channel), "meanmax" (that mean and the
             largest response among the attended voxels, each voxel scaled by its weight relative to
             the largest: thin bright structures such as septa show in the maximum, not the mean), or
@@ -264,7 +279,7 @@ class LesionAttentionHead(ClassificationHead):
                  stage_features: int = 64, hidden: int = 128, dropout: float = 0.2,
                  init_temperature: float = 1.0, learn_temperature: bool = True, detach_attention: bool = True,
                  truth_guidance: float = 0.0, pool: str = "mean", image_statistics: bool = False,
-                 input_channels: int = 1):
+                 input_channels: int = 1, truth_jitter: int = 0):
         super().__init__(decoder_channels, num_subtypes)
         self.uses_image = bool(image_statistics)
         if pool not in LESION_POOLINGS:
@@ -277,6 +292,9 @@ class LesionAttentionHead(ClassificationHead):
         self.lesion_channel = int(lesion_channel)
         self.detach_attention = bool(detach_attention)
         self.truth_guidance = float(truth_guidance)
+        if truth_jitter < 0:
+            raise ValueError(f"truth_jitter is a number of voxels >= 0, got {truth_jitter}")
+        self.truth_jitter = int(truth_jitter)
         log_t = torch.full((len(self.decoder_channels),), math.log(init_temperature))
         self.log_temperature = nn.Parameter(log_t, requires_grad=learn_temperature)
         widen = {"mean": 1, "meanmax": 2, "regions": 3}[pool]
@@ -313,7 +331,8 @@ class LesionAttentionHead(ClassificationHead):
             raise ValueError(f"lesion_mask has spatial shape {tuple(lesion_mask.shape[2:])}, the segmentation "
                              f"logits {tuple(probability.shape[2:])}")
         chosen = torch.rand(probability.shape[0], device=probability.device) < self.truth_guidance
-        return torch.where(chosen.view(-1, 1, 1, 1, 1), lesion_mask.to(probability.dtype), probability)
+        truth = jitter_mask(lesion_mask.to(probability.dtype), self.truth_jitter)
+        return torch.where(chosen.view(-1, 1, 1, 1, 1), truth, probability)
 
     def pool_stage(self, features: Tensor, guide: Tensor, stage: int) -> Tensor:
         """features (B, C, z, y, x) and the guide map(s) (B, R, Z, Y, X) at full resolution -> the
