@@ -84,6 +84,7 @@ CONF = REPO_ROOT / "conf"
 CT_FOLDER = REPO_ROOT.parent / "shared" / "data" / "ct"
 CT_CASES = ("example_ct", "example_ct_sm")
 OUR_PRESETS = ("accurate", "nnunet", "fast", "fastest")
+NNUNET_DIR = "nnunetv2"  # nnU-Net's own masks (our presets write to predictions/<input>/<preset>)
 PANCREAS, LESION = "pancreas", "lesion"
 
 
@@ -148,7 +149,7 @@ def run_nnunet(args, model: Path, inputs: Path, output: Path, dump: Path | None)
     if dump is not None:
         shutil.rmtree(dump, ignore_errors=True)
         command += ["--dump", str(dump)]
-    run = run_timed(command, args.threads, output.parent / "logs" / "nnunet.log")
+    run = run_timed(command, args.threads, output.parent / "logs" / f"{NNUNET_DIR}.log")
     line = next(line for line in run.pop("stdout").splitlines() if line.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
     return {**run, "cases": {c["case_id"]: c for c in result.pop("cases")}, **result}
@@ -345,13 +346,13 @@ def main() -> None:
         predictions = out / "predictions" / input_name
         dump = out / "nnunet_dump" / input_name if args.diagnose else None
         print(f"--- {input_name}: {len(images)} case(s), nnU-Net", file=sys.stderr, flush=True)
-        nnunet = run_nnunet(args, model_folder, inputs, predictions / "nnunet", dump)
+        nnunet = run_nnunet(args, model_folder, inputs, predictions / NNUNET_DIR, dump)
         ours = {}
         for preset in args.presets:
             print(f"--- {input_name}: ours, {preset}", file=sys.stderr, flush=True)
             ours[preset] = run_ours(args, ckpt, inputs, predictions / preset, preset)
         case_ids = sorted(images)
-        vs_nnunet = {p: compare_masks(predictions / p, predictions / "nnunet", case_ids)
+        vs_nnunet = {p: compare_masks(predictions / p, predictions / NNUNET_DIR, case_ids)
                      for p in args.presets}
         vs_accurate = {p: compare_masks(predictions / p, predictions / "accurate", case_ids)
                        for p in args.presets if p != "accurate"}
@@ -360,7 +361,7 @@ def main() -> None:
                    }.get(preset, "(b)")
             speed_rows.append(speed_row(input_name, row, preset, ours[preset], nnunet, vs_nnunet[preset],
                                         vs_accurate.get(preset)))
-        diagnosis = (diagnose(ckpt, inputs, dump, predictions / "nnunet", args.diagnose_max_passes)
+        diagnosis = (diagnose(ckpt, inputs, dump, predictions / NNUNET_DIR, args.diagnose_max_passes)
                      if args.diagnose else {})
         for case_id, d in diagnosis.items():
             pre = f"shapes differ: {d['shape_ours']} vs {d['shape_nnunet']}"
