@@ -24,7 +24,7 @@ from pancreas_mtl.data.prepare import prepare_dataset
 from pancreas_mtl.planning.planner import load_preset
 from tests.conftest import REPO_ROOT, lps_affine, make_case_arrays, write_distributed_dataset
 from tests.test_experiments import compose_train
-from tests.test_predict import run_predict, save_checkpoint, tiny_plan, write_cases
+from tests.predict_helpers import run_predict, save_checkpoint, tiny_plan
 
 # Tolerance of the resumed run against the uninterrupted one, on CPU in float32 with one thread: the
 # resumed run repeats the same arithmetic (same patches, dropout masks, optimizer and lr state), so

@@ -18,7 +18,7 @@ from pancreas_mtl.inference.runner import predict_cases
 from pancreas_mtl.inference.sliding_window import gaussian_importance_map
 from pancreas_mtl.inference.sources import find_cases
 from tests.conftest import lps_affine
-from tests.test_predict import CONF, Pointwise, boxes_image, compose_predict, expected_labels, tiny_plan
+from tests.predict_helpers import CONF, Pointwise, boxes_image, compose_predict, expected_labels, tiny_plan
 
 
 def test_nnunet_gaussian_is_centred_on_size_over_two_and_cut_at_four_sigma():

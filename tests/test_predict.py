@@ -1,27 +1,19 @@
-"""The predictor: window stitching, mirroring, subtype aggregation, coarse-to-fine, the way back to the input's
-grid (LPS and RAS, anisotropic resampling), output files, reruns, failures and ensembles."""
+"""The predictor: window stitching, mirroring, subtype aggregation, coarse-to-fine, and the way back to the
+input's grid (LPS and RAS, anisotropic resampling). The command itself: test_predict_command.py."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 from torch import nn
 
 from pancreas_mtl.data.io import read_volume, write_nifti
 from pancreas_mtl.evaluation.metrics import lesion_dice, whole_pancreas_dice
 from pancreas_mtl.inference.checkpoint import load_network
 from pancreas_mtl.inference.postprocessing import keep_largest_components
-from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
+from pancreas_mtl.inference.predictor import Predictor
 from pancreas_mtl.inference.runner import predict_cases
 from pancreas_mtl.inference.sliding_window import (
     gaussian_importance_map,
@@ -31,90 +23,9 @@ from pancreas_mtl.inference.sliding_window import (
     window_starts,
 )
 from pancreas_mtl.inference.sources import find_cases
-from pancreas_mtl.models.multitask import build_model
-from pancreas_mtl.planning.plan import ChannelNormalization, Plan
-from tests.conftest import REPO_ROOT, SHARED_CT, lps_affine, make_case_arrays
-
-CONF = REPO_ROOT / "conf"
-
-
-
-# --- helpers ------------------------------------------------------------------------------------------
-
-def tiny_plan(target_spacing=(2.0, 0.8, 0.8), patch=(8, 16, 16), **changes) -> Plan:
-    """A two-stage plan (divisor 2) with CT normalisation: clip [-100, 200] HU, mean 50, std 50."""
-    values = dict(preset="tiny-test", target_spacing=tuple(target_spacing), median_shape=(12, 28, 36),
-                  patch_size=tuple(patch), batch_size=2,
-                  normalization=[ChannelNormalization("ct", -100.0, 200.0, 50.0, 50.0)],
-                  kernel_sizes=[(3, 3, 3), (3, 3, 3)], strides=[(1, 1, 1), (2, 2, 2)], features_per_stage=[4, 8],
-                  n_blocks_per_stage=[1, 1], n_conv_per_stage_decoder=[1])
-    values.update(changes)
-    return Plan(**values)
-
-
-def save_checkpoint(path: Path, plan: Plan, seed: int = 0, seg_bias=None, class_bias=None) -> Path:
-    """A training-checkpoint-shaped file for a tiny MultiTaskNet; with ``seg_bias`` / ``class_bias`` the
-    segmentation / class logits are those constants everywhere (weights of the last layers zeroed)."""
-    torch.manual_seed(seed)
-    model_cfg = {"backbone": OmegaConf.to_container(OmegaConf.load(CONF / "model/backbone/resenc.yaml")),
-                 "head": OmegaConf.to_container(OmegaConf.load(CONF / "model/head/single_stage.yaml"))}
-    network = build_model(model_cfg, plan)
-    with torch.no_grad():
-        if seg_bias is not None:
-            for head in network.backbone.seg_heads:
-                head.weight.zero_()
-                head.bias.copy_(torch.tensor(seg_bias))
-        if class_bias is not None:
-            network.head.classifier[-1].weight.zero_()
-            network.head.classifier[-1].bias.copy_(torch.tensor(class_bias))
-    torch.save({"state_dict": {f"model.{k}": v for k, v in network.state_dict().items()},
-                "pancreas_mtl": {"plan": plan.to_dict(), "config": {"model": model_cfg}}}, path)
-    return path
-
-
-class Pointwise(nn.Module):
-    """A stub network that labels by intensity, voxel by voxel: logits (0, x, 2x - 2) of the normalised
-    image x, so pancreas where 0 < x <= 2 (50 < HU <= 150) and lesion where x > 2 (HU > 150); class
-    probabilities from the window's mean. It commutes with flips and with any tiling."""
-
-    def forward(self, windows):
-        x = windows[:, :1]
-        seg = torch.cat([torch.zeros_like(x), x, 2 * x - 2], dim=1)
-        mean = windows.mean(dim=(1, 2, 3, 4))
-        return seg, torch.stack([mean, -mean, torch.zeros_like(mean)], dim=1).softmax(dim=1)
-
-
-def expected_labels(hu: np.ndarray) -> np.ndarray:
-    return np.where(hu > 150, 2, np.where(hu > 50, 1, 0)).astype(np.uint8)
-
-
-def boxes_image(shape=(20, 40, 48), border=2) -> np.ndarray:
-    """int16 HU: -100 background, a 100 HU box off the centre with a 180 HU box inside it (a flipped or
-    transposed axis would move them), and zero slabs at the low z and x borders (cropped off)."""
-    hu = np.full(shape, -100, dtype=np.int16)
-    z, y, x = shape
-    hu[z // 5:3 * z // 5, y // 6:y // 2, x // 4:2 * x // 3] = 100
-    hu[z // 4:z // 2, y // 4:5 * y // 12, x // 3:x // 2] = 180
-    hu[:, :, :border] = 0
-    hu[:border] = 0
-    return hu
-
-
-def ras_example(folder: Path, content: np.ndarray | None = None) -> Path:
-    """The real RAS CT (3 mm) with zeroed slabs at the high x and z borders (so cropping matters), its
-    header and affine kept; ``content`` (Z, Y, X) replaces the voxels."""
-    source = nib.load(str(SHARED_CT / "example_ct_sm.nii.gz"))
-    data = np.asanyarray(source.dataobj).copy() if content is None else content.transpose(2, 1, 0).copy()
-    data[-3:] = 0        # x
-    data[:, :, -2:] = 0  # z
-    path = folder / "example_ct_sm.nii.gz"
-    folder.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, source.affine, source.header), str(path))
-    return path
-
-
-def settings(**changes) -> InferenceSettings:
-    return InferenceSettings.from_config({"name": "test", "overlap": 0.25, **changes})
+from tests.conftest import lps_affine
+from tests.predict_helpers import (Pointwise, boxes_image, expected_labels, ras_example, save_checkpoint, settings,
+                                   tiny_plan)
 
 
 # --- windows --------------------------------------------------------------------------------------------
@@ -283,136 +194,3 @@ def test_constant_network_fills_exactly_the_crop(orientation, tmp_path):
     np.testing.assert_allclose(saved["probabilities"][:, inside].astype(float).mean(1),
                                torch.tensor([0.0, 3.0, 1.0]).softmax(0).numpy(), atol=1e-3)
     assert np.all(saved["probabilities"][0][~inside] == 1)
-
-
-# --- the command: outputs, reruns, failures, ensembles ----------------------------------------------------
-
-def write_cases(folder: Path, count: int = 3, seed: int = 0) -> list[str]:
-    rng = np.random.default_rng(seed)
-    names = []
-    for number in range(1, count + 1):
-        image, mask = make_case_arrays(rng, shape_zyx=(10, 24, 28))
-        write_nifti(image, lps_affine(), folder / f"quiz_{number:03d}_0000.nii.gz")
-        write_nifti(mask, lps_affine(), folder / f"quiz_{number:03d}.nii.gz")  # masks beside images are ignored
-        names.append(f"quiz_{number:03d}")
-    return names
-
-
-def compose_predict(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("predict", overrides=["progress=false", "device=cpu", "prefetch=true", *overrides])
-
-
-def run_predict(overrides: list[str]):
-    from predict import predict
-
-    return predict(compose_predict(overrides))
-
-
-def test_outputs_reruns_overwrite_and_a_corrupt_case(tmp_path):
-    folder = tmp_path / "test"
-    names = write_cases(folder)
-    (folder / "quiz_004_0000.nii.gz").write_bytes(b"\x1f\x8b\x08\x00not really gzip")
-    checkpoint = save_checkpoint(tmp_path / "c.ckpt", tiny_plan(), seg_bias=[0.0, 2.0, 1.0],
-                                 class_bias=[0.0, 0.0, 3.0])
-    out = tmp_path / "pred"
-    args = [f"ckpt={checkpoint}", f"input={folder}", f"output={out}", "inference=fast"]
-
-    summary = run_predict(args)
-    assert summary.exit_code == 1 and list(summary.failed) == ["quiz_004"] and "quiz_004" in str(summary.failed)
-    assert sorted(summary.predicted) == names
-    assert (out / "subtype_results.csv").read_text() == "Names,Subtype\n" + "".join(f"{n}.nii.gz,2\n" for n in names)
-    probability_lines = (out / "subtype_probabilities.csv").read_text().splitlines()
-    assert probability_lines[0] == "Names,p0,p1,p2" and len(probability_lines) == 4
-    p = torch.tensor([0.0, 0.0, 3.0]).softmax(0).tolist()
-    assert probability_lines[1] == f"quiz_001.nii.gz,{p[0]:.6f},{p[1]:.6f},{p[2]:.6f}"
-    timings_header = "case_id,load_s,preprocess_s,network_s,export_s,write_s,total_s,windows,shape_zyx"
-    assert (out / "timings.csv").read_text().splitlines()[0] == timings_header
-    mtimes = {n: (out / f"{n}.nii.gz").stat().st_mtime_ns for n in names}
-
-    # a rerun skips finished cases; a run killed after writing a mask but before its record redoes that case
-    (out / ".records" / "quiz_002.json").unlink()
-    summary = run_predict(args)
-    assert summary.skipped == ["quiz_001", "quiz_003"] and summary.predicted == ["quiz_002"]
-    assert all((out / f"{n}.nii.gz").stat().st_mtime_ns == mtimes[n] for n in ("quiz_001", "quiz_003"))
-    assert (out / "subtype_results.csv").read_text().count("quiz_002") == 1
-    assert len((out / "subtype_results.csv").read_text().splitlines()) == 4
-    assert not [p for p in out.iterdir() if ".tmp" in p.name]
-
-    summary = run_predict([*args, "overwrite=true"])
-    assert sorted(summary.predicted) == names and not summary.skipped
-    assert all((out / f"{n}.nii.gz").stat().st_mtime_ns > mtimes[n] for n in ("quiz_001", "quiz_003"))
-
-
-def test_ensemble_of_identical_checkpoints_equals_one(tmp_path):
-    folder = tmp_path / "test"
-    write_cases(folder, count=1)
-    plan = tiny_plan()
-    first = save_checkpoint(tmp_path / "a.ckpt", plan, seed=3)
-    second = save_checkpoint(tmp_path / "b.ckpt", plan, seed=3)
-    common = [f"input={folder}", "save_probabilities=true", "inference=fastest"]
-    run_predict([f"ckpt={first}", f"output={tmp_path / 'one'}", *common])
-    run_predict([f"ckpt=[{first},{second}]", f"output={tmp_path / 'two'}", *common])
-    one, two = np.load(tmp_path / "one" / "quiz_001.npz"), np.load(tmp_path / "two" / "quiz_001.npz")
-    np.testing.assert_allclose(one["probabilities"].astype(float), two["probabilities"].astype(float), atol=2e-3)
-    np.testing.assert_allclose(one["subtype_probabilities"], two["subtype_probabilities"], atol=1e-6)
-    assert (tmp_path / "one" / "subtype_probabilities.csv").read_text() == \
-        (tmp_path / "two" / "subtype_probabilities.csv").read_text()
-
-    other = save_checkpoint(tmp_path / "c.ckpt", tiny_plan(target_spacing=(3.0, 0.8, 0.8)))
-    with pytest.raises(ValueError, match="target_spacing"):
-        Predictor.from_checkpoints([first, other], device="cpu")
-
-
-def test_presets_compose_into_settings():
-    presets = sorted(p.stem for p in (CONF / "inference").glob("*.yaml"))
-    assert presets == ["accurate", "fast", "fastest", "nnunet"]
-    loaded = {name: InferenceSettings.from_config(OmegaConf.to_container(compose_predict(
-        ["ckpt=x", "input=y", "output=z", f"inference={name}"]).inference)) for name in presets}
-    assert loaded["accurate"].overlap == 0.5 and loaded["accurate"].mirror_axes == (0, 1, 2)
-    assert loaded["fast"].mirror_axes == () and loaded["fast"].overlap < 0.5 and not loaded["fast"].coarse_to_fine
-    assert loaded["fastest"].coarse_to_fine and loaded["fastest"].coarse_factor == (2.0, 2.0, 2.0)
-    assert loaded["nnunet"].nnunet_compat and not any(loaded[p].nnunet_compat for p in presets[:3])
-    assert compose_predict(["ckpt=x", "input=y", "output=z"]).inference.name == "fast"  # the default
-    with pytest.raises(ValueError, match="unknown inference setting"):
-        InferenceSettings.from_config({"overlapp": 0.5})
-
-
-def test_input_sources(tmp_path):
-    """A split folder with subtype subfolders and masks, multi-channel files, single files, and broken cases."""
-    root = tmp_path / "validation"
-    image, mask = make_case_arrays(np.random.default_rng(0), shape_zyx=(6, 8, 8))
-    for subtype, case in ((0, "quiz_0_001"), (2, "quiz_2_002")):
-        write_nifti(image, lps_affine(), root / f"subtype{subtype}" / f"{case}_0000.nii.gz")
-        write_nifti(mask, lps_affine(), root / f"subtype{subtype}" / f"{case}.nii.gz")
-    cases, problems = find_cases(root)
-    assert [c.case_id for c in cases] == ["quiz_0_001", "quiz_2_002"] and not problems
-
-    multi = tmp_path / "multi"
-    for channel in (0, 1):
-        write_nifti(image, lps_affine(), multi / f"two_{channel:04d}.nii.gz")
-    write_nifti(image, lps_affine(), multi / "gap_0001.nii.gz")
-    cases, problems = find_cases(multi)
-    assert [(c.case_id, len(c.image_paths)) for c in cases] == [("two", 2)]
-    assert "0000" in problems["gap"]
-    cases, problems = find_cases([multi / "two_0000.nii.gz", SHARED_CT / "example_ct_sm.nii.gz"])
-    assert [c.case_id for c in cases] == ["example_ct_sm", "two"]
-    with pytest.raises(FileNotFoundError):
-        find_cases(tmp_path / "missing")
-
-
-@pytest.mark.slow
-def test_command_line_exit_code(tmp_path):
-    folder = tmp_path / "test"
-    write_cases(folder, count=1)
-    (folder / "quiz_009_0000.nii.gz").write_bytes(b"")
-    checkpoint = save_checkpoint(tmp_path / "c.ckpt", tiny_plan())
-    env = {**os.environ, "PANCREAS_MTL_OUTPUTS": str(tmp_path / "outputs"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "predict.py"), f"ckpt={checkpoint}", f"input={folder}",
-                             f"output={tmp_path / 'pred'}", "progress=false", "num_threads=1"],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "quiz_009" in result.stderr + result.stdout and "empty" in result.stderr + result.stdout
-    assert (tmp_path / "pred" / "quiz_001.nii.gz").is_file()
-    assert (tmp_path / "pred" / "subtype_results.csv").read_text().startswith("Names,Subtype\nquiz_001.nii.gz,")

@@ -37,7 +37,7 @@ from pancreas_mtl.module import AtomicCheckpointIO, build_module, step_checkpoin
 from pancreas_mtl.planning.fingerprint import compute_fingerprint
 from tests.conftest import lps_affine, make_case_arrays
 from tests.test_module import run_config
-from tests.test_predict import CONF, Pointwise, save_checkpoint, tiny_plan
+from tests.predict_helpers import CONF, Pointwise, save_checkpoint, tiny_plan
 
 SUBTYPE_COUNTS = {0: 2, 1: 2, 2: 2}
 
