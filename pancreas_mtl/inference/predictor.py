@@ -257,7 +257,7 @@ class Predictor:
         and the number of window forward passes (windows x mirror passes, summed over members). With
         ``nnunet_compat`` the first is the members' mean logits instead."""
         compat = self.settings.nnunet_compat
-        probability_sum, subtype_sum, windows = None, None, 0
+        score_sum, subtype_sum, windows = None, None, 0
         for member in self.members:
             result = predict_windows(member.network, image, self.window_for(member, image.shape[2:], shrink),
                                      self.sw_batch_size, overlap, self.settings.sigma_scale, mirror_axes,
@@ -265,17 +265,17 @@ class Predictor:
                                      accumulate_on_cpu=self.accumulate_on_cpu, nnunet_compat=compat)
             self.sw_batch_size = min(self.sw_batch_size, result.sw_batch_size)
             self.accumulate_on_cpu = self.accumulate_on_cpu or result.accumulated_on_cpu
-            probabilities = result.logits[0] if compat else result.logits[0].softmax(dim=0)
-            if probability_sum is not None and probability_sum.device != probabilities.device:
-                probability_sum = probability_sum.cpu()  # a member fell back to the CPU: the sum follows
-                probabilities = probabilities.cpu()
-            probability_sum = probabilities if probability_sum is None else probability_sum.add_(probabilities)
+            scores = result.logits[0] if compat else result.logits[0].softmax(dim=0)  # logits or probabilities
+            if score_sum is not None and score_sum.device != scores.device:
+                score_sum = score_sum.cpu()  # a member fell back to the CPU: the sum follows
+                scores = scores.cpu()
+            score_sum = scores if score_sum is None else score_sum.add_(scores)
             subtypes = result.class_probabilities(self.settings.min_lesion_volume)
             if subtypes is not None:
                 subtype_sum = subtypes if subtype_sum is None else subtype_sum + subtypes
             windows += result.num_windows * 2 ** len(set(mirror_axes))
         count = len(self.members)
-        return probability_sum / count, (None if subtype_sum is None else subtype_sum / count), windows
+        return score_sum / count, (None if subtype_sum is None else subtype_sum / count), windows
 
     @torch.no_grad()
     def coarse_box(self, image: Tensor) -> tuple[tuple[tuple[int, int], ...] | None, int]:
