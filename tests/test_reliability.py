@@ -181,7 +181,7 @@ def test_checkpoint_carrying_code_is_refused_unrun(tmp_path):
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["pancreas_mtl"]["extra"] = RunsCode(tmp_path / "pwned")
     torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match=r"cannot read the checkpoint \(UnpicklingError: Weights only load"):
+    with pytest.raises(ValueError, match=r"holds objects other than tensors and plain values"):
         read_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
 

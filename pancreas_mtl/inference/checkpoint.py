@@ -9,6 +9,7 @@ about 6 s of start-up, which the predictor does not need.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,45 @@ from pancreas_mtl.planning.plan import Plan
 MODEL_PREFIX = "model."
 
 
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What ``path`` is, when it plainly is not a checkpoint file (missing, a folder, empty, text); else None."""
+    if not path.exists():
+        return f"checkpoint {path} not found" + (" (a broken symbolic link)" if path.is_symlink() else "")
+    if path.is_dir():
+        found = sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))[:4]
+        hint = f"; checkpoints inside it: {', '.join(found)}" if found else "; it holds no *.ckpt file"
+        return f"{path} is a folder, expected a checkpoint file (e.g. <run>/checkpoints/last.ckpt){hint}"
+    if not path.is_file():
+        return f"{path} is not a regular file, expected a checkpoint"
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if not head:
+        return f"{path} is empty (0 bytes), expected a checkpoint"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return f"{path} is a JSON or text file, expected a torch checkpoint written by training (.ckpt)"
+    return None
+
+
+def _load_error(path: Path, error: Exception) -> str:
+    """The message for a checkpoint torch.load refused, without torch's advice to turn the guard off."""
+    if isinstance(error, pickle.UnpicklingError):
+        return (f"{path}: the checkpoint holds objects other than tensors and plain values; it is refused "
+                "because unpickling them could run code (training writes none)")
+    first_line = next((line for line in str(error).splitlines() if line.strip()), "")
+    detail = "" if "weights_only" in first_line else f": {first_line}"
+    return f"{path}: cannot read the checkpoint ({type(error).__name__}{detail}); is the file complete?"
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, Plan, dict]:
     """(the model's state dict without the ``model.`` prefix, the plan, the run config) of a checkpoint."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    problem = _not_a_checkpoint(path)
+    if problem:
+        raise (FileNotFoundError if not path.exists() else ValueError)(problem)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ValueError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from error
+        raise ValueError(_load_error(path, error)) from None
     saved = checkpoint.get("pancreas_mtl") if isinstance(checkpoint, dict) else None
     if not saved or not saved.get("plan") or not saved.get("config") or "model" not in saved["config"]:
         raise ValueError(f"{path}: not a pancreas_mtl training checkpoint (expected checkpoint['pancreas_mtl'] "

@@ -7,12 +7,12 @@ has been planned. Tensors are (B, C, Z, Y, X).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from pancreas_mtl.models.factory import UntrustedConfigError, backbone_factories, build_part, head_classes
 from pancreas_mtl.models.heads import ClassificationHead
 from pancreas_mtl.models.resenc_unet import ResEncUNet, UNetOutput
 
@@ -87,38 +87,39 @@ class SegmentationOnly(nn.Module):
 
 
 def build_model(model_cfg: Mapping | Any, plan: Plan) -> MultiTaskNet:
-    """The network for a plan from the ``model`` config group.
+    """The network for a plan from the ``model`` config group, or from the copy a checkpoint carries.
 
-    ``model_cfg.backbone`` and ``model_cfg.head`` are Hydra configs whose ``_target_`` is a factory
-    instantiated as a partial (``_partial_: true``); the sizes that come from the plan are filled in
-    here: the backbone's ``plan``, and for the head ``decoder_channels``, ``num_subtypes`` and (where
-    the head takes them and the config does not set them) ``lesion_channel`` and ``input_channels``. A head config with
-    ``_target_: null`` (``model/head=none``) or no head config means segmentation only.
+    ``model_cfg.backbone`` and ``model_cfg.head`` name one of this package's classes by ``_target_``
+    (``models.factory``: an allowlist, plain values only, so a config read back from a file cannot run
+    code); the sizes that come from the plan are filled in here: the backbone's ``plan``, and for the
+    head ``decoder_channels``, ``num_subtypes`` and (where the head takes them and the config does not
+    set them) ``lesion_channel`` and ``input_channels``. A head config with ``_target_: null``
+    (``model/head=none``) or no head config means segmentation only.
 
     Example::
 
         model = build_model(cfg.model, plan)   # python train.py model/head=lesion_attention
     """
-    from hydra.utils import instantiate
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
 
-    if not isinstance(model_cfg, DictConfig):
-        model_cfg = OmegaConf.create(dict(model_cfg))
-    if model_cfg.get("backbone") is None:
+    if OmegaConf.is_config(model_cfg):
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    if not isinstance(model_cfg, Mapping):
+        raise UntrustedConfigError(f"model config: expected a mapping, found {type(model_cfg).__name__}")
+    if not isinstance(model_cfg.get("backbone"), Mapping):
         raise ValueError("model config has no 'backbone' entry (expected e.g. conf/model/backbone/resenc.yaml)")
-    backbone = instantiate(model_cfg.backbone, _partial_=True)(plan=plan)
+    backbone = build_part(model_cfg["backbone"], backbone_factories(), "model.backbone", {"plan": plan})
 
     head_cfg = model_cfg.get("head")
-    if head_cfg is None or head_cfg.get("_target_") is None:
+    if head_cfg is None or (isinstance(head_cfg, Mapping) and head_cfg.get("_target_") is None):
         return MultiTaskNet(backbone, None)
+    if not isinstance(head_cfg, Mapping):
+        raise UntrustedConfigError(f"model.head: expected a mapping, found {type(head_cfg).__name__}")
     if plan.num_subtypes < 2:
         raise ValueError(f"the plan has {plan.num_subtypes} subtypes, a classification head needs at least 2; "
                          "use model/head=none for segmentation only")
-    factory = instantiate(head_cfg, _partial_=True)
     runtime = {"decoder_channels": backbone.decoder_channels, "num_subtypes": plan.num_subtypes,
                "input_channels": plan.num_input_channels}
     if "lesion" in plan.labels:
         runtime["lesion_channel"] = int(plan.labels["lesion"])
-    accepted = inspect.signature(factory).parameters
-    head = factory(**{k: v for k, v in runtime.items() if k in accepted and k not in factory.keywords})
-    return MultiTaskNet(backbone, head)
+    return MultiTaskNet(backbone, build_part(head_cfg, head_classes(), "model.head", runtime))
