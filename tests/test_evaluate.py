@@ -15,11 +15,17 @@ import pytest
 from pancreas_mtl.data.io import write_nifti
 from pancreas_mtl.evaluation.evaluate import (
     evaluate,
+    format_summary,
     main,
     score_case,
     summarise,
 )
-from pancreas_mtl.evaluation.metrics import hausdorff_distance_95, normalised_surface_dice
+from pancreas_mtl.evaluation.metrics import (
+    hausdorff_distance_95,
+    image_diagonal_mm,
+    normalised_surface_dice,
+    segmentation_metrics,
+)
 from pancreas_mtl.evaluation.plots import roc_curve
 from tests.conftest import lps_affine, write_distributed_dataset
 
@@ -41,11 +47,38 @@ def test_parallel_planes_have_known_distances():
 
 
 def test_empty_mask_conventions():
+    """A miss (only one mask empty) scores the image diagonal, the worst case, not NaN: left out of the
+    mean, a miss would make mean HD95 look better. Both empty is a correct 'nothing there': 0."""
     empty, cube = np.zeros((5, 5, 5), bool), np.zeros((5, 5, 5), bool)
     cube[1:4, 1:4, 1:4] = True
     assert hausdorff_distance_95(empty, empty, (1, 1, 1)) == 0.0
-    assert math.isnan(hausdorff_distance_95(cube, empty, (1, 1, 1)))
+    assert hausdorff_distance_95(cube, empty, (1, 1, 1)) == pytest.approx(math.sqrt(75))   # spurious
+    assert hausdorff_distance_95(empty, cube, (2, 1, 1)) == pytest.approx(math.sqrt(150))  # missed
+    assert math.isnan(hausdorff_distance_95(empty, cube, (1, 1, 1), miss_value=float("nan")))
     assert hausdorff_distance_95(cube, cube, (1, 1, 1)) == 0.0
+    with pytest.raises(ValueError, match="spacing"):
+        hausdorff_distance_95(cube, empty, (1, 1))
+
+
+def test_image_diagonal_is_worse_than_any_distance():
+    """The diagonal of the image's extent in mm (shape x spacing): more than the farthest two voxel
+    centres, so a miss always scores worse than the worst hit."""
+    shape, spacing = (6, 9, 11), (2.5, 0.7, 0.9)
+    assert image_diagonal_mm(shape, spacing) == pytest.approx(math.sqrt(15 ** 2 + 6.3 ** 2 + 9.9 ** 2))
+    corners = np.zeros(shape, bool), np.zeros(shape, bool)
+    corners[0][0, 0, 0], corners[1][-1, -1, -1] = True, True
+    assert hausdorff_distance_95(*corners, spacing) < image_diagonal_mm(shape, spacing)
+
+
+def test_segmentation_metrics_flag_misses():
+    truth = label_map()
+    no_lesion = np.where(truth == 2, 1, truth).astype(np.uint8)
+    scores = segmentation_metrics(no_lesion, truth, spacing=(2.0, 0.8, 0.8))
+    assert scores["lesion_miss"] == 1 and scores["whole_pancreas_miss"] == 0
+    assert scores["lesion_hd95"] == pytest.approx(image_diagonal_mm(truth.shape, (2.0, 0.8, 0.8)))
+    assert scores["lesion_dice"] == 0.0 and scores["lesion_nsd"] == 0.0  # already the worst value
+    both_empty = segmentation_metrics(no_lesion, no_lesion, spacing=(2.0, 0.8, 0.8))
+    assert both_empty["lesion_miss"] == 0 and both_empty["lesion_hd95"] == 0.0
 
 
 def label_map(shape=(8, 12, 12), pancreas=((1, 7), (2, 10), (2, 10)), lesion=((3, 5), (4, 8), (4, 8))) -> np.ndarray:
@@ -74,8 +107,9 @@ def test_roc_curve_and_summary_scores():
     np.testing.assert_allclose(fpr, [0, 0, 0.5, 1])
     np.testing.assert_allclose(tpr, [0, 0.5, 1, 1])
     rows = [{"case_id": f"c{i}", "subtype": s, "predicted_subtype": p, "whole_pancreas_dice": d, "lesion_dice": d,
-             "whole_pancreas_nsd": d, "lesion_nsd": d, "whole_pancreas_hd95": h, "lesion_hd95": h}
-            for i, (s, p, d, h) in enumerate([(0, 0, 1.0, 1.0), (1, 1, 0.5, float("nan")), (2, 1, 0.0, 3.0),
+             "whole_pancreas_nsd": d, "lesion_nsd": d, "whole_pancreas_hd95": h, "lesion_hd95": h,
+             "whole_pancreas_miss": 0, "lesion_miss": int(d == 0.0)}
+            for i, (s, p, d, h) in enumerate([(0, 0, 1.0, 1.0), (1, 1, 0.5, float("nan")), (2, 1, 0.0, 30.0),
                                               (2, 2, 0.5, 2.0)])]
     probabilities = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.5, 0.4], [0.1, 0.2, 0.7]])
     first = summarise(rows, probabilities, bootstrap=200, seed=1)
@@ -83,7 +117,9 @@ def test_roc_curve_and_summary_scores():
     assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)  # NaN != NaN in a dict compare
     seg = first["segmentation"]
     assert seg["lesion_dice"]["mean"] == 0.5
-    assert seg["lesion_hd95"]["mean"] == 2.0 and seg["lesion_hd95"]["undefined"] == 1
+    # the miss (30 mm, its image diagonal) counts in the mean; the NaN is still left out and counted
+    assert seg["lesion_hd95"]["mean"] == pytest.approx(11.0) and seg["lesion_hd95"]["undefined"] == 1
+    assert seg["lesion_hd95"]["misses"] == 1 and first["lesion_misses"] == 1 and first["whole_pancreas_misses"] == 0
     assert 0.0 <= seg["lesion_dice"]["ci_low"] <= 0.5 <= seg["lesion_dice"]["ci_high"] <= 1.0
     scores = first["classification"]
     assert scores["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
@@ -91,6 +127,22 @@ def test_roc_curve_and_summary_scores():
     assert scores["balanced_accuracy"] == pytest.approx((1 + 1 + 0.5) / 3)
     assert scores["auroc_0"] == 1.0 and scores["auroc_2"] == 1.0 and scores["auroc_1"] == pytest.approx(1.0)
     assert first["per_subtype"]["2"]["num_cases"] == 2 and first["per_subtype"]["2"]["lesion_dice"] == 0.25
+    assert scores["declared_subtypes"] == 3
+    printed = format_summary(first)
+    assert "1 miss" in printed and "macro over 3 declared subtypes" in printed
+
+
+def test_summary_macro_f1_counts_a_declared_subtype_nobody_has():
+    """The issue's toy case: no reference or predicted subtype 2. Macro F1 over the 3 declared subtypes is
+    (4/5 + 2/3 + 0) / 3 = 0.489, not 0.733 over the two present."""
+    rows = [{"case_id": f"c{i}", "subtype": s, "predicted_subtype": p, **dict.fromkeys(
+             ("whole_pancreas_dice", "lesion_dice", "whole_pancreas_nsd", "lesion_nsd"), 1.0),
+             "whole_pancreas_hd95": 0.0, "lesion_hd95": 0.0, "whole_pancreas_miss": 0, "lesion_miss": 0}
+            for i, (s, p) in enumerate([(0, 0), (0, 0), (0, 1), (1, 1)])]
+    scores = summarise(rows, None, bootstrap=20)["classification"]
+    assert scores["macro_f1"] == pytest.approx((4 / 5 + 2 / 3) / 3)
+    assert scores["f1_2"] != scores["f1_2"]  # per subtype it stays undefined (NaN)
+    assert summarise(rows, None, bootstrap=0, num_subtypes=2)["classification"]["macro_f1"] == pytest.approx(11 / 15)
 
 
 # --- folders ------------------------------------------------------------------------------------------------
@@ -123,10 +175,20 @@ def test_evaluate_writes_tables_and_plots(tmp_path):
     assert lines[2].split(",")[:3] == ["quiz_002", "1", "1"] and len(lines) == 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["segmentation"]["lesion_dice"]["mean"] == pytest.approx((1 + 0.75 + 0) / 3)
-    assert summary["segmentation"]["lesion_hd95"]["undefined"] == 1        # the empty prediction
+    diagonal = image_diagonal_mm((8, 12, 12), (2.0, 0.8, 0.8))             # quiz_003: the empty prediction
+    assert summary["segmentation"]["lesion_hd95"]["mean"] == pytest.approx((0 + 0.8 + diagonal) / 3)
+    assert summary["segmentation"]["lesion_hd95"]["undefined"] == 0
+    assert summary["segmentation"]["lesion_hd95"]["misses"] == 1 and summary["lesion_misses"] == 1
+    assert summary["whole_pancreas_misses"] == 1
+    header = lines[0].split(",")
+    last = dict(zip(header, lines[3].split(",")))
+    assert last["lesion_miss"] == "1" and float(last["lesion_hd95"]) == pytest.approx(diagonal, abs=1e-4)
+    assert dict(zip(header, lines[1].split(",")))["lesion_miss"] == "0"
     assert summary["segmentation"]["lesion_nsd"]["mean"] < 1.0
     assert summary["classification"]["macro_f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert summary["classification"]["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
+    assert summary["classification"]["declared_subtypes"] == 3
+    assert "3 declared subtypes" in summary["conventions"]["classification"]
     assert summary["bootstrap"] == {"resamples": 100, "seed": 0, "interval": 0.95}
     assert "hd95" in summary["conventions"] and evaluation.probabilities.shape == (3, 3)
     if _has_matplotlib():
@@ -153,6 +215,15 @@ def test_mismatched_case_sets_are_an_error_listing_them(tmp_path):
     assert main([f"pred={pred}", f"gt={gt}", f"out={tmp_path / 'e'}", "plots=false", "progress=false"]) == 1
     assert main([f"pred={pred}", "unknown_key=1"]) == 2
     assert main([f"pred={pred}", f"gt={gt}"]) == 2  # out= missing
+
+
+def test_probability_columns_must_match_the_declared_subtypes(tmp_path):
+    """Macro scores average over num_subtypes, so a probabilities table for another number is an error."""
+    gt, pred = make_folders(tmp_path)
+    (pred / "subtype_probabilities.csv").write_text(
+        "Names,p0,p1\nquiz_001.nii.gz,0.7,0.3\nquiz_002.nii.gz,0.1,0.9\nquiz_003.nii.gz,0.2,0.8\n")
+    with pytest.raises(ValueError, match="2 subtype probability columns.*num_subtypes is 3"):
+        evaluate({"pred": str(pred), "gt": str(gt), "out": str(tmp_path / "e"), "plots": False, "progress": False})
 
 
 def test_reference_from_a_dataset_root_and_a_split_folder(tmp_path):

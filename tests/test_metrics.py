@@ -118,12 +118,28 @@ def test_majority_collapse_scores():
     assert balanced_accuracy(targets, everything_one) == pytest.approx(1 / 3)
 
 
-def test_classes_absent_from_targets_and_predictions_are_left_out():
-    f1 = per_class_f1([0, 0, 1], [0, 1, 1], num_classes=3)
-    assert f1[:2] == pytest.approx([2 / 3, 2 / 3]) and math.isnan(f1[2])
-    assert macro_f1([0, 0, 1], [0, 1, 1], num_classes=3) == pytest.approx(2 / 3)
+def test_macro_f1_averages_over_declared_classes():
+    """The issue's toy case: subtype 2 is in neither targets nor predictions. Averaging over the classes
+    present gives 0.733, over the 3 declared subtypes 0.489 (scikit-learn's labels=range(3), zero_division=0)."""
+    targets, predictions = [0, 0, 0, 1], [0, 0, 1, 1]  # F1: class 0 4/5, class 1 2/3, class 2 undefined
+    f1 = per_class_f1(targets, predictions, num_classes=3)
+    assert f1[:2] == pytest.approx([4 / 5, 2 / 3]) and math.isnan(f1[2])  # per class: undefined, not 0
+    assert macro_f1(targets, predictions, num_classes=3) == pytest.approx((4 / 5 + 2 / 3 + 0) / 3)  # 0.489
+    assert macro_f1(targets, predictions, num_classes=3, zero_division=float("nan")) == pytest.approx(11 / 15)
+    assert macro_f1(targets, predictions, num_classes=3, zero_division=1.0) == pytest.approx((4 / 5 + 2 / 3 + 1) / 3)
+    assert macro_f1(targets, predictions) == pytest.approx(11 / 15)  # declared: 0..largest class seen
+    assert macro_f1([0, 0, 1], [0, 1, 1], num_classes=3) == pytest.approx(4 / 9)
+    assert math.isnan(macro_f1([], [], num_classes=3))  # no cases: undefined, not 0
+    accumulator = ClassificationMetrics(num_classes=3)  # the validation metric uses the same definition
+    accumulator.update(np.eye(3)[predictions], targets)
+    assert accumulator.compute()["macro_f1"] == pytest.approx((4 / 5 + 2 / 3) / 3)
+    assert math.isnan(accumulator.compute()["f1_2"])
+
+
+def test_classes_absent_from_targets_and_predictions():
     # a class only predicted counts in F1 (0) but not in balanced accuracy
-    assert macro_f1([0, 0], [0, 2]) == pytest.approx((2 / 3 + 0.0) / 2)
+    assert macro_f1([0, 0], [0, 2]) == pytest.approx((2 / 3 + 0.0 + 0.0) / 3)  # class 1: in neither
+    assert macro_f1([0, 0], [0, 2], zero_division=float("nan")) == pytest.approx((2 / 3 + 0.0) / 2)
     assert balanced_accuracy([0, 0], [0, 2]) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="unknown"):
         macro_f1([-1, 0], [0, 0])
@@ -137,7 +153,8 @@ def test_scores_match_scikit_learn():
     probabilities[np.arange(40), targets] += rng.uniform(0, 0.5, 40)  # some signal
     probabilities = np.round(probabilities, 1)  # ties
     predictions = probabilities.argmax(1)
-    assert macro_f1(targets, predictions) == pytest.approx(metrics.f1_score(targets, predictions, average="macro"))
+    assert macro_f1(targets, predictions, 3) == pytest.approx(
+        metrics.f1_score(targets, predictions, labels=[0, 1, 2], average="macro", zero_division=0))
     assert balanced_accuracy(targets, predictions) == pytest.approx(metrics.balanced_accuracy_score(targets, predictions))
     assert np.array_equal(confusion_matrix(targets, predictions), metrics.confusion_matrix(targets, predictions))
     for k in range(3):

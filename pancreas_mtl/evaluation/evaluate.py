@@ -14,9 +14,12 @@ Conventions: every metric is computed on the reference file's grid with its voxe
 a prediction must have the reference's shape and affine. Dice is metrics.py's (both masks empty: 1).
 Normalised surface Dice (NSD) at ``tolerance_mm``: metrics.py's (both empty: 1, one empty: 0). HD95 is
 the larger of the two directed 95th percentiles of border-to-border distances (Metrics Reloaded,
-MONAI): 0 when both masks are empty, undefined (NaN, left out of means, counted) when one is.
-Classification scores are metrics.py's (macro F1 over the classes present, one-vs-rest AUROC).
-Confidence intervals: percentile bootstrap over cases (``bootstrap`` resamples, seeded by ``seed``).
+MONAI): 0 when both masks are empty. A miss (only one mask empty) scores the worst case, HD95 = the
+image diagonal in mm, in the per-case value and the means; ``*_miss`` in per_case.csv flags it and
+the summary counts misses beside the mean. Classification scores are metrics.py's: macro F1 over the
+``num_subtypes`` declared subtypes (one in neither reference nor prediction scores 0), one-vs-rest
+AUROC. Confidence intervals: percentile bootstrap over cases (``bootstrap`` resamples, seeded by
+``seed``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 
 SEGMENTATION_METRICS = ("whole_pancreas_dice", "lesion_dice", "whole_pancreas_nsd", "lesion_nsd",
                         "whole_pancreas_hd95", "lesion_hd95")
+STRUCTURES = ("whole_pancreas", "lesion")  # each has a ``{structure}_miss`` flag per case
 SUBTYPE_FILES = ("subtypes.json", "subtype_mapping.json", "subtype_reference.csv")
 _CHANNEL_FILE = re.compile(r"^.+_\d{4}$")
 _SUBTYPE_FOLDER = re.compile(r"^subtype(?P<subtype>\d+)$")
@@ -75,7 +79,7 @@ class EvaluationConfig:
     bootstrap: int = 1000               # bootstrap resamples for the confidence intervals; 0: none
     seed: int = 0
     plots: bool = True                  # PNG plots (needs matplotlib)
-    num_subtypes: int = 3
+    num_subtypes: int = 3               # the dataset's declared subtypes: macro scores average over all
     workers: int = 0                    # processes scoring cases; 0: in this process
     progress: bool = True
 
@@ -135,14 +139,14 @@ def _read_csv(path: str | Path, required: Sequence[str]) -> list[dict]:
         return list(reader)
 
 
-def reference_cases(gt: str | Path, subtypes: str | Path | None = None, splits: Sequence[str] | None = None
-                    ) -> dict[str, tuple[Path, int | None]]:
+def reference_cases(gt: str | Path, subtypes: str | Path | None = None, splits: Sequence[str] | None = None,
+                    num_subtypes: int = 3) -> dict[str, tuple[Path, int | None]]:
     """{case: (reference mask, subtype or None)} from a dataset root, a split folder or a folder of masks."""
     gt = Path(gt).expanduser()
     if not gt.is_dir():
         raise FileNotFoundError(f"reference folder {gt} not found")
     if (gt / "dataset.json").is_file() or any((gt / s).is_dir() for s in ("train", "validation", "test")):
-        index = discover(gt)
+        index = discover(gt, num_subtypes=num_subtypes)
         reference = {c.case_id: (c.label_path, c.subtype) for c in index.labelled
                      if splits is None or c.split in splits}
     else:
@@ -197,8 +201,9 @@ def _bootstrap_means(values: np.ndarray, resamples: np.ndarray) -> np.ndarray:
 
 def classification_scores(targets: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray | None,
                           num_subtypes: int) -> dict[str, float]:
-    """Macro F1, balanced accuracy and accuracy of the predicted subtypes, per-subtype F1 and recall, and
-    with probabilities the one-vs-rest AUROC per subtype and their mean."""
+    """Macro F1 (over all ``num_subtypes`` declared subtypes), balanced accuracy and accuracy of the
+    predicted subtypes, per-subtype F1 and recall, and with probabilities the one-vs-rest AUROC per
+    subtype and their mean."""
     scores = {"macro_f1": macro_f1(targets, predicted, num_subtypes),
               "balanced_accuracy": balanced_accuracy(targets, predicted, num_subtypes),
               "accuracy": accuracy(targets, predicted)}
@@ -217,12 +222,16 @@ def summarise(rows: list[dict], probabilities: np.ndarray | None, bootstrap: int
     """Means with percentile-bootstrap 95% intervals, per-subtype means, and the classification scores.
 
     Args:
-        rows: per-case dicts with the SEGMENTATION_METRICS, ``subtype`` and ``predicted_subtype`` (or None).
+        rows: per-case dicts with the SEGMENTATION_METRICS, the ``{structure}_miss`` flags (a missing flag
+            counts as no miss), ``subtype`` and ``predicted_subtype`` (or None).
         probabilities: (N, K) subtype probabilities in the order of ``rows``, or None.
+        num_subtypes: the declared subtypes the macro scores average over.
     """
     rng = np.random.default_rng(seed)
     n = len(rows)
-    summary: dict = {"num_cases": n, "bootstrap": {"resamples": bootstrap, "seed": seed, "interval": 0.95},
+    misses = {structure: int(sum(bool(row.get(f"{structure}_miss")) for row in rows)) for structure in STRUCTURES}
+    summary: dict = {"num_cases": n, **{f"{structure}_misses": count for structure, count in misses.items()},
+                     "bootstrap": {"resamples": bootstrap, "seed": seed, "interval": 0.95},
                      "segmentation": {}, "per_subtype": {}}
     resamples = rng.integers(0, n, size=(bootstrap, n))
     for name in SEGMENTATION_METRICS:
@@ -232,6 +241,8 @@ def summarise(rows: list[dict], probabilities: np.ndarray | None, bootstrap: int
         summary["segmentation"][name] = {
             "mean": finite_mean(values), "median": float(np.median(defined)) if defined.size else float("nan"),
             "ci_low": low, "ci_high": high, "undefined": int(n - defined.size)}
+        if name.endswith("_hd95"):  # the misses are in the mean at the image diagonal: say how many
+            summary["segmentation"][name]["misses"] = misses[name[: -len("_hd95")]]
     for subtype in sorted({row["subtype"] for row in rows if row["subtype"] is not None}):
         chosen = [row for row in rows if row["subtype"] == subtype]
         summary["per_subtype"][str(subtype)] = {
@@ -251,7 +262,8 @@ def summarise(rows: list[dict], probabilities: np.ndarray | None, bootstrap: int
                 if key in resampled:
                     boot.setdefault(key, []).append(resampled[key])
         summary["classification"] = {
-            "num_cases": int(labelled.size), **classification_scores(targets, predicted, scored, num_subtypes),
+            "num_cases": int(labelled.size), "declared_subtypes": int(num_subtypes),
+            **classification_scores(targets, predicted, scored, num_subtypes),
             "ci": {key: dict(zip(("low", "high"), _interval(np.array(values)))) for key, values in boot.items()},
             "confusion_matrix": confusion_matrix(targets, predicted, num_subtypes).tolist()}
     return summary
@@ -276,7 +288,7 @@ def evaluate(config: EvaluationConfig | dict) -> Evaluation:
     pred_dir, out = Path(cfg.pred).expanduser(), Path(cfg.out).expanduser()
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder {pred_dir} not found")
-    reference = reference_cases(cfg.gt, cfg.subtypes, list(cfg.splits) if cfg.splits else None)
+    reference = reference_cases(cfg.gt, cfg.subtypes, list(cfg.splits) if cfg.splits else None, cfg.num_subtypes)
     predictions = _masks(pred_dir)
     check_same_cases(f"the predictions in {pred_dir}", list(predictions), list(reference))
     results_path = pred_dir / "subtype_results.csv"
@@ -288,6 +300,11 @@ def evaluate(config: EvaluationConfig | dict) -> Evaluation:
     for path, table in ((results_path, predicted), (probabilities_path, probabilities)):
         if table is not None:
             check_same_cases(str(path), list(table), list(reference))
+    if probabilities is not None:
+        widths = sorted({p.size for p in probabilities.values()})
+        if widths != [cfg.num_subtypes]:
+            raise ValueError(f"{probabilities_path}: {', '.join(map(str, widths))} subtype probability columns, "
+                             f"but num_subtypes is {cfg.num_subtypes} (the declared subtypes the scores average over)")
     if predicted is None and probabilities is not None:
         predicted = {case: int(np.argmax(p)) for case, p in probabilities.items()}
 
@@ -300,13 +317,14 @@ def evaluate(config: EvaluationConfig | dict) -> Evaluation:
                "predicted_subtype": None if predicted is None else predicted[case]}
         if probabilities is not None:
             row.update({f"p{k}": float(v) for k, v in enumerate(probabilities[case])})
-        rows.append({**row, **{name: score[name] for name in SEGMENTATION_METRICS}})
+        rows.append({**row, **{name: score[name] for name in SEGMENTATION_METRICS},
+                     **{f"{structure}_miss": score[f"{structure}_miss"] for structure in STRUCTURES}})
     matrix = np.stack([probabilities[c] for c in cases]) if probabilities is not None else None
     summary = summarise(rows, matrix, cfg.bootstrap, cfg.seed, cfg.num_subtypes)
     summary["inputs"] = {"pred": str(pred_dir), "gt": str(cfg.gt), "probs": str(probabilities_path)
                          if probabilities is not None else None, "subtypes": cfg.subtypes,
                          "tolerance_mm": cfg.tolerance_mm}
-    summary["conventions"] = CONVENTIONS
+    summary["conventions"] = conventions(cfg.num_subtypes)
     write_per_case(out / "per_case.csv", rows)
     save_json(_json_safe(summary), out / "summary.json")
     if cfg.plots:
@@ -314,16 +332,23 @@ def evaluate(config: EvaluationConfig | dict) -> Evaluation:
     return Evaluation(rows, summary, matrix)
 
 
-CONVENTIONS = {
-    "grid": "metrics on the reference file's grid and voxel spacing; predictions must share shape and affine",
-    "dice": "both masks empty: 1.0; one empty: 0.0",
-    "nsd": "normalised surface Dice of border voxels at tolerance_mm; both empty: 1.0, one empty: 0.0",
-    "hd95": "max of the two directed 95th percentiles of border distances (mm); both empty: 0.0, one empty: "
-            "undefined (NaN, left out of means, counted as 'undefined')",
-    "classification": "macro F1 over subtypes present in reference or prediction; balanced accuracy over "
-                      "reference subtypes; one-vs-rest AUROC, NaN for a subtype absent from the reference",
-    "ci": "percentile bootstrap over cases, 2.5 and 97.5 percentiles",
-}
+def conventions(num_subtypes: int) -> dict[str, str]:
+    """How each number in summary.json was computed, for the reader of the file."""
+    return {
+        "grid": "metrics on the reference file's grid and voxel spacing; predictions must share shape and affine",
+        "miss": "a miss is a case where exactly one of prediction and reference is empty (missed or spurious); "
+                "it scores the worst value (Dice 0, NSD 0, HD95 the image diagonal), is flagged by *_miss in "
+                "per_case.csv and counted as *_misses",
+        "dice": "both masks empty: 1.0; one empty: 0.0",
+        "nsd": "normalised surface Dice of border voxels at tolerance_mm; both empty: 1.0, one empty: 0.0",
+        "hd95": "max of the two directed 95th percentiles of border distances (mm); both empty: 0.0, one empty "
+                "(a miss): the image diagonal in mm, sqrt(sum((shape * spacing)^2)), included in the mean",
+        "classification": f"macro F1 over the {num_subtypes} declared subtypes (num_subtypes; a subtype in "
+                          "neither reference nor prediction scores 0, scikit-learn's zero_division=0); balanced "
+                          "accuracy over reference subtypes; one-vs-rest AUROC, NaN for a subtype absent from "
+                          "the reference, macro AUROC over the defined ones",
+        "ci": "percentile bootstrap over cases, 2.5 and 97.5 percentiles",
+    }
 
 
 def _json_safe(value):
@@ -348,17 +373,25 @@ def write_per_case(path: Path, rows: list[dict]) -> None:
 
 def format_summary(summary: dict) -> str:
     """The headline numbers as a small text table."""
-    lines = [f"{summary['num_cases']} case(s)"]
+    lines = [f"{summary['num_cases']} case(s); misses (prediction or reference empty): "
+             + ", ".join(f"{structure.replace('_', ' ')} {summary.get(f'{structure}_misses', 0)}"
+                         for structure in STRUCTURES)]
     for name, values in summary["segmentation"].items():
-        undefined = f"  ({values['undefined']} undefined)" if values["undefined"] else ""
+        notes = []
+        if values.get("misses"):
+            notes.append(f"{values['misses']} miss{'es' if values['misses'] > 1 else ''} at the image diagonal")
+        if values["undefined"]:
+            notes.append(f"{values['undefined']} undefined")
         interval = f"[{values['ci_low']:.4f}, {values['ci_high']:.4f}]"
-        lines.append(f"  {name:<22} {values['mean']:8.4f}  {interval}{undefined}")
+        lines.append(f"  {name:<22} {values['mean']:8.4f}  {interval}" + (f"  ({', '.join(notes)})" if notes else ""))
     scores = summary.get("classification")
     if scores:
+        declared = scores.get("declared_subtypes")
         for name in ("macro_f1", "balanced_accuracy", "macro_auroc"):
             if name in scores:
                 ci = scores["ci"].get(name, {"low": float("nan"), "high": float("nan")})
-                lines.append(f"  {name:<22} {scores[name]:8.4f}  [{ci['low']:.4f}, {ci['high']:.4f}]")
+                note = f"  (macro over {declared} declared subtypes)" if name == "macro_f1" and declared else ""
+                lines.append(f"  {name:<22} {scores[name]:8.4f}  [{ci['low']:.4f}, {ci['high']:.4f}]{note}")
         lines.append("  confusion matrix (rows reference, columns predicted): " + str(scores["confusion_matrix"]))
     return "\n".join(lines)
 

@@ -8,11 +8,19 @@ Conventions, stated once:
 - Dice when both masks are empty is ``empty_value`` (default 1.0: predicting no lesion where there is
   none is right). Metrics Reloaded calls this case undefined; pass ``empty_value=float("nan")`` for
   nnU-Net's convention (NaN, left out of the mean). Only one mask empty gives 0.0.
+- A *miss* is a case where exactly one of prediction and reference is empty (a missed or a spurious
+  structure). It scores the worst value of every metric, so that misses pull means down rather than
+  drop out of them: Dice 0, NSD 0, HD95 the image diagonal (:func:`image_diagonal_mm`, Metrics
+  Reloaded's recommendation). Both empty is a correct "nothing there": Dice 1, NSD 1, HD95 0.
+  MONAI returns NaN in all of these cases; where both masks are non-empty our Dice, HD95 and NSD equal
+  MONAI's (tests/test_metric_parity.py).
 - Classification targets are subtypes 0..K-1; unknown subtypes (-1) must be filtered out first
-  (:class:`ClassificationMetrics` does this). Scores follow scikit-learn's defaults so numbers compare:
-  macro F1 averages over the classes present in targets or predictions, balanced accuracy is the mean
-  recall over the classes present in targets, and one-vs-rest AUROC is NaN for a class that is absent
-  from the targets (or is every target); macro AUROC averages the defined ones.
+  (:class:`ClassificationMetrics` does this). Macro F1 averages over the K declared classes (the
+  dataset's subtypes, ``num_classes``), not only those that occur: a class in neither targets nor
+  predictions scores ``zero_division`` (0, as scikit-learn's ``f1_score(labels=range(K),
+  zero_division=0)``). Balanced accuracy is the mean recall over the classes present in the targets
+  (scikit-learn's), and one-vs-rest AUROC is NaN for a class that is absent from the targets (or is
+  every target); macro AUROC averages the defined ones.
 """
 
 from __future__ import annotations
@@ -63,6 +71,21 @@ def lesion_dice(pred_labels, true_labels, lesion_label: int = LESION_LABEL, empt
     return dice(_as_numpy(pred_labels) == lesion_label, _as_numpy(true_labels) == lesion_label, empty_value)
 
 
+def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Diagonal of the image's extent in mm, ``sqrt(sum((n_i * s_i)^2))`` with ``spacing`` in the axis order
+    of ``shape``: the worst-case distance scored for a miss. It exceeds the distance between any two
+    voxel centres, so a miss always scores worse than the worst hit."""
+    if len(shape) != len(spacing):
+        raise ValueError(f"spacing {tuple(spacing)} has {len(spacing)} entries for a {len(shape)}-D shape "
+                         f"{tuple(shape)}")
+    return float(np.sqrt(sum((int(n) * float(s)) ** 2 for n, s in zip(shape, spacing))))
+
+
+def is_miss(pred_mask, true_mask) -> bool:
+    """True when exactly one of the two masks is empty: a missed or a spurious structure."""
+    return bool(_as_numpy(pred_mask).any()) != bool(_as_numpy(true_mask).any())
+
+
 def _border(mask: np.ndarray) -> np.ndarray:
     """Mask voxels with a face neighbour outside the mask (the volume's edge counts as outside)."""
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
@@ -103,17 +126,25 @@ def normalised_surface_dice(pred_mask, true_mask, spacing: Sequence[float], tole
     return within / (np.count_nonzero(pred_border) + np.count_nonzero(true_border))
 
 
-def hausdorff_distance_95(pred_mask, true_mask, spacing: Sequence[float]) -> float:
+def hausdorff_distance_95(pred_mask, true_mask, spacing: Sequence[float],
+                          miss_value: float | None = None) -> float:
     """HD95 in mm between two boolean masks with ``spacing`` in their axis order: the larger of the two
     directed 95th percentiles of distances from one border's voxels to the other border (scipy's exact
-    Euclidean distance transform; Metrics Reloaded, MONAI). 0 when both are empty, NaN when only one is."""
+    Euclidean distance transform; Metrics Reloaded, MONAI).
+
+    0 when both are empty. When only one is (a miss): ``miss_value``, by default the image diagonal
+    (:func:`image_diagonal_mm`), the worst case; ``float("nan")`` gives MONAI's "undefined".
+    """
     pred = _as_numpy(pred_mask).astype(bool, copy=False)
     true = _as_numpy(true_mask).astype(bool, copy=False)
     _same_shape(pred, true, "hausdorff_distance_95")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != pred.ndim:
+        raise ValueError(f"spacing {spacing} has {len(spacing)} entries for {pred.ndim}-D masks")
     if not pred.any() and not true.any():
         return 0.0
     if not pred.any() or not true.any():
-        return float("nan")
+        return image_diagonal_mm(pred.shape, spacing) if miss_value is None else float(miss_value)
     coords = np.argwhere(pred | true)  # every border voxel lies in this box: distances within it are exact
     box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(coords.min(0), coords.max(0)))
     pred_border, true_border = _border(pred[box]), _border(true[box])
@@ -125,7 +156,8 @@ def hausdorff_distance_95(pred_mask, true_mask, spacing: Sequence[float]) -> flo
 def segmentation_metrics(pred_labels, true_labels, spacing: Sequence[float] | None = None,
                          tolerance_mm: float = 2.0) -> dict[str, float]:
     """Whole-pancreas and lesion Dice of one case; with ``spacing``, also their surface Dice
-    (``*_nsd``) and HD95 (``*_hd95``)."""
+    (``*_nsd``), HD95 (``*_hd95``, the image diagonal for a miss) and ``*_miss`` (1 where exactly one of
+    prediction and reference is empty, so the surface scores are the worst-case stand-ins, else 0)."""
     pred, true = _as_numpy(pred_labels), _as_numpy(true_labels)
     _same_shape(pred, true, "segmentation_metrics")
     scores = {"whole_pancreas_dice": whole_pancreas_dice(pred, true), "lesion_dice": lesion_dice(pred, true)}
@@ -133,6 +165,7 @@ def segmentation_metrics(pred_labels, true_labels, spacing: Sequence[float] | No
         for name, p, t in (("whole_pancreas", pred > 0, true > 0), ("lesion", pred == LESION_LABEL, true == LESION_LABEL)):
             scores[f"{name}_nsd"] = normalised_surface_dice(p, t, spacing, tolerance_mm)
             scores[f"{name}_hd95"] = hausdorff_distance_95(p, t, spacing)
+            scores[f"{name}_miss"] = int(is_miss(p, t))
     return scores
 
 
@@ -183,9 +216,23 @@ def finite_mean(values) -> float:
     return float(defined.mean()) if defined.size else float("nan")
 
 
-def macro_f1(targets, predictions, num_classes: int | None = None) -> float:
-    """Unweighted mean of per-class F1 over the classes present in targets or predictions."""
-    return finite_mean(per_class_f1(targets, predictions, num_classes))
+def macro_f1(targets, predictions, num_classes: int | None = None, zero_division: float = 0.0) -> float:
+    """Unweighted mean of per-class F1 over the declared classes 0..K-1.
+
+    Args:
+        num_classes: K, the dataset's declared subtypes; None takes 0..the largest class seen, so pass it
+            whenever a subtype may be missing from an evaluated set.
+        zero_division: the F1 of a class in neither targets nor predictions (0/0). 0 (default) matches
+            scikit-learn's ``f1_score(labels=range(K), average="macro", zero_division=0)``: a subtype the
+            cases never show cannot raise the score. ``float("nan")`` leaves such classes out (the mean
+            over the classes present, scikit-learn's default labels), which flatters small sets.
+
+    NaN when there are no samples.
+    """
+    f1 = per_class_f1(targets, predictions, num_classes)
+    if not _as_numpy(targets).size:
+        return float("nan")
+    return finite_mean(np.where(np.isnan(f1), zero_division, f1))
 
 
 def balanced_accuracy(targets, predictions, num_classes: int | None = None) -> float:
@@ -235,8 +282,9 @@ class ClassificationMetrics:
 
     ``update(probabilities, targets)`` takes (N, K) or (K,) probabilities (softmax, or one-vs-rest
     sigmoids: the prediction is the argmax either way) and (N,) or scalar targets; cases with an
-    unknown subtype (-1) are kept out. ``compute()`` returns macro F1, balanced accuracy, accuracy, macro
-    AUROC, and per class F1, recall and AUROC (NaN where undefined), plus the number of cases.
+    unknown subtype (-1) are kept out. ``compute()`` returns macro F1 (over all ``num_classes``, as
+    :func:`macro_f1`), balanced accuracy, accuracy, macro AUROC, and per class F1, recall and AUROC (NaN
+    where undefined), plus the number of cases.
     """
 
     def __init__(self, num_classes: int = 3):
@@ -277,7 +325,7 @@ class ClassificationMetrics:
         recall = per_class_recall(targets, predictions, self.num_classes)
         auroc = per_class_auroc(probabilities, targets)
         scores = {
-            "macro_f1": finite_mean(f1),
+            "macro_f1": macro_f1(targets, predictions, self.num_classes),
             "balanced_accuracy": finite_mean(recall),
             "accuracy": accuracy(targets, predictions),
             "macro_auroc": finite_mean(auroc),

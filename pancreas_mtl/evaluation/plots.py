@@ -59,7 +59,7 @@ def write_plots(out: Path, rows: list[dict], probabilities: np.ndarray | None, s
         axis.set_ylabel("reference subtype")
         axis.set_xticks(range(len(matrix)))
         axis.set_yticks(range(len(matrix)))
-        axis.set_title(f"macro F1 {scores['macro_f1']:.3f}")
+        axis.set_title(f"macro F1 {scores['macro_f1']:.3f} over {len(matrix)} subtypes")
         figure.tight_layout()
         written.append(_save(figure, out / "confusion_matrix.png", plt))
     if probabilities is not None:
