@@ -13,7 +13,8 @@ from pathlib import Path
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a hidden temporary path beside ``path`` (same folder, so the rename is atomic) ending in
     ``suffix`` (for writers that need an extension, e.g. ".npy", ".nii.gz"); write it in the block.
-    On success it is renamed over ``path``; on any error it is removed and ``path`` is untouched.
+    On success it is renamed over ``path``; on any error it is removed and ``path`` is untouched, and the
+    error raised is the write's own (a failing clean-up, e.g. in a read-only folder, never hides it).
     The parent folder is created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,4 +23,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # nothing was written there, or the folder refuses changes: the cause is raised above

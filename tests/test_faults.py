@@ -20,6 +20,7 @@ from lightning.pytorch import Callback
 from pancreas_mtl.data.cache import build_cache, cached_entry, dataset_cache_root
 from pancreas_mtl.data.io import read_volume, write_nifti
 from pancreas_mtl.data.layout import discover
+from pancreas_mtl.inference.output_folder import finished_records
 from pancreas_mtl.data.prepare import prepare_dataset
 from pancreas_mtl.planning.planner import load_preset
 from tests.conftest import REPO_ROOT, lps_affine, make_case_arrays, write_distributed_dataset
@@ -156,7 +157,7 @@ def test_prediction_killed_mid_folder_then_rerun_completes_the_rest(tmp_path):
     try:
         deadline = time.monotonic() + 300
         while process.poll() is None and time.monotonic() < deadline:
-            if len(list((out / ".records").glob("*.json"))) >= 2:
+            if len(finished_records(out)) >= 2:
                 process.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.02)
@@ -166,7 +167,7 @@ def test_prediction_killed_mid_folder_then_rerun_completes_the_rest(tmp_path):
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
-    finished = sorted(p.stem for p in (out / ".records").glob("*.json"))
+    finished = sorted(record["case_id"] for record in finished_records(out))
     assert 2 <= len(finished) < len(names)
     # nothing under a final name is partial: every mask reads, and the tables are written only at the end
     for mask in out.glob("quiz_*.nii.gz"):

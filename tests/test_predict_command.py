@@ -43,7 +43,8 @@ def test_outputs_reruns_overwrite_and_a_corrupt_case(tmp_path):
     mtimes = {n: (out / f"{n}.nii.gz").stat().st_mtime_ns for n in names}
 
     # a rerun skips finished cases; a run killed after writing a mask but before its record redoes that case
-    (out / ".records" / "quiz_002.json").unlink()
+    (out / ".records" / "quiz_002.json").write_text('{"case_id": "quiz_002", "status": "writing", '
+                                                     '"mask": "quiz_002.nii.gz", "files": ["quiz_002.nii.gz"]}')
     summary = run_predict(args)
     assert summary.skipped == ["quiz_001", "quiz_003"] and summary.predicted == ["quiz_002"]
     assert all((out / f"{n}.nii.gz").stat().st_mtime_ns == mtimes[n] for n in ("quiz_001", "quiz_003"))

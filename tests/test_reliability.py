@@ -28,12 +28,14 @@ from pancreas_mtl.data.io import read_volume, write_nifti
 from pancreas_mtl.data.layout import Case, discover
 from pancreas_mtl.inference import runner
 from pancreas_mtl.inference.checkpoint import load_network, read_checkpoint
+from pancreas_mtl.inference.output_folder import record_path
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.runner import predict_cases
 from pancreas_mtl.inference.sliding_window import OutOfMemoryError, _Stitcher, predict_windows
 from pancreas_mtl.inference.sources import find_cases
 from pancreas_mtl.models.multitask import build_model
 from pancreas_mtl.module import AtomicCheckpointIO, build_module, step_checkpoint
+from pancreas_mtl.planning.plan import load_json
 from pancreas_mtl.planning.fingerprint import compute_fingerprint
 from tests.conftest import lps_affine, make_case_arrays
 from tests.test_module import run_config
@@ -331,7 +333,7 @@ def test_predictor_keeps_the_smaller_batch_and_export_falls_back(tmp_path, monke
     assert summary.exit_code == 0 and summary.predicted == ["quiz_001", "quiz_002"]
     assert network.calls.count(2) == 1 and predictor.sw_batch_size == 1  # the second case never tried 2
     assert len(export_calls) == 3 and "resampling on the CPU" in caplog.text
-    record = runner.load_json(runner.record_path(tmp_path / "out", "quiz_002"))
+    record = load_json(record_path(tmp_path / "out", "quiz_002"))
     assert record["sw_batch_size"] == 1
 
 

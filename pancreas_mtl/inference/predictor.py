@@ -21,6 +21,7 @@ resampled to the input grid (``Prediction.logits``; docs/inference.md says why o
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -98,12 +99,32 @@ class InferenceSettings:
                 raise ValueError(f"coarse_factor must be one number or a (z, y, x) triple, each >= 1, got {factor}")
             config["coarse_factor"] = tuple(float(f) for f in factor)
         settings = cls(**config)
-        if not 0 <= settings.overlap < 1 or not 0 <= settings.coarse_overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {settings.overlap} / coarse {settings.coarse_overlap}")
-        if settings.nnunet_compat and settings.coarse_to_fine:
-            raise ValueError("nnunet_compat reproduces nnU-Net's predictor, which has no coarse-to-fine pass; "
-                             "set coarse_to_fine: false")
+        settings.check()
         return settings
+
+    def check(self) -> None:
+        """Raise ValueError naming every setting out of range (before any case is predicted)."""
+        problems = []
+        if not 0 <= self.overlap < 1 or not 0 <= self.coarse_overlap < 1:
+            problems.append(f"overlap must be in [0, 1), got {self.overlap} / coarse {self.coarse_overlap}")
+        if isinstance(self.sw_batch_size, bool) or not isinstance(self.sw_batch_size, int) or self.sw_batch_size < 1:
+            problems.append(f"sw_batch_size must be a whole number >= 1, got {self.sw_batch_size!r}")
+        if any(axis not in (0, 1, 2) for axis in self.mirror_axes) or len(set(self.mirror_axes)) != len(self.mirror_axes):
+            problems.append("mirror_axes must be spatial axes 0 (z), 1 (y), 2 (x) without repeats, got "
+                            f"{list(self.mirror_axes)}")
+        if not self.sigma_scale > 0:
+            problems.append(f"sigma_scale must be > 0, got {self.sigma_scale}")
+        if self.roi_size is not None and (len(self.roi_size) != 3 or min(self.roi_size) < 1):
+            problems.append(f"roi_size must be null or three window sizes (z, y, x) >= 1, got {list(self.roi_size)}")
+        if not self.min_lesion_volume >= 0:
+            problems.append(f"min_lesion_volume must be >= 0, got {self.min_lesion_volume}")
+        if not self.coarse_margin_mm >= 0:
+            problems.append(f"coarse_margin_mm must be >= 0, got {self.coarse_margin_mm}")
+        if self.nnunet_compat and self.coarse_to_fine:
+            problems.append("nnunet_compat reproduces nnU-Net's predictor, which has no coarse-to-fine pass; "
+                            "set coarse_to_fine: false")
+        if problems:
+            raise ValueError(f"inference settings ({self.name}): " + "; ".join(problems))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +166,17 @@ def check_plans_match(plans: Sequence[Plan], names: Sequence[str]) -> None:
     if differences:
         raise ValueError("ensemble members must share their plan's preprocessing and outputs; these differ:\n"
                          + "\n".join(differences))
+
+
+def weights_digest(network: nn.Module) -> str:
+    """A short digest of a network's class and weights: equal for copies of one checkpoint, different for
+    any other weights."""
+    digest = hashlib.blake2b(type(network).__qualname__.encode(), digest_size=12)
+    for key, tensor in sorted(network.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass
@@ -233,6 +265,13 @@ class Predictor:
         return cls([network for network, _, _ in loaded], [plan for _, plan, _ in loaded], settings, device,
                    names=[str(path) for path in paths], **kwargs)
 
+    def identity(self) -> dict:
+        """What decides this predictor's outputs, for an output folder's record (``output_folder``): a
+        digest of each network's weights, the plan, the inference settings and the autocast precision."""
+        return {"networks": [weights_digest(member.network) for member in self.members],
+                "plan": self.plan.to_dict(), "inference": self.settings.to_dict(),
+                "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch.")}
+
     # --- steps --------------------------------------------------------------------------------------
 
     def preprocess(self, loaded: LoadedCase) -> PreprocessedCase:
@@ -299,6 +338,17 @@ class Predictor:
                     for lo, hi, k, m, s in zip(low, high, scale, margin, shape))
         return box, windows
 
+    def _coarse_pass_helps(self, shape: Sequence[int]) -> bool:
+        """Whether a coarse pass can save anything on a case of ``shape``: not when the case fits in one
+        full-resolution window of every member, nor when the coarse image is so small that a network's
+        deepest stage would see a single voxel (instance normalisation is undefined there)."""
+        coarse_shape = [max(1, round(s / f)) for s, f in zip(shape, self.settings.coarse_factor)]
+        for member in self.members:
+            if any(s > w for s, w in zip(shape, self.window_for(member, shape, shrink=False))):
+                coarse_window = self.window_for(member, coarse_shape, shrink=True)
+                return math.prod(w // d for w, d in zip(coarse_window, member.divisor)) > 1
+        return False
+
     def _at_least_one_window(self, box: tuple[tuple[int, int], ...], shape: Sequence[int]
                              ) -> tuple[tuple[int, int], ...]:
         """``box`` grown (about its centre, within the case) to at least the largest member's window, so
@@ -321,11 +371,13 @@ class Predictor:
         shape = tuple(image.shape[2:])
         box = tuple((0, s) for s in shape)
         info = {}
-        if self.settings.coarse_to_fine:
+        if self.settings.coarse_to_fine and self._coarse_pass_helps(shape):
             found, coarse_windows = self.coarse_box(image)
             info.update(coarse_found=found is not None, coarse_windows=coarse_windows)
             if found is not None:
                 box = self._at_least_one_window(found, shape)
+        elif self.settings.coarse_to_fine:
+            info.update(coarse_skipped="the case is too small for a coarse pass")
         region = tuple(slice(start, stop) for start, stop in box)
         probabilities, subtypes, windows = self._ensemble(image[(slice(None), slice(None), *region)],
                                                           self.settings.overlap, self.settings.mirror_axes)

@@ -1,9 +1,11 @@
 """Predicting a list of cases into an output folder: resumable, atomic, one bad case never stops the rest.
 
 For each case: load (``load_case`` without a mask) -> preprocess -> network(s) -> back to the input's
-grid -> optional postprocessing -> write ``{case}.nii.gz`` (and ``{case}.npz`` probabilities), then the
-case's record ``.records/{case}.json`` last. A case is finished when its record and files exist; a
-rerun skips finished cases unless ``overwrite``. The tables (``subtype_results.csv``,
+grid -> optional postprocessing -> write ``{case}.nii.gz`` (and ``{case}.npz`` probabilities) between the
+case's record marked ``writing`` and its full record (``output_folder``). A case is finished when its
+finished record and files exist; a rerun skips finished cases unless ``overwrite``. A folder whose
+files this tool did not write, or that holds another model's predictions, is refused before any case
+(``output_folder.open_output_folder``). The tables (``subtype_results.csv``,
 ``subtype_probabilities.csv``) are rebuilt from the records after every run, so a killed run followed
 by a rerun lists every case exactly once. The next case is loaded and preprocessed in a background
 thread while the current one is on the network.
@@ -31,18 +33,27 @@ from pancreas_mtl.inference.export import (
     write_mask,
     write_probabilities,
 )
+from pancreas_mtl.inference.output_folder import (
+    SUBTYPE_PROBABILITIES,
+    SUBTYPE_RESULTS,
+    TIMINGS,
+    case_records,
+    finished_records,
+    is_finished,
+    mark_finished,
+    mark_writing,
+    mask_name,
+    open_output_folder,
+    probabilities_name,
+    record_path,
+    written_files,
+)
 from pancreas_mtl.inference.postprocessing import keep_largest_components
 from pancreas_mtl.inference.predictor import Predictor
 from pancreas_mtl.inference.sliding_window import OutOfMemoryError, release_memory
-from pancreas_mtl.planning.plan import load_json, save_json
 
 log = logging.getLogger(__name__)
 
-RECORDS_DIR = ".records"
-SUBTYPE_RESULTS = "subtype_results.csv"
-SUBTYPE_PROBABILITIES = "subtype_probabilities.csv"
-TIMINGS = "timings.csv"
-MASK_SUFFIX = ".nii.gz"
 STAGES = ("load", "preprocess", "network", "export", "write")
 
 
@@ -71,21 +82,6 @@ class _Loaded:
     seconds: dict[str, float]
 
 
-def mask_name(case_id: str) -> str:
-    return f"{case_id}{MASK_SUFFIX}"
-
-
-def record_path(output_dir: Path, case_id: str) -> Path:
-    return output_dir / RECORDS_DIR / f"{case_id}.json"
-
-
-def is_finished(output_dir: Path, case_id: str, save_probabilities: bool) -> bool:
-    files = [record_path(output_dir, case_id), output_dir / mask_name(case_id)]
-    if save_probabilities:
-        files.append(output_dir / f"{case_id}.npz")
-    return all(path.is_file() for path in files)
-
-
 def _load(predictor: Predictor, case: Case) -> _Loaded:
     start = time.perf_counter()
     loaded = load_case(case)
@@ -111,20 +107,25 @@ def predict_cases(predictor: Predictor, cases: Sequence[Case], output_dir: str |
     input_folders = {path.resolve().parent for case in cases for path in case.image_paths}
     if output_dir.resolve() in input_folders:
         raise ValueError(f"output folder {output_dir} holds input images; write predictions to a folder of their own")
-    output_dir.mkdir(parents=True, exist_ok=True)
     postprocessing = dict(postprocessing or {})
+    identity = {**predictor.identity(), "postprocessing": {key: bool(value) for key, value in postprocessing.items()}}
+    open_output_folder(output_dir, [case.case_id for case in cases], identity, overwrite=overwrite,
+                       save_probabilities=save_probabilities)
     summary = RunSummary(failed=dict(problems or {}))
     for case_id, reason in summary.failed.items():
         log.error("case %s failed: %s", case_id, reason)
     todo = []
+    records = case_records(output_dir)
     for case in cases:
         if not overwrite and is_finished(output_dir, case.case_id, save_probabilities):
             summary.skipped.append(case.case_id)
             continue
-        # redone from scratch: a failure now must not leave an earlier run's files looking current
-        for path in (record_path(output_dir, case.case_id), output_dir / mask_name(case.case_id),
-                     output_dir / f"{case.case_id}.npz"):
-            path.unlink(missing_ok=True)
+        # redone from scratch: a failure now must not leave an earlier run's files looking current; only
+        # files this tool's record lists are removed (open_output_folder refused anything else)
+        if case.case_id in records:
+            for path in (*written_files(output_dir, case.case_id, records[case.case_id]),
+                         record_path(output_dir, case.case_id)):
+                path.unlink(missing_ok=True)
         todo.append(case)
     if summary.skipped:
         log.info("%d case(s) finished earlier, skipped (overwrite=true redoes them)", len(summary.skipped))
@@ -194,15 +195,18 @@ def _predict_one(predictor: Predictor, loaded: _Loaded, output_dir: Path, save_p
                                          lesion_label=predictor.lesion_channel)
     export_done = time.perf_counter()
     subtypes = None if prediction.subtype_probabilities is None else prediction.subtype_probabilities.tolist()
+    files = [mask_name(case_id)] + ([probabilities_name(case_id)] if save_probabilities else [])
+    mark_writing(output_dir, case_id, files)
     write_mask(labels, loaded.affine, output_dir / mask_name(case_id), loaded.case.image_paths[0])
     if save_probabilities:
-        write_probabilities(output_dir / f"{case_id}.npz", probabilities, subtypes)
+        write_probabilities(output_dir / probabilities_name(case_id), probabilities, subtypes)
     seconds.update(network=network_done - start, export=export_done - network_done,
                    write=time.perf_counter() - export_done)
     seconds["total"] = sum(seconds[stage] for stage in STAGES)
     record = {
         "case_id": case_id,
         "mask": mask_name(case_id),
+        "files": files,
         "subtype": None if subtypes is None else int(np.argmax(subtypes)),
         "subtype_probabilities": subtypes,
         "inputs": [str(path) for path in loaded.case.image_paths],
@@ -214,24 +218,14 @@ def _predict_one(predictor: Predictor, loaded: _Loaded, output_dir: Path, save_p
         **prediction.info,
         **run_info,
     }
-    save_json(record, record_path(output_dir, case_id))  # last: the case is finished once this exists
+    mark_finished(output_dir, record)  # last: the case is finished once this exists
     return {"case_id": case_id, **seconds, "windows": prediction.windows,
             "shape_zyx": "x".join(map(str, labels.shape))}
 
 
 def read_records(output_dir: str | Path) -> list[dict]:
     """The records of every finished case in ``output_dir`` (whose mask exists), sorted by mask name."""
-    output_dir = Path(output_dir)
-    records = []
-    for path in sorted((output_dir / RECORDS_DIR).glob("*.json")):
-        try:
-            record = load_json(path)
-        except (OSError, ValueError):
-            log.warning("unreadable record %s ignored", path)
-            continue
-        if (output_dir / record.get("mask", "")).is_file():
-            records.append(record)
-    return sorted(records, key=lambda r: r["mask"])
+    return finished_records(output_dir)
 
 
 def write_tables(output_dir: str | Path) -> None:
