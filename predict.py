@@ -32,8 +32,11 @@ def _as_list(value) -> list:
 
 def predict(cfg: DictConfig) -> RunSummary:
     """The whole run for a composed config; returns what was predicted, skipped and failed."""
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
+    threads = cfg.get("num_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"num_threads must be null or a whole number >= 1, got {threads!r}")
+    if threads:
+        torch.set_num_threads(threads)
     settings = InferenceSettings.from_config(OmegaConf.to_container(cfg.inference, resolve=True))
     checkpoints = _as_list(cfg.ckpt)
     predictor = Predictor.from_checkpoints(checkpoints, settings, device=cfg.device, precision=cfg.precision,

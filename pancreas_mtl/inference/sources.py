@@ -10,12 +10,15 @@ Accepted inputs (one, or a list mixing them):
   ignored, and a folder with no channel files at all holds one single-channel case per file;
 - image files, named either way.
 
-Structural problems (a missing channel, a case found twice) are returned per case, so that case fails
-alone and the others are still predicted.
+Structural problems (a missing channel, a case found twice, a broken symbolic link) are returned per
+case, so that case fails alone and the others are still predicted. Hidden files (``.name``, e.g. macOS's
+``._`` copies) are skipped with a warning naming them.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -23,6 +26,8 @@ from pathlib import Path
 
 from pancreas_mtl.data.io import image_suffix, strip_suffix
 from pancreas_mtl.data.layout import SPLITS, Case, discover
+
+log = logging.getLogger(__name__)
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _SUBTYPE_FOLDER = re.compile(r"^subtype\d+$")
@@ -33,7 +38,18 @@ def is_dataset_root(folder: Path) -> bool:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and image_suffix(p) and not p.name.startswith("."))
+    """Image files of a folder, broken symbolic links included (their case fails, named); hidden files are
+    skipped with a warning."""
+    named = [p for p in folder.iterdir() if image_suffix(p) and (p.is_file() or _broken_link(p))]
+    hidden = sorted(p.name for p in named if p.name.startswith("."))
+    if hidden:
+        log.warning("%s: %d hidden image file(s) skipped: %s", folder, len(hidden), ", ".join(hidden[:5]))
+    return sorted(p for p in named if not p.name.startswith("."))
+
+
+def _broken_link(path: Path) -> bool:
+    """A symbolic link whose target does not exist or that loops back on itself."""
+    return path.is_symlink() and not path.exists()
 
 
 def _folder_images(folder: Path) -> list[Path]:
@@ -52,6 +68,10 @@ def _cases_from_files(files: Sequence[Path], drop_unnumbered: bool) -> tuple[lis
     numbered = [p for p in files if _CHANNEL_FILE.match(strip_suffix(p))]
     for path in files:
         match = _CHANNEL_FILE.match(strip_suffix(path))
+        if _broken_link(path):
+            case_id = match["case"] if match else strip_suffix(path)
+            problems[case_id] = (f"{path} is a symbolic link to {os.readlink(path)}, which does not exist or "
+                                 "links back to itself")
         if match is None:
             if drop_unnumbered and numbered:
                 continue
@@ -87,13 +107,23 @@ def find_cases(inputs: str | Path | Sequence[str | Path], splits: Sequence[str] 
     paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     if not paths:
         raise ValueError("no input given")
+    paths = [path.expanduser() for path in paths]
+    if splits is not None:
+        roots = [path for path in paths if path.is_dir() and is_dataset_root(path)]
+        plain = [str(path) for path in paths if path not in roots]
+        if not roots:
+            raise ValueError(f"input_splits={list(splits)} selects splits of a dataset root (a folder with "
+                             f"dataset.json or train/validation/test), but {', '.join(plain)} is not one; point "
+                             "input at the dataset root, or drop input_splits")
+        if plain:
+            log.warning("input_splits applies to dataset roots only; every image of %s is predicted", ", ".join(plain))
     cases: dict[str, Case] = {}
     problems: dict[str, str] = {}
     loose_files: list[Path] = []
     for path in paths:
-        path = path.expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"input {path} not found")
+            raise FileNotFoundError(f"input {path} not found" + (" (a broken symbolic link)" if path.is_symlink()
+                                                                  else ""))
         found: list[Case] = []
         if path.is_dir() and is_dataset_root(path):
             index = discover(path)
@@ -106,6 +136,8 @@ def find_cases(inputs: str | Path | Sequence[str | Path], splits: Sequence[str] 
             found, folder_problems = _cases_from_files(_folder_images(path), drop_unnumbered=True)
             problems.update(folder_problems)
         elif image_suffix(path):
+            if path.name.startswith("."):
+                log.warning("input %s is a hidden file; predicted because it was named", path)
             loose_files.append(path)
             continue
         else:
