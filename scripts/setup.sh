@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Create the project's virtual environment and install pancreas_mtl into it (idempotent).
 #
-# On a machine without CUDA the CPU build of torch is installed first, pinned, so that nothing
-# later pulls a multi-GB CUDA build through torch's open version range. Machines with CUDA get
-# pip's usual torch build.
+# On a machine without CUDA the CPU build of torch is installed first, pinned, from PyTorch's CPU wheel
+# index (the default index serves a multi-GB CUDA build even for a pin), falling back to the default
+# index where the CPU index cannot be reached; nothing later pulls a CUDA build through torch's open
+# version range. Machines with CUDA get pip's usual torch build.
 #
 #   scripts/setup.sh            runtime dependencies
 #   scripts/setup.sh dev        plus the test dependencies
 #
 # Environment: PYTHON (interpreter, default python3), VENV (default .venv),
-# TORCH_CPU_VERSION (default 2.13.0), TORCH_INDEX_URL (optional index for the CPU wheel).
+# TORCH_CPU_VERSION (default 2.13.0), TORCH_INDEX_URL (forces the index for the CPU wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +29,10 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 
 if ! command -v nvidia-smi >/dev/null 2>&1 && ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     echo "setup: no CUDA on this machine, installing the CPU build torch==$torch_cpu_version first"
-    "${pip[@]}" install -q "torch==$torch_cpu_version" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+    # PyTorch's CPU wheel index when it answers, else the default index (scripts/torch_source.py)
+    torch_args=()
+    while IFS= read -r arg; do torch_args+=("$arg"); done < <("$venv/bin/python" scripts/torch_source.py "$torch_cpu_version")
+    "${pip[@]}" install -q "${torch_args[@]}"
 fi
 
 target="."
