@@ -16,6 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.runner import RunSummary, predict_cases
 from pancreas_mtl.inference.sources import find_cases
@@ -40,7 +41,8 @@ def predict(cfg: DictConfig) -> RunSummary:
     settings = InferenceSettings.from_config(OmegaConf.to_container(cfg.inference, resolve=True))
     checkpoints = _as_list(cfg.ckpt)
     predictor = Predictor.from_checkpoints(checkpoints, settings, device=cfg.device, precision=cfg.precision,
-                                           tf32=cfg.tf32, channels_last=cfg.channels_last)
+                                           tf32=cfg.tf32, channels_last=cfg.channels_last,
+                                           limits=InputLimits.from_config(cfg.limits))
     splits = _as_list(cfg.get("input_splits")) or None
     cases, problems = find_cases(_as_list(cfg.input), splits)
     log.info("%d case(s) to predict with %d network(s) on %s, preset %s (overlap %g, mirror axes %s%s)",

@@ -81,3 +81,15 @@ def test_fastest_on_an_image_smaller_than_the_coarse_network_needs(tmp_path, sha
     prediction = predictor.predict_preprocessed(np.random.default_rng(0).normal(size=(1, *shape)).astype(np.float32))
     assert tuple(prediction.probabilities.shape) == (3, *shape)
     assert prediction.info == {"coarse_skipped": "the case is too small for a coarse pass"}
+
+
+def test_prediction_applies_the_configured_input_limits(tmp_path):
+    folder = tmp_path / "in"
+    names = write_cases(folder, count=1)
+    checkpoint = save_checkpoint(tmp_path / "c.ckpt", tiny_plan())
+    args = [f"ckpt={checkpoint}", f"input={folder}", f"output={tmp_path / 'out'}"]
+    summary = run_predict([*args, "limits.max_spacing_mm=1.0"])  # the cases have 2 mm slices
+    assert summary.exit_code == 1 and list(summary.failed) == names
+    assert "spacing" in summary.failed[names[0]] and "1" in summary.failed[names[0]]
+    summary = run_predict([*args, "limits.max_resampled_voxels=100"])
+    assert list(summary.failed) == names and "max_resampled_voxels" in summary.failed[names[0]]

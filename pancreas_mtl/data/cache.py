@@ -24,6 +24,7 @@ from pancreas_mtl.data.cached_case import CachedCase
 from pancreas_mtl.data.checks import load_case
 from pancreas_mtl.data.errors import DataError, DatasetError, Problem
 from pancreas_mtl.data.layout import Case, DatasetIndex
+from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.data.preprocessing import preprocess, sample_foreground_locations
 from pancreas_mtl.parallel import map_with_progress
 from pancreas_mtl.planning.plan import Plan, load_json, save_json
@@ -71,13 +72,15 @@ def cached_entry(folder: Path, case: Case, plan_key: str) -> CachedCase | None:
         return None
 
 
-def build_entry(case: Case, plan: Plan, folder: Path, seed: int = 0) -> CachedCase | Problem:
+def build_entry(case: Case, plan: Plan, folder: Path, seed: int = 0, limits: InputLimits | None = None
+                ) -> CachedCase | Problem:
     """Preprocess one case into ``folder``; a bad case comes back as a Problem instead of raising."""
+    limits = limits or InputLimits()
     try:
-        loaded = load_case(case, set(plan.labels.values()))
+        loaded = load_case(case, set(plan.labels.values()), limits)
+        result = preprocess(loaded, plan, max_resampled_voxels=limits.max_resampled_voxels)
     except DataError as error:
         return Problem.from_error(error)
-    result = preprocess(loaded, plan)
     _save_npy(result.image, folder / f"{case.case_id}_image.npy")
     label_voxel_counts = {}
     if result.seg is not None:
@@ -108,8 +111,11 @@ def build_entry(case: Case, plan: Plan, folder: Path, seed: int = 0) -> CachedCa
 
 
 def build_cache(index: DatasetIndex, plan: Plan, cache_root: str | Path, *, cases: list[Case] | None = None,
-                num_workers: int = 0, progress: bool = True, seed: int = 0) -> list[CachedCase]:
+                num_workers: int = 0, progress: bool = True, seed: int = 0,
+                limits: InputLimits | None = None) -> list[CachedCase]:
     """Preprocess every case not yet cached for this plan; returns the cached cases in index order.
+
+    ``limits`` (``data.limits``; None: the defaults) bound the spacing and the sizes read and resampled.
 
     Raises DatasetError listing every case that could not be preprocessed; the good ones stay cached.
     """
@@ -126,8 +132,9 @@ def build_cache(index: DatasetIndex, plan: Plan, cache_root: str | Path, *, case
             todo.append(case)
         else:
             entries[case.case_id] = entry
-    built = map_with_progress(build_entry, [(case, plan, folder, seed) for case in todo], num_workers=num_workers,
-                              desc=f"preprocess ({len(entries)} cached)", progress=progress)
+    built = map_with_progress(build_entry, [(case, plan, folder, seed, limits) for case in todo],
+                              num_workers=num_workers, desc=f"preprocess ({len(entries)} cached)",
+                              progress=progress)
     problems = [result for result in built if isinstance(result, Problem)]
     entries.update({result.case_id: result for result in built if isinstance(result, CachedCase)})
     if problems:

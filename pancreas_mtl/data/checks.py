@@ -1,8 +1,9 @@
-"""Loading one case with its content checked: geometry, finiteness and label hygiene.
+"""Loading one case with its content checked: size, geometry, finiteness and label hygiene.
 
 Every check raises a DataError naming the case, the file and what was expected versus found. The
 fingerprint pass loads every case through ``load_case`` and collects the errors of all cases, so a
-dataset check reports every problem at once.
+dataset check reports every problem at once. The plausible spacing range and the largest image come
+from ``InputLimits`` (``data.limits`` in the config).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from pancreas_mtl.data.errors import DataError
 from pancreas_mtl.data.io import Volume, read_volume
 from pancreas_mtl.data.layout import Case
+from pancreas_mtl.data.limits import InputLimits, config_key
 
 # Labels stored as floats (the real data has 1.0000153) are rounded when this close to an integer.
 LABEL_ROUNDING_TOLERANCE = 1e-3
@@ -42,8 +44,10 @@ class LoadedCase:
         return Volume(self.image[0], self.affine).spacing
 
 
-def check_geometry(volume: Volume, path: Path) -> None:
-    """A usable 3D grid: at least 3 voxels per axis, positive spacing, orthogonal axes, finite values."""
+def check_geometry(volume: Volume, path: Path, limits: InputLimits | None = None) -> None:
+    """A usable 3D grid: at least 3 voxels per axis, spacing within the plausible CT range of ``limits``
+    (default ``InputLimits()``), orthogonal axes, finite values."""
+    limits = limits or InputLimits()
     if min(volume.shape) < MIN_VOXELS_PER_AXIS:
         raise DataError(path, f"expected at least {MIN_VOXELS_PER_AXIS} voxels along every axis, "
                               f"found shape (z, y, x) {volume.shape}")
@@ -53,6 +57,14 @@ def check_geometry(volume: Volume, path: Path) -> None:
     spacing = np.asarray(volume.spacing)
     if np.any(spacing <= 1e-6):
         raise DataError(path, f"expected positive voxel spacing, found (z, y, x) {tuple(spacing.round(6))} mm")
+    # the relative slack keeps a header's float32 0.1 or 20 (or a rotated affine's column norm) inside
+    low, high = limits.min_spacing_mm, limits.max_spacing_mm
+    if np.any(spacing < low * (1 - 1e-6)) or np.any(spacing > high * (1 + 1e-6)):
+        found = tuple(float(f"{s:.6g}") for s in spacing)
+        raise DataError(path, f"expected voxel spacing from {low:g} to {high:g} mm along every axis, "
+                              f"found (z, y, x) {found} mm; a wrong unit in the header (NIfTI xyzt_units) is "
+                              f"the usual cause; else widen the range ({config_key('min_spacing_mm')}, "
+                              f"likewise max_spacing_mm)")
     directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
     off_diagonal = np.abs(directions.T @ directions - np.eye(3)).max()
     if off_diagonal > 1e-3:
@@ -96,14 +108,20 @@ def same_grid(a: Volume, b: Volume) -> bool:
     return a.shape == b.shape and np.allclose(a.affine, b.affine, rtol=1e-4, atol=AFFINE_ATOL_MM)
 
 
-def load_case(case: Case, allowed_labels: set[int] | None = None) -> LoadedCase:
-    """Read and check all channels and the mask of a case; raises DataError naming case and file."""
+def load_case(case: Case, allowed_labels: set[int] | None = None,
+              limits: InputLimits | None = None) -> LoadedCase:
+    """Read and check all channels and the mask of a case; raises DataError naming case and file.
+
+    Args:
+        limits: plausible spacing and the most voxels a file may declare; None: ``InputLimits()``.
+    """
     allowed_labels = allowed_labels if allowed_labels is not None else {0, 1, 2}
+    limits = limits or InputLimits()
     try:
         channels: list[Volume] = []
         for path in case.image_paths:
-            volume = read_volume(path)
-            check_geometry(volume, path)
+            volume = read_volume(path, max_voxels=limits.max_image_voxels)
+            check_geometry(volume, path, limits)
             check_finite(volume.array, path)
             check_not_constant(volume.array, path)
             if channels and not same_grid(channels[0], volume):
@@ -113,7 +131,7 @@ def load_case(case: Case, allowed_labels: set[int] | None = None) -> LoadedCase:
         reference = channels[0]
         seg = None
         if case.label_path is not None:
-            mask = read_volume(case.label_path)
+            mask = read_volume(case.label_path, max_voxels=limits.max_image_voxels)
             if mask.shape != reference.shape:
                 raise DataError(case.label_path, f"mask shape (z, y, x) {mask.shape} differs from image "
                                                  f"{reference.shape} ({case.image_paths[0].name})")

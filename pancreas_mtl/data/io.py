@@ -1,9 +1,14 @@
 """Reading and writing 3D images: NIfTI through nibabel, NRRD/MHA through SimpleITK.
 
 Axis order is where this code meets the files. On disk (NIfTI) voxels are indexed (x, y, z) = (i, j, k)
-and the affine maps (i, j, k, 1) to RAS+ millimetres. In memory every array of this project is
-(Z, Y, X): ``array[k, j, i]``. The affine is kept exactly as the file has it, so a mask written back
-with it lands on the input's grid.
+and the affine maps (i, j, k, 1) to RAS+ coordinates in the header's spatial unit (``xyzt_units``:
+metres, millimetres or micrometres; unknown counts as millimetres). In memory every array of this
+project is (Z, Y, X): ``array[k, j, i]``, and every affine is in millimetres: the file's affine scaled
+by its unit and otherwise kept exactly as the file has it. ``write_nifti`` with the source's header
+scales it back, so a mask written beside its image has the image's header and affine.
+
+A file is refused before its voxels are read when its header declares more voxels than a limit
+(``InputLimits.max_image_voxels``): a small ``.nii.gz`` can declare an array larger than the memory.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 
 from pancreas_mtl.atomic import atomic_path
 from pancreas_mtl.data.errors import DataError
+from pancreas_mtl.data.limits import InputLimits, config_key
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -27,6 +33,9 @@ SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 # ITK stores geometry in LPS; NIfTI affines are RAS.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
+# Millimetres per NIfTI spatial unit (header ``xyzt_units``); ITK geometry is always in mm.
+_MM_PER_NIFTI_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
+
 
 @dataclass
 class Volume:
@@ -34,7 +43,8 @@ class Volume:
 
     Attributes:
         array: voxels, shape (Z, Y, X), dtype as stored in the file.
-        affine: 4x4 matrix mapping voxel index (x, y, z, 1) to RAS+ mm, as NIfTI stores it.
+        affine: 4x4 matrix mapping voxel index (x, y, z, 1) to RAS+ mm, as NIfTI stores it (scaled to mm
+            from the header's spatial unit).
     """
 
     array: np.ndarray
@@ -69,9 +79,15 @@ def strip_suffix(path: str | Path) -> str:
     return name[: -len(suffix)] if suffix else name
 
 
-def read_volume(path: str | Path) -> Volume:
-    """Read a 3D image; every failure is a DataError that names the file and the reason."""
+def read_volume(path: str | Path, max_voxels: int | None = None) -> Volume:
+    """Read a 3D image; every failure is a DataError that names the file and the reason.
+
+    Args:
+        max_voxels: most voxels the header may declare, checked before the voxels are read; None:
+            ``InputLimits().max_image_voxels`` (``data.limits.max_image_voxels`` in the config).
+    """
     path = Path(path)
+    max_voxels = InputLimits().max_image_voxels if max_voxels is None else int(max_voxels)
     suffix = image_suffix(path)
     if suffix is None:
         raise DataError(path, f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
@@ -80,20 +96,50 @@ def read_volume(path: str | Path) -> Volume:
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty (0 bytes)")
     if suffix in NIFTI_SUFFIXES:
-        array, affine = _read_nifti(path)
+        array, affine = _read_nifti(path, max_voxels)
     else:
-        array, affine = _read_itk(path)
+        array, affine = _read_itk(path, max_voxels)
     if array.ndim != 3:
         raise DataError(path, f"expected a 3D image, found {array.ndim}D with shape {tuple(array.shape)} (x, y, z, ...)")
     return Volume(array=array, affine=affine)
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def check_declared_size(path: Path, shape_xyz: tuple[int, ...], max_voxels: int) -> None:
+    """Refuse an image whose declared shape (file order, x y z ...) has more than ``max_voxels`` voxels."""
+    voxels = int(np.prod([int(s) for s in shape_xyz], dtype=np.float64))
+    if voxels > max_voxels:
+        raise DataError(path, f"header declares shape (x, y, z) {tuple(int(s) for s in shape_xyz)}, "
+                              f"{voxels:,} voxels, expected at most {max_voxels:,}; raise "
+                              f"{config_key('max_image_voxels')} for a genuinely larger image")
+
+
+def mm_per_header_unit(header) -> float:
+    """Millimetres per unit of a NIfTI header's affine (``xyzt_units``); 1 for unknown or invalid codes."""
     try:
-        image = nib.load(str(path))
+        unit = header.get_xyzt_units()[0]
+    except (AttributeError, KeyError):  # not a NIfTI header, or a unit code NIfTI does not define
+        return 1.0
+    return _MM_PER_NIFTI_UNIT.get(unit, 1.0)
+
+
+def _unreadable_nifti(path: Path, exc: Exception) -> DataError:
+    return DataError(path, "cannot read NIfTI, the file is truncated or not an image "
+                           f"({type(exc).__name__}: {exc})")
+
+
+def _read_nifti(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    unreadable = (EOFError, zlib.error, OSError, ValueError, nib.filebasedimages.ImageFileError)
+    try:
+        image = nib.load(str(path))  # the header only; the voxels are read below
+    except unreadable as exc:
+        raise _unreadable_nifti(path, exc) from exc
+    check_declared_size(path, image.shape, max_voxels)
+    try:
         data = np.asanyarray(image.dataobj)
-    except (EOFError, zlib.error, OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        raise DataError(path, f"cannot read NIfTI, the file is truncated or not an image ({type(exc).__name__}: {exc})") from exc
+    except unreadable as exc:
+        raise _unreadable_nifti(path, exc) from exc
+    affine = np.asarray(image.affine, dtype=np.float64).copy()
+    affine[:3, :] *= mm_per_header_unit(image.header)
     header_spacing = _raw_pixdim(path)
     if header_spacing is not None and (np.any(header_spacing <= 0) or not np.all(np.isfinite(header_spacing))):
         raise DataError(path, f"header voxel spacing (pixdim, x y z) must be positive, found {tuple(header_spacing)}")
@@ -101,8 +147,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        return data, image.affine
-    return np.ascontiguousarray(data.transpose(2, 1, 0)), np.asarray(image.affine, dtype=np.float64)
+        return data, affine
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), affine
 
 
 def _raw_pixdim(path: Path) -> np.ndarray | None:
@@ -121,13 +167,17 @@ def _raw_pixdim(path: Path) -> np.ndarray | None:
     return None
 
 
-def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_itk(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         import SimpleITK as sitk
     except ImportError as exc:
         raise DataError(path, "reading .nrrd/.mha needs SimpleITK: pip install 'pancreas_mtl[itk]'") from exc
     try:
-        image = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # the header only
+        check_declared_size(path, reader.GetSize(), max_voxels)
+        image = reader.Execute()
     except RuntimeError as exc:
         raise DataError(path, f"cannot read image, the file is truncated or not an image ({exc})") from exc
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
@@ -143,11 +193,16 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, header: nib.Nifti1Header | None = None) -> Path:
     """Write a (Z, Y, X) array as NIfTI atomically: a temporary name in the same folder, then a rename.
 
+    ``affine`` is in mm (as ``read_volume`` returns it); with a ``header`` whose spatial unit is not mm
+    it is stored in that unit, so a mask written with its image's header has the image's affine.
     A reader never sees a half-written file under ``path``, even if the process is killed.
     """
     path = Path(path)
     if image_suffix(path) not in NIFTI_SUFFIXES:
         raise ValueError(f"{path}: write_nifti writes .nii.gz or .nii, not {path.suffix}")
+    if header is not None:
+        affine = np.asarray(affine, dtype=np.float64).copy()
+        affine[:3, :] /= mm_per_header_unit(header)
     image = nib.Nifti1Image(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)), affine, header=header)
     image.set_data_dtype(array.dtype)
     with atomic_path(path, suffix=image_suffix(path)) as tmp:

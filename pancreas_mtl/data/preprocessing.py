@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from pancreas_mtl.data.checks import LoadedCase
+from pancreas_mtl.data.errors import DataError
+from pancreas_mtl.data.limits import InputLimits, config_key
 from pancreas_mtl.data.resampling import resample_image, resample_segmentation, resampled_shape, separate_axis
 from pancreas_mtl.planning.fingerprint import nonzero_bbox
 from pancreas_mtl.planning.plan import ChannelNormalization, Plan
@@ -58,13 +60,40 @@ def crop(array: np.ndarray, bbox: tuple[tuple[int, int], ...]) -> np.ndarray:
     return array[(..., *(slice(start, stop) for start, stop in bbox))]
 
 
-def preprocess(loaded: LoadedCase, plan: Plan, image_order: int = 1) -> PreprocessedCase:
+def check_resampled_size(loaded: LoadedCase, crop_shape: tuple[int, ...], target_spacing, max_voxels: int
+                          ) -> tuple[int, ...]:
+    """The (z, y, x) shape of the cropped case at ``target_spacing``; a DataError naming the case, its
+    spacing, the target spacing and the shape when that shape has more than ``max_voxels`` voxels."""
+    spacing = loaded.spacing
+    new_shape = resampled_shape(crop_shape, spacing, target_spacing)
+    voxels = int(np.prod(new_shape, dtype=np.float64))
+    if voxels > max_voxels:
+        source = tuple(round(s, 4) for s in spacing)
+        target = tuple(round(float(t), 4) for t in target_spacing)
+        raise DataError(loaded.case.image_paths[0],
+                        f"resampling from spacing (z, y, x) {source} mm to the plan's {target} mm would "
+                        f"give shape {new_shape} (crop {tuple(crop_shape)}), {voxels:,} voxels per channel, "
+                        f"expected at most {max_voxels:,}; raise {config_key('max_resampled_voxels')} if it "
+                        f"fits in memory",
+                        loaded.case.case_id)
+    return new_shape
+
+
+def preprocess(loaded: LoadedCase, plan: Plan, image_order: int = 1, *,
+               max_resampled_voxels: int | None = None) -> PreprocessedCase:
     """Crop, normalise and resample a loaded case to the plan's target spacing; the image linearly
-    (``image_order`` 1, as training's cache does) or with nnU-Net's cubic resampling (3)."""
+    (``image_order`` 1, as training's cache does) or with nnU-Net's cubic resampling (3).
+
+    ``max_resampled_voxels`` (None: ``InputLimits().max_resampled_voxels``) bounds the voxels per
+    channel at the target spacing; a larger case is a DataError before anything is allocated.
+    """
+    if max_resampled_voxels is None:
+        max_resampled_voxels = InputLimits().max_resampled_voxels
     spacing = loaded.spacing
     bbox = nonzero_bbox(loaded.image)
+    crop_shape = tuple(stop - start for start, stop in bbox)
+    new_shape = check_resampled_size(loaded, crop_shape, plan.target_spacing, max_resampled_voxels)
     image = normalize(crop(loaded.image, bbox), plan.normalization)
-    new_shape = resampled_shape(image.shape[1:], spacing, plan.target_spacing)
     axis = separate_axis(spacing, plan.target_spacing)
     with torch.inference_mode():
         image = resample_image(torch.from_numpy(image), new_shape, axis, image_order).numpy()

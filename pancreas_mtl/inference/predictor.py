@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from pancreas_mtl.data.checks import LoadedCase
 from pancreas_mtl.data.errors import DataError
+from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.data.preprocessing import PreprocessedCase, preprocess
 from pancreas_mtl.inference.checkpoint import load_network
 from pancreas_mtl.inference.sliding_window import predict_windows
@@ -224,12 +225,14 @@ class Predictor:
         tf32: TF32 matmuls/convolutions on GPUs.
         channels_last: channels-last 3D weights and windows (recent GPUs).
         names: a name per network (checkpoint paths), for errors and records.
+        limits: plausible input spacing and the most voxels read or resampled (``conf/limits/``);
+            None: :class:`InputLimits` defaults.
     """
 
     def __init__(self, networks: Sequence[nn.Module], plans: Plan | Sequence[Plan],
                  settings: InferenceSettings | None = None, device: str | torch.device = "auto",
                  precision: str = "auto", tf32: bool = True, channels_last: bool = False,
-                 names: Sequence[str] | None = None):
+                 names: Sequence[str] | None = None, limits: InputLimits | None = None):
         if not networks:
             raise ValueError("no network to predict with")
         plans = [plans] * len(networks) if isinstance(plans, Plan) else list(plans)
@@ -239,6 +242,7 @@ class Predictor:
         check_plans_match(plans, names)
         self.plan = plans[0]
         self.settings = settings or InferenceSettings()
+        self.limits = limits or InputLimits()
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.memory_format = torch.channels_last_3d if channels_last else None
@@ -279,7 +283,8 @@ class Predictor:
         if loaded.image.shape[0] != self.plan.num_input_channels:
             raise DataError(loaded.case.image_paths[0], f"the network reads {self.plan.num_input_channels} "
                             f"channel(s), the case has {loaded.image.shape[0]}", loaded.case.case_id)
-        return preprocess(loaded, self.plan, image_order=3 if self.settings.nnunet_compat else 1)
+        return preprocess(loaded, self.plan, image_order=3 if self.settings.nnunet_compat else 1,
+                          max_resampled_voxels=self.limits.max_resampled_voxels)
 
     def window_for(self, member: Member, shape: Sequence[int], shrink: bool | None = None) -> tuple[int, int, int]:
         """The window for a region of ``shape``: the configured one or the plan's patch, shrunk to the

@@ -84,7 +84,7 @@ class _Loaded:
 
 def _load(predictor: Predictor, case: Case) -> _Loaded:
     start = time.perf_counter()
-    loaded = load_case(case)
+    loaded = load_case(case, limits=predictor.limits)
     loaded_at = time.perf_counter()
     preprocessed = predictor.preprocess(loaded)
     return _Loaded(case, loaded.affine, preprocessed,

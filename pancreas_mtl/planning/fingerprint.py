@@ -17,6 +17,7 @@ import numpy as np
 from pancreas_mtl.data.checks import load_case
 from pancreas_mtl.data.errors import DataError, DatasetError, Problem
 from pancreas_mtl.data.layout import Case, DatasetIndex
+from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.parallel import map_with_progress
 from pancreas_mtl.planning.plan import ChannelIntensity, Fingerprint, load_json, save_json
 
@@ -58,9 +59,10 @@ class _CaseStats:
     problem: Problem | None = None
 
 
-def _case_stats(case: Case, allowed_labels: set[int], samples_per_case: int, seed: int) -> _CaseStats:
+def _case_stats(case: Case, allowed_labels: set[int], samples_per_case: int, seed: int,
+                limits: InputLimits | None = None) -> _CaseStats:
     try:
-        loaded = load_case(case, allowed_labels)
+        loaded = load_case(case, allowed_labels, limits)
     except DataError as error:
         return _CaseStats(case.case_id, problem=Problem.from_error(error))
     box = nonzero_bbox(loaded.image)
@@ -88,12 +90,17 @@ def _intensity(samples: np.ndarray) -> ChannelIntensity:
 
 
 def compute_fingerprint(index: DatasetIndex, *, num_workers: int = 0, samples_per_case: int = 10_000,
-                        seed: int = 1234, progress: bool = True) -> Fingerprint:
-    """Fingerprint of the labelled cases; raises DatasetError listing every problem found."""
+                        seed: int = 1234, progress: bool = True,
+                        limits: InputLimits | None = None) -> Fingerprint:
+    """Fingerprint of the labelled cases; raises DatasetError listing every problem found.
+
+    ``limits`` (``data.limits``; None: the defaults) are the plausible spacing and largest image.
+    """
     cases = index.labelled
     if not cases:
         raise DatasetError([Problem(None, index.root, "no labelled cases to fingerprint")], index.root)
-    stats = map_with_progress(_case_stats, [(case, index.label_values, samples_per_case, seed) for case in cases],
+    stats = map_with_progress(_case_stats,
+                              [(case, index.label_values, samples_per_case, seed, limits) for case in cases],
                               num_workers=num_workers, desc="fingerprint", progress=progress)
     problems = [s.problem for s in stats if s.problem is not None]
     problems += [Problem(s.case_id, None, "mask has no foreground (no pancreas and no lesion)")
