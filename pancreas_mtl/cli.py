@@ -36,15 +36,19 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from pancreas_mtl.data.layout import discover
+    from pancreas_mtl.data.limits import InputLimits
     from pancreas_mtl.planning.fingerprint import compute_fingerprint
 
     index = discover(args.root, num_subtypes=args.num_subtypes)
     splits = Counter(case.split for case in index.cases)
     print(f"{index.root}: {index.layout} layout, channels {index.channel_names}, labels {index.labels}")
     print("cases: " + ", ".join(f"{split} {count}" for split, count in sorted(splits.items())))
-    fingerprint = compute_fingerprint(index, num_workers=args.workers)
+    limits = InputLimits()  # the defaults of data.limits (conf/limits/default.yaml)
+    fingerprint = compute_fingerprint(index, num_workers=args.workers, limits=limits)
     spacings = sorted(fingerprint.spacings)
-    print(f"all {len(fingerprint.case_ids)} labelled case(s) readable and consistent")
+    print(f"all {len(fingerprint.case_ids)} labelled case(s) readable and consistent (spacing "
+          f"{limits.min_spacing_mm:g} to {limits.max_spacing_mm:g} mm, at most "
+          f"{limits.max_image_voxels:,} voxels)")
     print(f"subtypes: {fingerprint.subtype_counts}; label voxels: {fingerprint.label_voxel_counts}")
     print(f"spacing (z, y, x) median {spacings[len(spacings) // 2]}")
     for channel, stats in zip(index.channel_names.values(), fingerprint.intensity):
@@ -59,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="write the built-in synthetic CT dataset (distributed layout)")
     generate.add_argument("--size", default="default", help="preset in conf/synthetic/: tiny, default or full")
-    generate.add_argument("--out", required=True, help="folder to write the dataset into")
+    generate.add_argument("--out", required=True,
+                          help="folder to write the dataset into: new, empty, or one it generated")
     generate.add_argument("--seed", type=int, default=None, help="overrides the preset's seed")
-    generate.add_argument("--overwrite", action="store_true", help="regenerate even if the folder is complete")
+    generate.add_argument("--overwrite", action="store_true",
+                          help="replace a dataset the generator wrote there: only the files its "
+                               "synthetic.json lists are removed; a folder holding anything else is "
+                               "refused either way")
     generate.set_defaults(run=_generate)
 
     convert = commands.add_parser("convert", help="convert the distributed layout to an nnU-Net v2 raw dataset")
@@ -69,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("destination", help="nnU-Net raw dataset folder to create, e.g. Dataset501_Pancreas")
     convert.add_argument("--name", default=None, help="dataset name in dataset.json (default: source folder name)")
     convert.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing converted dataset")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace an earlier conversion: only the files its conversion.json lists are "
+                              "removed; a folder holding anything else is refused either way")
     convert.set_defaults(run=_convert)
 
     check = commands.add_parser("check", help="read every case of a dataset and report every problem found")

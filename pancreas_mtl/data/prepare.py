@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pancreas_mtl.data.cache import build_cache, dataset_cache_root
 from pancreas_mtl.data.cached_case import CachedCase
 from pancreas_mtl.data.layout import DatasetIndex, discover
+from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.data.splits import Split, make_split
 from pancreas_mtl.planning.fingerprint import load_or_compute_fingerprint
 from pancreas_mtl.planning.plan import Fingerprint, Plan
@@ -43,39 +44,96 @@ def _plain(config) -> dict:
     return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config or {})
 
 
-def ensure_synthetic(data_cfg) -> None:
-    """Generate the built-in synthetic dataset at ``data.root`` when the config asks for it and it is missing."""
-    synthetic = data_cfg.get("synthetic")
-    if not synthetic:
-        return
-    from pancreas_mtl.data.synthetic import generate_dataset, load_config
+SOURCES = ("folder", "synthetic")
 
-    config = load_config(synthetic["size"])
-    config.seed = int(synthetic.get("seed", config.seed))
-    generate_dataset(Path(data_cfg["root"]), config, progress=data_cfg.get("progress", True))
+
+def data_source(data_cfg) -> str:
+    """``data.source``: ``folder`` (a dataset on disk, read only) or ``synthetic`` (the built-in set).
+
+    conf/data/ sets it in every config; a dict built in Python that leaves it out is synthetic
+    when it has a ``synthetic`` node, else a folder.
+    """
+    source = data_cfg.get("source") or ("synthetic" if data_cfg.get("synthetic") else "folder")
+    if source not in SOURCES:
+        raise ValueError(f"data.source must be one of {list(SOURCES)}, found {source!r}")
+    return source
+
+
+def dataset_root(data_cfg) -> Path:
+    """The dataset folder a run reads, generating the synthetic set first when the source is synthetic.
+
+    ``source=folder``: ``data.root`` must exist; nothing is ever written into it. ``source=synthetic``:
+    the set is generated (when missing) only at its place under ``paths.data_dir``
+    (``data.synthetic.data_dir``) or into a folder the generator wrote before (its ``synthetic.json``).
+    """
+    data_cfg = _plain(data_cfg)
+    root = data_cfg.get("root")
+    if data_source(data_cfg) == "folder":
+        if root in (None, "", "???"):
+            raise ValueError("data.root is not set: data=folder reads the dataset at "
+                             "data.root=/path/to/dataset")
+        root = Path(root).expanduser().resolve()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root={root}: folder not found. data.source=folder reads a dataset "
+                                    "and never creates one (the built-in synthetic set: data=synthetic)")
+        if data_cfg.get("synthetic"):
+            log.info("data.source=folder: data.synthetic is ignored, nothing is generated")
+        return root
+    from pancreas_mtl.data import synthetic
+
+    root = check_synthetic_root(data_cfg)
+    settings = data_cfg.get("synthetic") or {}
+    if "size" not in settings:
+        raise ValueError("data.source=synthetic needs data.synthetic.size (a preset in conf/synthetic/)")
+    config = synthetic.load_config(settings["size"])
+    config.seed = int(settings.get("seed", config.seed))
+    synthetic.generate_dataset(root, config, progress=data_cfg.get("progress", True))
+    return root
+
+
+def check_synthetic_root(data_cfg) -> Path:
+    """``data.root`` for ``source=synthetic``, refused when it is a folder the user named (outside
+    ``data.synthetic.data_dir``) that the generator did not write."""
+    from pancreas_mtl.data.synthetic import MARKER_FILE
+
+    data_cfg = _plain(data_cfg)
+    root = Path(data_cfg["root"]).expanduser().resolve()
+    data_dir = (data_cfg.get("synthetic") or {}).get("data_dir")
+    if data_dir is None or (root / MARKER_FILE).is_file():
+        return root  # set in Python, or the generator's own folder: the generator's own rules apply
+    data_dir = Path(data_dir).expanduser().resolve()
+    if root != data_dir and data_dir not in root.parents:
+        raise ValueError(
+            f"data.source=synthetic with data.root={root}: the synthetic set is generated only under "
+            f"paths.data_dir ({data_dir}) or into a folder it was generated into before ({MARKER_FILE}), "
+            f"never into a folder named in data.root. To train on the dataset at {root}: "
+            f"data=folder data.root={root}")
+    return root
 
 
 def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True) -> PreparedDataset:
     """Run (or reuse) every step up to the cache for the dataset and planning configs.
 
     Args:
-        data_cfg: the ``data`` config node (root, cache_dir, split, workers, ...; see conf/data/).
+        data_cfg: the ``data`` config node (root, cache_dir, split, workers, limits, ...; see conf/data/).
         planning_cfg: the ``planning`` config node (a preset from conf/planning/ plus overrides).
     """
     data_cfg = _plain(data_cfg)
     planning_cfg = _plain(planning_cfg)
-    ensure_synthetic(data_cfg)
-    index = discover(data_cfg["root"], num_subtypes=int(data_cfg.get("num_subtypes", 3)))
+    index = discover(dataset_root(data_cfg), num_subtypes=int(data_cfg.get("num_subtypes", 3)))
     cache_root = dataset_cache_root(data_cfg["cache_dir"], index)
     cache_root.mkdir(parents=True, exist_ok=True)
     workers = int(data_cfg.get("preprocessing_workers", 0))
+    limits = InputLimits.from_config(data_cfg.get("limits"))
     with FileLock(str(cache_root / ".fingerprint.lock")):
         fingerprint = load_or_compute_fingerprint(
             index, cache_root / "fingerprint.json", num_workers=workers,
-            samples_per_case=int(data_cfg.get("fingerprint_samples_per_case", 10_000)), progress=progress)
+            samples_per_case=int(data_cfg.get("fingerprint_samples_per_case", 10_000)), progress=progress,
+            limits=limits)
     overrides = planning_cfg.pop("overrides", None) or {}
     plan = plan_experiment(fingerprint, planning_cfg, overrides)
-    cached = build_cache(index, plan, cache_root, cases=index.labelled, num_workers=workers, progress=progress)
+    cached = build_cache(index, plan, cache_root, cases=index.labelled, num_workers=workers, progress=progress,
+                         limits=limits)
     split = make_split(index, mode=data_cfg.get("split", "auto"), fold=int(data_cfg.get("fold", 0)),
                        num_folds=int(data_cfg.get("num_folds", 5)), seed=int(data_cfg.get("split_seed", 12345)))
     log.info("dataset %s (%s layout): %d labelled case(s), split %s: %d train / %d validation; cache %s",

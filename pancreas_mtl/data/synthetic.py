@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from pancreas_mtl.atomic import atomic_path
 from pancreas_mtl.data.io import write_nifti
+from pancreas_mtl.data.manifest import (
+    describe_paths, foreign_entries, listed_files, read_manifest, remove_listed, write_manifest,
+)
 from pancreas_mtl.data.synthetic_anatomy import (
     HU_MAX, HU_MIN, Grid, draw_pancreas_shape, paint_pancreas, pancreas_rho, render_surroundings, smooth_noise,
 )
@@ -29,7 +32,7 @@ from pancreas_mtl.data.synthetic_lesion import (
 
 GENERATOR_VERSION = 3  # bump whenever the same config would give other images
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "synthetic"
-MARKER_FILE = "synthetic.json"        # written last: its presence marks a complete dataset
+MARKER_FILE = "synthetic.json"        # the manifest: version, config, files; "complete" set last
 TEST_LABELS_DIR = "test_labels"       # test masks and subtypes, out of discovery's way
 FLOAT_MASK_PANCREAS = 1.0000153       # the real masks' quirk: label 1 stored as this float
 NUM_SUBTYPES = 3
@@ -274,66 +277,110 @@ def _marker(config: SyntheticConfig) -> dict:
     return {"generator_version": GENERATOR_VERSION, "config": config.to_dict()}
 
 
+def planned_files(config: SyntheticConfig) -> list[str]:
+    """Every file ``generate_dataset`` writes for ``config`` (relative paths), but the marker."""
+    files = [path for case in plan_cases(config) for path in case.relative_paths()]
+    return sorted([*files, f"{TEST_LABELS_DIR}/subtypes.json", f"{TEST_LABELS_DIR}/subtype_reference.csv"])
+
+
+def _files_of(found: dict) -> list[str] | None:
+    """What a marker says its generator wrote. A marker of the format before file lists (written
+    last, by version 3 and earlier) names its config, and the config names the files."""
+    files = listed_files(found)
+    if files is not None or "files" in found:
+        return files
+    try:
+        return planned_files(SyntheticConfig.from_dict(found.get("config") or {}, source=MARKER_FILE))
+    except (TypeError, ValueError):
+        return None  # a config this code cannot read: nothing can be told to be the generator's
+
+
+def _state(root: Path) -> tuple[dict | None, list[str] | None, list[str]]:
+    """(marker, the files it lists, the entries it does not list). A concurrent run writes its marker
+    before its first file: when the marker changed during the scan, the scan is repeated."""
+    marker_path = root / MARKER_FILE
+    for _ in range(5):
+        found = read_manifest(marker_path)
+        listed = _files_of(found) if found is not None else None
+        foreign = foreign_entries(root, listed or [], MARKER_FILE)
+        if read_manifest(marker_path) == found:
+            break
+    return found, listed, foreign
+
+
+def _refuse_foreign(root: Path, foreign: list[str], listed: bool) -> None:
+    if not foreign:
+        return
+    why = (f"not listed in its {MARKER_FILE}" if listed
+           else f"the folder has no {MARKER_FILE}, the generator's list of the files it wrote")
+    raise FileExistsError(
+        f"{root}: holds {len(foreign)} file(s) or folder(s) the synthetic-data generator did not write "
+        f"({why}): {describe_paths(foreign)}. The generator writes only into an empty folder or one it "
+        "generated, and never removes what it did not write, with or without overwrite: "
+        "choose another folder, or move those files out.")
+
+
 def generate_dataset(root: str | Path, config: SyntheticConfig, *, overwrite: bool = False,
                      progress: bool = True, workers: int = 0) -> Path:
     """Write the dataset under ``root`` in the distributed layout; returns ``root``.
 
-    Idempotent: a complete dataset of the same config (``synthetic.json``, written last) is left as
-    it is. Parallel-safe: concurrent calls with the same config write identical files atomically.
-    Each case comes from its own seeded stream, so the files do not depend on ``workers``.
-    Test masks go to ``test_labels/{case}.nii.gz``, test subtypes to ``test_labels/subtypes.json``
-    and ``test_labels/subtype_reference.csv`` (the ``Names,Subtype`` format a prediction run writes).
+    ``synthetic.json`` is the generator's manifest: its version, the config and every file it
+    writes, saved (atomically) before the first case as incomplete and marked complete after the
+    last, so a killed run still knows what it may have left. Idempotent: a complete dataset of
+    the same config is left as it is; an incomplete one is completed. Parallel-safe: concurrent
+    calls with the same config write identical files atomically. Each case comes from its own
+    seeded stream, so the files do not depend on ``workers``. Test masks go to
+    ``test_labels/{case}.nii.gz``, test subtypes to ``test_labels/subtypes.json`` and
+    ``test_labels/subtype_reference.csv`` (the ``Names,Subtype`` format a prediction run writes).
+
+    Replacing (``overwrite=True``, or a dataset an older generator version wrote, which is
+    regenerated with a warning) removes the files the manifest lists and the folders they leave
+    empty, nothing else.
 
     Raises:
-        FileExistsError: ``root`` holds a dataset of another config, or files the plan does not
-            name; ``overwrite=True`` deletes train/, validation/, test/ and test_labels/ first. A
-            dataset an older generator version wrote is regenerated without asking (with a warning):
-            it is this function's own output, and its images are out of date.
+        FileExistsError: ``root`` holds anything the manifest does not list, or is not empty and has
+            no manifest (a dataset of one's own): flag or not, nothing is written or removed. Or
+            ``root`` holds a dataset of another config and ``overwrite`` is False.
     """
     from pancreas_mtl.parallel import map_with_progress
 
     root = Path(root).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root}: is a file, not a folder to generate the synthetic dataset into")
     marker_path, expected = root / MARKER_FILE, _marker(config)
-    planned = plan_cases(config)
-    found = json.loads(marker_path.read_text()) if marker_path.is_file() else None
-    if found is not None and found.get("generator_version", 0) < GENERATOR_VERSION and not overwrite:
-        log.warning("%s: synthetic dataset of generator version %s, this is version %s; regenerating it",
-                    root, found.get("generator_version"), GENERATOR_VERSION)
-        overwrite = True
-    if overwrite:
-        marker_path.unlink(missing_ok=True)
-        for folder in ("train", "validation", "test", TEST_LABELS_DIR):
-            shutil.rmtree(root / folder, ignore_errors=True)
-    elif found is not None:
-        if found == expected:
-            return root
+    planned, files = plan_cases(config), planned_files(config)
+    found, listed, foreign = _state(root)
+    same = found is not None and all(found.get(key) == value for key, value in expected.items())
+    if same and found.get("complete", "files" not in found) and not overwrite:
+        if "files" not in found and listed is not None:  # a pre-manifest marker: add the list, keep the files
+            write_manifest(marker_path, {**expected, "complete": True, "files": listed})
+        return root
+    _refuse_foreign(root, foreign, listed is not None)
+    stale = found is not None and found.get("generator_version", 0) < GENERATOR_VERSION
+    if found is not None and not same and not stale and not overwrite:
         found_config = found.get("config", {})
         differing = sorted(k for k, v in expected["config"].items() if found_config.get(k) != v)
         raise FileExistsError(f"{root}: holds a synthetic dataset of another configuration (differs in "
                               f"{differing or ['generator_version']}); pass overwrite=True (--overwrite) "
-                              "to replace it")
-    else:
-        _check_no_foreign_files(root, planned)
+                              f"to replace it (only the files its {MARKER_FILE} lists are removed)")
+    if stale and not overwrite:
+        log.warning("%s: synthetic dataset of generator version %s, this is version %s; regenerating it",
+                    root, found.get("generator_version"), GENERATOR_VERSION)
+    remove = [] if listed is None else listed if (overwrite or not same) else sorted(set(listed) - set(files))
+    if remove:
+        # list old and new files first: a run killed while removing still knows both
+        write_manifest(marker_path, {**expected, "complete": False, "files": sorted({*listed, *files})})
+        remove_listed(root, remove, MARKER_FILE)
+    write_manifest(marker_path, {**expected, "complete": False, "files": files})
     map_with_progress(_write_case, [(root, config, case) for case in planned], num_workers=workers,
                       desc=f"synthetic {config.name}", progress=progress)
     test = [case for case in planned if case.split == "test"]
-    labels_dir = root / TEST_LABELS_DIR
-    labels_dir.mkdir(parents=True, exist_ok=True)
-    (labels_dir / "subtypes.json").write_text(json.dumps({c.case_id: c.subtype for c in test}, indent=1))
-    (labels_dir / "subtype_reference.csv").write_text(
-        "Names,Subtype\n" + "".join(f"{c.case_id}.nii.gz,{c.subtype}\n" for c in test))
-    marker_path.write_text(json.dumps(expected, indent=1))
+    with atomic_path(root / TEST_LABELS_DIR / "subtypes.json") as tmp:
+        tmp.write_text(json.dumps({c.case_id: c.subtype for c in test}, indent=1))
+    with atomic_path(root / TEST_LABELS_DIR / "subtype_reference.csv") as tmp:
+        tmp.write_text("Names,Subtype\n" + "".join(f"{c.case_id}.nii.gz,{c.subtype}\n" for c in test))
+    write_manifest(marker_path, {**expected, "complete": True, "files": files})
     return root
-
-
-def _check_no_foreign_files(root: Path, planned: list[PlannedCase]) -> None:
-    expected = {path for case in planned for path in case.relative_paths()}
-    foreign = sorted(str(p.relative_to(root)) for folder in ("train", "validation", "test", TEST_LABELS_DIR)
-                     if (root / folder).is_dir() for p in (root / folder).rglob("*.nii*")
-                     if not p.name.startswith(".") and str(p.relative_to(root)) not in expected)
-    if foreign:
-        raise FileExistsError(f"{root}: holds {len(foreign)} image file(s) this config does not generate "
-                              f"(e.g. {foreign[:3]}); pass overwrite=True (--overwrite) to replace them")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -343,7 +390,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, type=Path, help="dataset root to write")
     parser.add_argument("--seed", type=int, default=None, help="override the preset's seed")
     parser.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a dataset the generator wrote: only the files its synthetic.json lists")
     args = parser.parse_args(argv)
     config = load_config(args.size)
     if args.seed is not None:
