@@ -55,7 +55,7 @@ def predict(cfg: DictConfig) -> RunSummary:
                          run_info={"checkpoints": checkpoints, "inference": settings.name})
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path="pkg://pancreas_mtl.conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     summary = predict(cfg)
     if summary.exit_code:

@@ -17,12 +17,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pancreas_mtl.data.datamodule import PancreasDataModule
-from pancreas_mtl.data.prepare import prepare_dataset
+from pancreas_mtl.dataset.datamodule import PancreasDataModule
+from pancreas_mtl.dataset.prepare import prepare_dataset
+from pancreas_mtl.devices import set_tf32
+from pancreas_mtl.files import save_json
 from pancreas_mtl.inference.checkpoint import read_checkpoint
 from pancreas_mtl.logging_utils import build_loggers
-from pancreas_mtl.module import AtomicCheckpointIO, build_module, set_tf32
-from pancreas_mtl.planning.plan import save_json
+from pancreas_mtl.module import AtomicCheckpointIO, build_module
 from pancreas_mtl.planning.planner import describe_plan
 from pancreas_mtl.run_info import write_run_info
 
@@ -91,7 +92,7 @@ def train(cfg: DictConfig) -> float | None:
     return None if metric is None else float(metric)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://pancreas_mtl.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     return train(cfg)
 

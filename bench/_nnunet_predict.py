@@ -74,7 +74,6 @@ def main(argv=None) -> None:
     set_nnunet_environment(args.output.parent / f".{args.output.name}_nnunet_env", args.threads)
     import numpy as np
     import torch
-
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     imported = time.perf_counter()

@@ -57,9 +57,8 @@ def main(argv=None) -> None:
     import numpy as np
     import torch
     from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
-    from torch.backends import cudnn
-
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from torch.backends import cudnn
 
     # what nnUNetv2_train sets for its -device (nnunetv2/run/run_training.py)
     if args.device == "cpu":

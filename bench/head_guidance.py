@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from bench._machine import cpu_model  # noqa: E402
 from pancreas_mtl.data.checks import load_case  # noqa: E402
 from pancreas_mtl.data.layout import discover  # noqa: E402
-from pancreas_mtl.data.preprocessing import preprocess  # noqa: E402
+from pancreas_mtl.dataset.preprocessing import preprocess  # noqa: E402
 from pancreas_mtl.evaluation.metrics import confusion_matrix, dice, macro_f1  # noqa: E402
 from pancreas_mtl.inference.checkpoint import load_network  # noqa: E402
 

@@ -30,8 +30,9 @@ from omegaconf import OmegaConf
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from _machine import cpu_model  # bench/ is on sys.path when a script runs
+
 from pancreas_mtl.data.layout import discover  # noqa: E402
-from pancreas_mtl.data.synthetic import GENERATOR_VERSION, generate_dataset, load_config  # noqa: E402
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor  # noqa: E402
 from pancreas_mtl.inference.runner import predict_cases  # noqa: E402
 from pancreas_mtl.inference.sliding_window import window_forward  # noqa: E402
@@ -39,7 +40,7 @@ from pancreas_mtl.inference.sources import find_cases  # noqa: E402
 from pancreas_mtl.models.multitask import build_model  # noqa: E402
 from pancreas_mtl.planning.fingerprint import load_or_compute_fingerprint  # noqa: E402
 from pancreas_mtl.planning.planner import load_preset, plan_experiment  # noqa: E402
-from _machine import cpu_model  # bench/ is on sys.path when a script runs
+from pancreas_mtl.synthetic.generator import GENERATOR_VERSION, generate_dataset, load_config  # noqa: E402
 
 CONF = REPO_ROOT / "conf"
 

@@ -66,8 +66,10 @@ from omegaconf import OmegaConf
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from _machine import cpu_model  # bench/ is on sys.path when a script runs
+from param_count import quiz_like_fingerprint  # noqa: E402
+
 from pancreas_mtl.data.checks import load_case  # noqa: E402
-from pancreas_mtl.data.synthetic import generate_dataset, load_config  # noqa: E402
 from pancreas_mtl.evaluation.metrics import dice  # noqa: E402
 from pancreas_mtl.inference.checkpoint import MODEL_PREFIX, load_network  # noqa: E402
 from pancreas_mtl.inference.export import restore_original_geometry  # noqa: E402
@@ -77,8 +79,7 @@ from pancreas_mtl.inference.sources import find_cases  # noqa: E402
 from pancreas_mtl.models.multitask import build_model  # noqa: E402
 from pancreas_mtl.models.nnunet_io import export_nnunet_model_folder  # noqa: E402
 from pancreas_mtl.planning.planner import load_preset, plan_experiment  # noqa: E402
-from _machine import cpu_model  # bench/ is on sys.path when a script runs
-from param_count import quiz_like_fingerprint  # noqa: E402
+from pancreas_mtl.synthetic.generator import generate_dataset, load_config  # noqa: E402
 
 CONF = REPO_ROOT / "conf"
 CT_FOLDER = REPO_ROOT.parent / "shared" / "data" / "ct"

@@ -16,12 +16,13 @@ import time
 from datetime import date
 from pathlib import Path
 
-from pancreas_mtl.data.cache import build_cache
+from _machine import cpu_model  # bench/ is on sys.path when a script runs
+
 from pancreas_mtl.data.layout import discover
-from pancreas_mtl.data.synthetic import generate_dataset, load_config
+from pancreas_mtl.dataset.cache import build_cache
 from pancreas_mtl.planning.fingerprint import compute_fingerprint
 from pancreas_mtl.planning.planner import load_preset, plan_experiment
-from _machine import cpu_model  # bench/ is on sys.path when a script runs
+from pancreas_mtl.synthetic.generator import generate_dataset, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

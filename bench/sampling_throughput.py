@@ -33,10 +33,11 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pancreas_mtl.data.augmentation import augmentation_region_size, build_augmentation  # noqa: E402
-from pancreas_mtl.data.cached_case import CachedCase  # noqa: E402
-from pancreas_mtl.data.sampling import PatchDataset, PatchSampler, collate_patches  # noqa: E402
 from _machine import cpu_model  # bench/ is on sys.path when a script runs
+
+from pancreas_mtl.dataset.augmentation import augmentation_region_size, build_augmentation  # noqa: E402
+from pancreas_mtl.dataset.cached_case import CachedCase  # noqa: E402
+from pancreas_mtl.dataset.sampling import PatchDataset, PatchSampler, collate_patches  # noqa: E402
 
 # (Z, Y, X) around the quiz data's median resampled shape, smallest to largest.
 CASE_SHAPES = [(60, 120, 180), (48, 110, 170), (72, 130, 200), (40, 90, 140)]

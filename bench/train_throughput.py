@@ -53,13 +53,13 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
+from _machine import cpu_model  # bench/ is on sys.path when a script runs
 from param_count import quiz_like_fingerprint  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 from pancreas_mtl.models import ResEncUNet  # noqa: E402
 from pancreas_mtl.models.nnunet_io import nnunet_dataset_json, nnunet_plans  # noqa: E402
 from pancreas_mtl.planning.plan import Plan  # noqa: E402
 from pancreas_mtl.planning.planner import load_preset, plan_experiment  # noqa: E402
-from _machine import cpu_model  # bench/ is on sys.path when a script runs
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUIZ_SUBTYPE_COUNTS = [62, 106, 84]   # training cases per subtype (inverse-frequency class weights)
@@ -211,7 +211,7 @@ def our_train_step(module, optimizer, scheduler, scaler, batch: dict, device: to
 def run_ours(variant: Variant, workdir: Path, device_name: str, warmup: int, steps: int,
              threads: int, seed: int) -> dict:
     """Build and time our step in this process; returns the timings and peak memory."""
-    from pancreas_mtl.module import set_tf32
+    from pancreas_mtl.devices import set_tf32
 
     if threads:
         torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ from pancreas_mtl.data.errors import DatasetError
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from pancreas_mtl.data.synthetic import generate_dataset, load_config
+    from pancreas_mtl.synthetic.generator import generate_dataset, load_config
 
     config = load_config(args.size)
     if args.seed is not None:

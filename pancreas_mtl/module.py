@@ -5,9 +5,9 @@ predictor's ``sliding_window_predict`` (``pancreas_mtl.inference``) at the plan'
 nnU-Net's settings (step 0.5 of the patch, Gaussian importance weights with sigma 1/8 of the patch);
 the stitched logits' argmax gives the label map, scored with whole-pancreas and lesion Dice; the
 classification head runs on the same windows and its per-window subtype probabilities are pooled by
-:func:`aggregate_window_predictions`. Scores go to the loggers as ``val/*`` at the end of the epoch.
+:func:`~pancreas_mtl.inference.sliding_window.aggregate_window_predictions`. Scores go to the loggers as ``val/*`` at the end of the epoch.
 The checkpoint carries the plan and the resolved config (``checkpoint["pancreas_mtl"]``), so
-:func:`load_network` rebuilds the network from the file alone.
+:func:`~pancreas_mtl.inference.checkpoint.load_network` rebuilds the network from the file alone.
 
 Resuming (``trainer.fit(ckpt_path=...)``) continues the run the checkpoint stopped: a checkpoint whose
 network differs from this run's is refused with what differs, and the dropout masks of training step
@@ -32,15 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from pancreas_mtl import __version__
-from pancreas_mtl.atomic import atomic_path
+from pancreas_mtl.config import plain
+from pancreas_mtl.devices import set_tf32
 from pancreas_mtl.evaluation.metrics import ClassificationMetrics, lesion_dice, whole_pancreas_dice
-from pancreas_mtl.inference.checkpoint import (  # noqa: F401  (load_network re-exported for callers)
-    MODEL_PREFIX,
-    config_differences,
-    load_network,
-    state_mismatch,
-)
-from pancreas_mtl.inference.sliding_window import aggregate_window_predictions, sliding_window_predict  # noqa: F401
+from pancreas_mtl.files import atomic_path
+from pancreas_mtl.inference.checkpoint import MODEL_PREFIX, config_differences, state_mismatch
+from pancreas_mtl.inference.sliding_window import sliding_window_predict
 from pancreas_mtl.logging_utils import (
     format_confusion_matrix,
     log_confusion_matrix,
@@ -68,24 +65,6 @@ DEFAULT_VALIDATION: dict[str, Any] = {
     "save_overlays": True,       # also write the PNGs under <run folder>/overlays
 }
 DEFAULT_COMBINED = {"dice_pancreas": 1.0, "dice_lesion": 1.0, "f1_macro": 1.0}
-
-
-def _plain(config: Any) -> Any:
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)
-    return config
-
-
-def set_tf32(enabled: bool | None) -> None:
-    """TF32 for float32 matmuls and convolutions on Ampere+ GPUs (None: leave torch's setting).
-
-    Uses torch's legacy switches on purpose: Lightning reads ``torch.get_float32_matmul_precision()``, which
-    raises once the newer ``fp32_precision`` API has been mixed in.
-    """
-    if enabled is None:
-        return
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    torch.backends.cudnn.allow_tf32 = bool(enabled)
 
 
 # --- the module -------------------------------------------------------------------------------------
@@ -120,19 +99,19 @@ class MultiTaskModule(L.LightningModule):
                  channels_last: bool = False, tf32: bool | None = True, combined_metric: Mapping | None = None,
                  config: Mapping | None = None):
         super().__init__()
-        validation = {**DEFAULT_VALIDATION, **(_plain(validation) or {})}
+        validation = {**DEFAULT_VALIDATION, **(plain(validation) or {})}
         unknown = sorted(set(validation) - set(DEFAULT_VALIDATION))
         if unknown:
             raise ValueError(f"unknown validation setting(s) {unknown}; known: {sorted(DEFAULT_VALIDATION)}")
         if nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}, got {nonfinite_loss!r}")
-        combined_metric = dict(_plain(combined_metric) or DEFAULT_COMBINED)
-        compile_kwargs = dict(_plain(compile_kwargs) or {})
+        combined_metric = dict(plain(combined_metric) or DEFAULT_COMBINED)
+        compile_kwargs = dict(plain(compile_kwargs) or {})
         self.save_hyperparameters(ignore=["model", "loss", "plan", "optimizer", "scheduler", "config"])
         self.model = model
         self.loss = loss
         self.plan = plan if isinstance(plan, Plan) else Plan.from_dict(dict(plan))
-        self.config = _plain(config)
+        self.config = plain(config)
         self.optimizer_factory = as_factory(optimizer)
         self.scheduler_factory = as_factory(scheduler)
         if self.optimizer_factory is None:
@@ -364,11 +343,11 @@ def build_module(cfg: Mapping | DictConfig, plan: Plan, subtype_counts: Mapping 
     model = build_model(cfg.model, plan)
     loss_overrides: dict[str, Any] = {}
     if cfg.loss.get("cls_loss") is not None:
-        loss_overrides["cls_loss"] = {"subtype_counts": _plain(subtype_counts)}
+        loss_overrides["cls_loss"] = {"subtype_counts": plain(subtype_counts)}
         if model.loss_kind is not None and model.loss_kind != cfg.loss.cls_loss.get("kind"):
             raise ValueError(f"the head's logits are meant for {model.loss_kind!r} but loss.cls_loss.kind is "
                              f"{cfg.loss.cls_loss.get('kind')!r}; use loss=ovr with model/head=ovr")
     loss = instantiate(cfg.loss, **loss_overrides)
     return MultiTaskModule(model=model, loss=loss, plan=plan, optimizer=cfg.optimizer,
                            scheduler=cfg.get("scheduler"), config=OmegaConf.to_container(cfg, resolve=True),
-                           **_plain(cfg.get("module") or {}))
+                           **plain(cfg.get("module") or {}))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import pancreas_mtl
-from pancreas_mtl.planning.plan import save_json
+from pancreas_mtl.files import save_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pancreas_mtl.data.augmentation import (
+from pancreas_mtl.dataset.augmentation import (
     NNUNET_DEFAULTS,
     RandGaussianNoiseVarianced,
     augmentation_region_size,
     build_augmentation,
     resolve_augmentation_config,
 )
-from pancreas_mtl.data.spatial_augmentation import RandAffinePatchd, spatial_region_size
+from pancreas_mtl.dataset.spatial_augmentation import RandAffinePatchd, spatial_region_size
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "augmentation"
 PATCH = (8, 16, 16)

@@ -14,11 +14,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from pancreas_mtl.cli import main as cli_main
-from pancreas_mtl.data import synthetic
 from pancreas_mtl.data.layout import convert_to_nnunet, discover
-from pancreas_mtl.data.prepare import dataset_root, prepare_dataset
-from pancreas_mtl.data.synthetic import (
-    GENERATOR_VERSION, MARKER_FILE, generate_dataset, load_config, plan_cases,
+from pancreas_mtl.dataset.prepare import dataset_root, prepare_dataset
+from pancreas_mtl.synthetic import generator as synthetic
+from pancreas_mtl.synthetic.generator import (
+    GENERATOR_VERSION,
+    MARKER_FILE,
+    generate_dataset,
+    load_config,
+    plan_cases,
 )
 from tests.conftest import REPO_ROOT, write_distributed_dataset
 

@@ -246,7 +246,7 @@ def test_reference_from_a_dataset_root_and_a_split_folder(tmp_path):
 
 
 def test_synthetic_test_labels_are_a_reference(tmp_path):
-    from pancreas_mtl.data.synthetic import generate_dataset, load_config
+    from pancreas_mtl.synthetic.generator import generate_dataset, load_config
 
     config = load_config("tiny")
     config.train_counts, config.validation_counts, config.test_counts = (0, 0, 0), (0, 0, 0), (1, 1, 1)

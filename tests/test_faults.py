@@ -17,15 +17,15 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from pancreas_mtl.data.cache import build_cache, cached_entry, dataset_cache_root
 from pancreas_mtl.data.io import read_volume, write_nifti
 from pancreas_mtl.data.layout import discover
+from pancreas_mtl.dataset.cache import build_cache, cached_entry, dataset_cache_root
+from pancreas_mtl.dataset.prepare import prepare_dataset
 from pancreas_mtl.inference.output_folder import finished_records
-from pancreas_mtl.data.prepare import prepare_dataset
 from pancreas_mtl.planning.planner import load_preset
 from tests.conftest import REPO_ROOT, lps_affine, make_case_arrays, write_distributed_dataset
-from tests.test_experiments import compose_train
 from tests.predict_helpers import run_predict, save_checkpoint, tiny_plan
+from tests.test_experiments import compose_train
 
 # Tolerance of the resumed run against the uninterrupted one, on CPU in float32 with one thread: the
 # resumed run repeats the same arithmetic (same patches, dropout masks, optimizer and lr state), so
@@ -188,7 +188,7 @@ PREPARE_SCRIPT = """
 import sys, time
 from pathlib import Path
 root, cache, ready, go = map(Path, sys.argv[1:5])
-from pancreas_mtl.data.prepare import prepare_dataset
+from pancreas_mtl.dataset.prepare import prepare_dataset
 from pancreas_mtl.planning.planner import load_preset
 ready.touch()
 while not go.exists():

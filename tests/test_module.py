@@ -15,8 +15,9 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from pancreas_mtl.data.datamodule import PancreasDataModule
-from pancreas_mtl.data.prepare import prepare_dataset
+from pancreas_mtl.dataset.datamodule import PancreasDataModule
+from pancreas_mtl.dataset.prepare import prepare_dataset
+from pancreas_mtl.inference.checkpoint import load_network
 from pancreas_mtl.inference.sliding_window import aggregate_window_predictions, sliding_window_predict
 from pancreas_mtl.logging_utils import (
     build_loggers,
@@ -25,7 +26,7 @@ from pancreas_mtl.logging_utils import (
     resolve_wandb_offline,
     wandb_credentials_available,
 )
-from pancreas_mtl.module import MultiTaskModule, build_module, load_network
+from pancreas_mtl.module import MultiTaskModule, build_module
 from pancreas_mtl.optim import as_factory, cosine_lr, poly_lr
 from pancreas_mtl.planning.planner import load_preset
 

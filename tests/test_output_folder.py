@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pancreas_mtl.atomic import atomic_path
+from pancreas_mtl.files import atomic_path
 from pancreas_mtl.inference.output_folder import OutputFolderError
 from tests.predict_helpers import run_predict, save_checkpoint, tiny_plan, write_cases
 

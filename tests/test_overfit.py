@@ -5,8 +5,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pancreas_mtl.data.prepare import prepare_dataset
-from pancreas_mtl.data.sampling import read_region
+from pancreas_mtl.dataset.prepare import prepare_dataset
+from pancreas_mtl.dataset.sampling import read_region
 from pancreas_mtl.evaluation.metrics import whole_pancreas_dice
 from pancreas_mtl.losses import ClassificationLoss, MultiTaskLoss, SegmentationLoss
 from pancreas_mtl.models import build_model

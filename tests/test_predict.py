@@ -24,9 +24,15 @@ from pancreas_mtl.inference.sliding_window import (
 )
 from pancreas_mtl.inference.sources import find_cases
 from tests.conftest import lps_affine
-from tests.predict_helpers import (Pointwise, boxes_image, expected_labels, ras_example, save_checkpoint, settings,
-                                   tiny_plan)
-
+from tests.predict_helpers import (
+    Pointwise,
+    boxes_image,
+    expected_labels,
+    ras_example,
+    save_checkpoint,
+    settings,
+    tiny_plan,
+)
 
 # --- windows --------------------------------------------------------------------------------------------
 

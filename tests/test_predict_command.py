@@ -18,7 +18,6 @@ from pancreas_mtl.inference.sources import find_cases
 from tests.conftest import REPO_ROOT, SHARED_CT, lps_affine, make_case_arrays
 from tests.predict_helpers import CONF, compose_predict, run_predict, save_checkpoint, tiny_plan, write_cases
 
-
 # --- the command: outputs, reruns, failures, ensembles ----------------------------------------------------
 
 def test_outputs_reruns_overwrite_and_a_corrupt_case(tmp_path):

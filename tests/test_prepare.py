@@ -4,13 +4,12 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from pancreas_mtl.cli import main as cli_main
-from pancreas_mtl.data.datamodule import PancreasDataModule
-from pancreas_mtl.data.prepare import prepare_dataset
+from pancreas_mtl.dataset.datamodule import PancreasDataModule
+from pancreas_mtl.dataset.prepare import prepare_dataset
 from pancreas_mtl.planning.planner import load_preset
 from tests.conftest import REPO_ROOT
 

@@ -26,6 +26,7 @@ from pancreas_mtl.data.checks import load_case
 from pancreas_mtl.data.errors import DataError
 from pancreas_mtl.data.io import read_volume, write_nifti
 from pancreas_mtl.data.layout import Case, discover
+from pancreas_mtl.files import load_json
 from pancreas_mtl.inference import runner
 from pancreas_mtl.inference.checkpoint import load_network, read_checkpoint
 from pancreas_mtl.inference.output_folder import record_path
@@ -35,11 +36,10 @@ from pancreas_mtl.inference.sliding_window import OutOfMemoryError, _Stitcher, p
 from pancreas_mtl.inference.sources import find_cases
 from pancreas_mtl.models.multitask import build_model
 from pancreas_mtl.module import AtomicCheckpointIO, build_module, step_checkpoint
-from pancreas_mtl.planning.plan import load_json
 from pancreas_mtl.planning.fingerprint import compute_fingerprint
 from tests.conftest import lps_affine, make_case_arrays
-from tests.test_module import run_config
 from tests.predict_helpers import CONF, Pointwise, save_checkpoint, tiny_plan
+from tests.test_module import run_config
 
 SUBTYPE_COUNTS = {0: 2, 1: 2, 2: 2}
 

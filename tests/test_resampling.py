@@ -8,8 +8,13 @@ import torch
 
 from pancreas_mtl.data.checks import LoadedCase
 from pancreas_mtl.data.layout import Case
-from pancreas_mtl.data.preprocessing import normalize, preprocess, sample_foreground_locations
-from pancreas_mtl.data.resampling import resample_image, resample_segmentation, resampled_shape, separate_axis
+from pancreas_mtl.dataset.preprocessing import normalize, preprocess, sample_foreground_locations
+from pancreas_mtl.dataset.resampling import (
+    resample_image,
+    resample_segmentation,
+    resampled_shape,
+    separate_axis,
+)
 from pancreas_mtl.planning.plan import ChannelNormalization, Plan
 from tests.conftest import lps_affine, make_case_arrays
 

@@ -11,10 +11,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from pancreas_mtl.data.augmentation import augmentation_region_size, build_augmentation
-from pancreas_mtl.data.cached_case import CachedCase
 from pancreas_mtl.data.errors import DataError
-from pancreas_mtl.data.sampling import (
+from pancreas_mtl.dataset.augmentation import augmentation_region_size, build_augmentation
+from pancreas_mtl.dataset.cached_case import CachedCase
+from pancreas_mtl.dataset.sampling import (
     PatchDataset,
     PatchSampler,
     build_training_dataset,

@@ -13,8 +13,15 @@ from scipy import ndimage
 
 from pancreas_mtl.data.io import read_volume
 from pancreas_mtl.data.layout import discover
-from pancreas_mtl.data.synthetic import (
-    FLOAT_MASK_PANCREAS, GENERATOR_VERSION, MARKER_FILE, SyntheticConfig, generate_case, generate_dataset, load_config, main,
+from pancreas_mtl.synthetic.generator import (
+    FLOAT_MASK_PANCREAS,
+    GENERATOR_VERSION,
+    MARKER_FILE,
+    SyntheticConfig,
+    generate_case,
+    generate_dataset,
+    load_config,
+    main,
     plan_cases,
 )
 

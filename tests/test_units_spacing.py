@@ -12,14 +12,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from pancreas_mtl.cli import main as cli_main
-from pancreas_mtl.data.cache import build_cache, dataset_cache_root
 from pancreas_mtl.data.checks import load_case
 from pancreas_mtl.data.errors import DataError, DatasetError
 from pancreas_mtl.data.io import read_volume, write_nifti
 from pancreas_mtl.data.layout import Case, discover
 from pancreas_mtl.data.limits import InputLimits
-from pancreas_mtl.data.prepare import prepare_dataset
-from pancreas_mtl.data.preprocessing import preprocess
+from pancreas_mtl.dataset.cache import build_cache, dataset_cache_root
+from pancreas_mtl.dataset.prepare import prepare_dataset
+from pancreas_mtl.dataset.preprocessing import preprocess
 from pancreas_mtl.inference.export import write_mask
 from tests.conftest import REPO_ROOT, lps_affine, make_case_arrays
 from tests.test_prepare import data_cfg, small_planning
@@ -178,8 +178,8 @@ def test_preprocess_refuses_a_resampled_shape_over_the_limit_before_allocating(t
     def must_not_run(*args, **kwargs):
         raise AssertionError("resampled before the size check")
 
-    monkeypatch.setattr("pancreas_mtl.data.preprocessing.resample_image", must_not_run)
-    monkeypatch.setattr("pancreas_mtl.data.preprocessing.normalize", must_not_run)
+    monkeypatch.setattr("pancreas_mtl.dataset.preprocessing.resample_image", must_not_run)
+    monkeypatch.setattr("pancreas_mtl.dataset.preprocessing.normalize", must_not_run)
     with pytest.raises(DataError) as error:
         preprocess(loaded, small_plan(target_spacing=(0.5, 0.2, 0.2)), max_resampled_voxels=100_000)
     message = str(error.value)

@@ -1,1 +1,1 @@
-"""Data layer: discovery of raw datasets, checks, preprocessing cache, patch sampling and augmentation."""
+"""Raw data: reading images, dataset layouts and their discovery, checks, input limits, splits."""

@@ -22,9 +22,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pancreas_mtl.atomic import atomic_path
 from pancreas_mtl.data.errors import DataError
 from pancreas_mtl.data.limits import InputLimits, config_key
+from pancreas_mtl.files import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")

@@ -33,12 +33,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pancreas_mtl.atomic import atomic_path
 from pancreas_mtl.data.errors import DatasetError, Problem
 from pancreas_mtl.data.io import image_suffix, strip_suffix
 from pancreas_mtl.data.manifest import (
-    describe_paths, foreign_entries, listed_files, read_manifest, remove_listed, write_manifest,
+    describe_paths,
+    foreign_entries,
+    listed_files,
+    read_manifest,
+    remove_listed,
+    write_manifest,
 )
+from pancreas_mtl.files import atomic_path
 
 DEFAULT_LABELS = {"background": 0, "pancreas": 1, "lesion": 2}
 SPLITS = ("train", "validation", "test")

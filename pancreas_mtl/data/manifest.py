@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-from pancreas_mtl.atomic import atomic_path
+from pancreas_mtl.files import atomic_path
 
 # A file killed between write and rename (``atomic.atomic_path``): ".{name}.{32 hex}.tmp{suffix}".
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{32}\.tmp[^/]*$")

@@ -52,8 +52,8 @@ from pancreas_mtl.evaluation.metrics import (
     segmentation_metrics,
 )
 from pancreas_mtl.evaluation.plots import write_plots
+from pancreas_mtl.files import save_json
 from pancreas_mtl.parallel import map_with_progress
-from pancreas_mtl.planning.plan import save_json
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def _json_safe(value):
 
 
 def write_per_case(path: Path, rows: list[dict]) -> None:
-    from pancreas_mtl.inference.export import write_csv
+    from pancreas_mtl.files import write_csv
 
     columns = list(rows[0])
     def cell(value):

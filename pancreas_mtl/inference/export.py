@@ -14,8 +14,6 @@ are stored as uint8; arrays are (Z, Y, X) in memory, (x, y, z) on disk (``pancre
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pancreas_mtl.atomic import atomic_path
 from pancreas_mtl.data.io import NIFTI_SUFFIXES, image_suffix, write_nifti
-from pancreas_mtl.data.preprocessing import PreprocessedCase
-from pancreas_mtl.data.resampling import resample_image, separate_axis
+from pancreas_mtl.dataset.preprocessing import PreprocessedCase
+from pancreas_mtl.dataset.resampling import resample_image, separate_axis
+from pancreas_mtl.files import atomic_path
 
 
 def restore_original_geometry(probabilities: Tensor, preprocessed: PreprocessedCase,
@@ -102,13 +100,3 @@ def write_probabilities(path: str | Path, probabilities: np.ndarray, subtype_pro
                                 subtype_probabilities=np.asarray(subtype_probabilities if subtype_probabilities
                                                                  is not None else [], dtype=np.float32))
     return _atomic(Path(path), write)
-
-
-def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence]) -> Path:
-    """A CSV file (``\\n`` line endings), atomically."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    text = buffer.getvalue()
-    return _atomic(Path(path), lambda tmp: tmp.write_text(text))

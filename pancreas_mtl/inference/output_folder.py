@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pancreas_mtl.files import load_json, save_json
 from pancreas_mtl.inference.checkpoint import config_differences
-from pancreas_mtl.planning.plan import load_json, save_json
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from pancreas_mtl.data.checks import LoadedCase
 from pancreas_mtl.data.errors import DataError
 from pancreas_mtl.data.limits import InputLimits
-from pancreas_mtl.data.preprocessing import PreprocessedCase, preprocess
+from pancreas_mtl.dataset.preprocessing import PreprocessedCase, preprocess
+from pancreas_mtl.devices import resolve_device, set_tf32
 from pancreas_mtl.inference.checkpoint import load_network
 from pancreas_mtl.inference.sliding_window import predict_windows
 from pancreas_mtl.planning.plan import Plan
@@ -131,12 +132,6 @@ class InferenceSettings:
         return asdict(self)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: ``auto`` is bf16 on GPUs that have it, else fp16 on GPUs, and float32 on CPUs."""
     if precision not in PRECISIONS:
@@ -146,12 +141,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None if precision == "fp32" else PRECISIONS[precision]
-
-
-def set_tf32(enabled: bool) -> None:
-    """TF32 matmuls and convolutions on Ampere+ GPUs (the switches pancreas_mtl.module.set_tf32 uses)."""
-    torch.set_float32_matmul_precision("high" if enabled else "highest")
-    torch.backends.cudnn.allow_tf32 = bool(enabled)
 
 
 def check_plans_match(plans: Sequence[Plan], names: Sequence[str]) -> None:

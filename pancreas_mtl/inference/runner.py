@@ -26,13 +26,9 @@ from tqdm.auto import tqdm
 
 from pancreas_mtl.data.checks import load_case
 from pancreas_mtl.data.layout import Case
-from pancreas_mtl.data.preprocessing import PreprocessedCase
-from pancreas_mtl.inference.export import (
-    restore_original_geometry,
-    write_csv,
-    write_mask,
-    write_probabilities,
-)
+from pancreas_mtl.dataset.preprocessing import PreprocessedCase
+from pancreas_mtl.files import write_csv
+from pancreas_mtl.inference.export import restore_original_geometry, write_mask, write_probabilities
 from pancreas_mtl.inference.output_folder import (
     SUBTYPE_PROBABILITIES,
     SUBTYPE_RESULTS,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pancreas_mtl.files import load_json, save_json
 from pancreas_mtl.models.nnunet_weights import (  # noqa: F401  (re-exported: the weight half of the format)
     NnUNetFormatError,
     load_nnunet_state_dict,
@@ -27,7 +28,7 @@ from pancreas_mtl.models.nnunet_weights import (  # noqa: F401  (re-exported: th
     to_nnunet_state_dict,
 )
 from pancreas_mtl.models.resenc_unet import ResEncUNet
-from pancreas_mtl.planning.plan import ChannelNormalization, Fingerprint, Plan, load_json, save_json
+from pancreas_mtl.planning.plan import ChannelNormalization, Fingerprint, Plan
 
 RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 CONV3D = ("torch.nn.modules.conv.Conv3d", "torch.nn.Conv3d")

@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from pancreas_mtl.data.checks import load_case
+from pancreas_mtl.data.cropping import nonzero_bbox
 from pancreas_mtl.data.errors import DataError, DatasetError, Problem
 from pancreas_mtl.data.layout import Case, DatasetIndex
 from pancreas_mtl.data.limits import InputLimits
+from pancreas_mtl.files import load_json, save_json
 from pancreas_mtl.parallel import map_with_progress
-from pancreas_mtl.planning.plan import ChannelIntensity, Fingerprint, load_json, save_json
+from pancreas_mtl.planning.plan import ChannelIntensity, Fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +35,6 @@ def source_signature(cases: list[Case]) -> str:
             stat = Path(path).stat()
             digest.update(f"|{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
-
-
-def nonzero_bbox(image: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Bounding box [start, stop) per axis (z, y, x) of voxels nonzero in any channel; whole volume if none."""
-    nonzero = np.any(image != 0, axis=0)
-    if not nonzero.any():
-        return tuple((0, s) for s in nonzero.shape)
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(nonzero.any(axis=other))
-        box.append((int(present[0]), int(present[-1]) + 1))
-    return tuple(box)
 
 
 @dataclass

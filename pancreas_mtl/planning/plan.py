@@ -8,9 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-
-from pancreas_mtl.atomic import atomic_path
 
 
 @dataclass
@@ -141,14 +138,3 @@ class Plan:
                     "normalization": [asdict(n) for n in self.normalization],
                     "num_input_channels": self.num_input_channels}
         return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def save_json(data: dict, path: str | Path) -> Path:
-    """Write JSON atomically (temporary file, then rename)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1))
-    return Path(path)
-
-
-def load_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

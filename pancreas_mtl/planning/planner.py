@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from pancreas_mtl.config import config_dir
 from pancreas_mtl.planning.plan import ChannelNormalization, Fingerprint, Plan
 from pancreas_mtl.planning.topology import (
     Topology,
@@ -26,8 +27,6 @@ from pancreas_mtl.planning.topology import (
     stage_shapes,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PRESET_DIR = REPO_ROOT / "conf" / "planning"
 
 PRESET_KEYS = (
     "name", "spacing_percentile", "anisotropy_threshold", "anisotropic_spacing_percentile", "spacing_scale",
@@ -42,12 +41,14 @@ PLAN_OVERRIDE_KEYS = ("target_spacing", "patch_size", "batch_size")
 
 
 def load_preset(name: str) -> dict:
-    """The planning preset ``conf/planning/{name}.yaml`` as a plain dict."""
+    """The planning preset ``conf/planning/{name}.yaml`` (package data, :func:`~pancreas_mtl.config.config_dir`)
+    as a plain dict."""
     from omegaconf import OmegaConf
 
-    path = PRESET_DIR / f"{name}.yaml"
+    folder = config_dir() / "planning"
+    path = folder / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
         raise FileNotFoundError(f"no planning preset {name!r}: {path} does not exist (known: {known})")
     preset = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     preset.setdefault("name", name)

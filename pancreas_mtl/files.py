@@ -1,10 +1,14 @@
-"""Writing a file so that a reader never sees it half written, even if the process is killed."""
+"""General file helpers: atomic writes (a reader never sees a file half written, even after a kill),
+JSON and CSV."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,3 +31,25 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass  # nothing was written there, or the folder refuses changes: the cause is raised above
+
+
+def save_json(data: dict, path: str | Path) -> Path:
+    """Write JSON atomically (temporary file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+    return Path(path)
+
+
+def load_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence]) -> Path:
+    """A CSV file (``\\n`` line endings), atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+    return Path(path)

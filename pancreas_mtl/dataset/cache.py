@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pancreas_mtl.atomic import atomic_path
-from pancreas_mtl.data.cached_case import CachedCase
 from pancreas_mtl.data.checks import load_case
 from pancreas_mtl.data.errors import DataError, DatasetError, Problem
 from pancreas_mtl.data.layout import Case, DatasetIndex
 from pancreas_mtl.data.limits import InputLimits
-from pancreas_mtl.data.preprocessing import preprocess, sample_foreground_locations
+from pancreas_mtl.dataset.cached_case import CachedCase
+from pancreas_mtl.dataset.preprocessing import preprocess, sample_foreground_locations
+from pancreas_mtl.files import atomic_path, load_json, save_json
 from pancreas_mtl.parallel import map_with_progress
-from pancreas_mtl.planning.plan import Plan, load_json, save_json
+from pancreas_mtl.planning.plan import Plan
 
 CACHE_FORMAT_VERSION = 1
 

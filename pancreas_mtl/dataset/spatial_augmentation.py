@@ -3,7 +3,7 @@
 The sampler reads a region larger than the patch (:func:`spatial_region_size`), centred on it, so that
 rotated and scaled patches hold real voxels; :class:`RandAffinePatchd` resamples that region to the
 patch once, image linearly and label by nearest neighbour. Axes are (Z, Y, X). Built into the training
-pipeline by :func:`pancreas_mtl.data.augmentation.build_augmentation`.
+pipeline by :func:`pancreas_mtl.dataset.augmentation.build_augmentation`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import ensure_tuple_rep
+
 
 def _rotation_matrix(angles_zyx: Sequence[float]) -> np.ndarray:
     """Rotation acting on (z, y, x) vectors: about z (the in-plane one), then y, then x; radians."""

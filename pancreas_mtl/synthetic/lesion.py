@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from pancreas_mtl.data.synthetic_anatomy import Grid, PancreasShape, edge_weight, paint, smooth_noise
+from pancreas_mtl.synthetic.anatomy import Grid, PancreasShape, edge_weight, paint, smooth_noise
 
 APPEARANCE_KEYS = ("contrast_hu", "mottle_hu", "septa_hu", "loculi", "rim_hu", "lobulation", "irregularity",
                    "edge_blur_mm")

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
 
-from pancreas_mtl.data.cache import build_cache, dataset_cache_root
-from pancreas_mtl.data.cached_case import CachedCase
+from pancreas_mtl.config import plain
 from pancreas_mtl.data.layout import DatasetIndex, discover
 from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.data.splits import Split, make_split
+from pancreas_mtl.dataset.cache import build_cache, dataset_cache_root
+from pancreas_mtl.dataset.cached_case import CachedCase
 from pancreas_mtl.planning.fingerprint import load_or_compute_fingerprint
 from pancreas_mtl.planning.plan import Fingerprint, Plan
 from pancreas_mtl.planning.planner import plan_experiment
@@ -38,10 +38,6 @@ class PreparedDataset:
 
     def cached(self, case_ids: list[str]) -> list[CachedCase]:
         return [self.cases[case_id] for case_id in case_ids]
-
-
-def _plain(config) -> dict:
-    return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config or {})
 
 
 SOURCES = ("folder", "synthetic")
@@ -66,7 +62,7 @@ def dataset_root(data_cfg) -> Path:
     the set is generated (when missing) only at its place under ``paths.data_dir``
     (``data.synthetic.data_dir``) or into a folder the generator wrote before (its ``synthetic.json``).
     """
-    data_cfg = _plain(data_cfg)
+    data_cfg = plain(data_cfg)
     root = data_cfg.get("root")
     if data_source(data_cfg) == "folder":
         if root in (None, "", "???"):
@@ -79,7 +75,7 @@ def dataset_root(data_cfg) -> Path:
         if data_cfg.get("synthetic"):
             log.info("data.source=folder: data.synthetic is ignored, nothing is generated")
         return root
-    from pancreas_mtl.data import synthetic
+    from pancreas_mtl.synthetic import generator as synthetic
 
     root = check_synthetic_root(data_cfg)
     settings = data_cfg.get("synthetic") or {}
@@ -94,9 +90,9 @@ def dataset_root(data_cfg) -> Path:
 def check_synthetic_root(data_cfg) -> Path:
     """``data.root`` for ``source=synthetic``, refused when it is a folder the user named (outside
     ``data.synthetic.data_dir``) that the generator did not write."""
-    from pancreas_mtl.data.synthetic import MARKER_FILE
+    from pancreas_mtl.synthetic.generator import MARKER_FILE
 
-    data_cfg = _plain(data_cfg)
+    data_cfg = plain(data_cfg)
     root = Path(data_cfg["root"]).expanduser().resolve()
     data_dir = (data_cfg.get("synthetic") or {}).get("data_dir")
     if data_dir is None or (root / MARKER_FILE).is_file():
@@ -118,8 +114,8 @@ def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True) -> Prepare
         data_cfg: the ``data`` config node (root, cache_dir, split, workers, limits, ...; see conf/data/).
         planning_cfg: the ``planning`` config node (a preset from conf/planning/ plus overrides).
     """
-    data_cfg = _plain(data_cfg)
-    planning_cfg = _plain(planning_cfg)
+    data_cfg = plain(data_cfg)
+    planning_cfg = plain(planning_cfg)
     index = discover(dataset_root(data_cfg), num_subtypes=int(data_cfg.get("num_subtypes", 3)))
     cache_root = dataset_cache_root(data_cfg["cache_dir"], index)
     cache_root.mkdir(parents=True, exist_ok=True)

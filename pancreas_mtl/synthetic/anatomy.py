@@ -3,7 +3,7 @@
 Everything is placed in millimetres on a ``Grid``; arrays are (Z, Y, X) as everywhere in the project.
 Voxel axes follow the real (LPS) files: x grows towards the patient's left, y towards posterior, z
 towards superior, so the pancreatic head sits at low x and low z, the tail at high x and high z, the
-spine and aorta at high y. ``pancreas_mtl.data.synthetic`` draws the parameters and assembles a case.
+spine and aorta at high y. ``pancreas_mtl.synthetic.generator`` draws the parameters and assembles a case.
 """
 
 from __future__ import annotations

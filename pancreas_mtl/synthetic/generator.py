@@ -4,7 +4,7 @@ The subtype shows only in the lesion (texture, septa, rim, margin); everything e
 spacing, anatomy, lesion size and place) is drawn from distributions shared by all subtypes. See
 docs/synthetic_data.md. Arrays are (Z, Y, X); files are written with ``write_nifti`` (x, y, z on disk).
 
-    python -m pancreas_mtl.data.synthetic --size default --out data/synthetic_default
+    python -m pancreas_mtl.synthetic.generator --size default --out data/synthetic_default
 """
 
 from __future__ import annotations
@@ -17,21 +17,38 @@ from pathlib import Path
 
 import numpy as np
 
-from pancreas_mtl.atomic import atomic_path
 from pancreas_mtl.data.io import write_nifti
 from pancreas_mtl.data.manifest import (
-    describe_paths, foreign_entries, listed_files, read_manifest, remove_listed, write_manifest,
+    describe_paths,
+    foreign_entries,
+    listed_files,
+    read_manifest,
+    remove_listed,
+    write_manifest,
 )
-from pancreas_mtl.data.synthetic_anatomy import (
-    HU_MAX, HU_MIN, Grid, draw_pancreas_shape, paint_pancreas, pancreas_rho, render_surroundings, smooth_noise,
+from pancreas_mtl.config import config_dir
+from pancreas_mtl.files import atomic_path
+from pancreas_mtl.synthetic.anatomy import (
+    HU_MAX,
+    HU_MIN,
+    Grid,
+    draw_pancreas_shape,
+    paint_pancreas,
+    pancreas_rho,
+    render_surroundings,
+    smooth_noise,
 )
-from pancreas_mtl.data.synthetic_lesion import (
-    draw_appearance_quantiles, draw_lesion_geometry, lesion_appearance, lesion_outline, lesion_structure,
-    paint_lesion, pancreas_around_lesion,
+from pancreas_mtl.synthetic.lesion import (
+    draw_appearance_quantiles,
+    draw_lesion_geometry,
+    lesion_appearance,
+    lesion_outline,
+    lesion_structure,
+    paint_lesion,
+    pancreas_around_lesion,
 )
 
 GENERATOR_VERSION = 3  # bump whenever the same config would give other images
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "synthetic"
 MARKER_FILE = "synthetic.json"        # the manifest: version, config, files; "complete" set last
 TEST_LABELS_DIR = "test_labels"       # test masks and subtypes, out of discovery's way
 FLOAT_MASK_PANCREAS = 1.0000153       # the real masks' quirk: label 1 stored as this float
@@ -131,11 +148,12 @@ def load_config(name_or_path: str | Path) -> SyntheticConfig:
     """
     from omegaconf import OmegaConf
 
+    presets = config_dir() / "synthetic"
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        path = presets / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in presets.glob("*.yaml"))
         raise FileNotFoundError(f"no synthetic-data preset {str(name_or_path)!r}: {path} does not exist "
                                 f"(presets: {known})")
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}

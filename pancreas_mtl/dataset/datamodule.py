@@ -7,13 +7,14 @@ from typing import Any, Mapping
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from pancreas_mtl.data.augmentation import augmentation_region_size, build_augmentation
-from pancreas_mtl.data.cached_case import CachedCase
-from pancreas_mtl.data.prepare import PreparedDataset
-from pancreas_mtl.data.sampling import PatchDataset, PatchSampler, collate_patches
+from pancreas_mtl.config import plain
+from pancreas_mtl.dataset.augmentation import augmentation_region_size, build_augmentation
+from pancreas_mtl.dataset.cached_case import CachedCase
+from pancreas_mtl.dataset.prepare import PreparedDataset
+from pancreas_mtl.dataset.sampling import PatchDataset, PatchSampler, collate_patches
 
 
 class WholeCaseDataset(Dataset):
@@ -47,17 +48,11 @@ def collate_cases(items: list[dict[str, Any]]) -> dict[str, Any]:
             "subtype": torch.tensor([item["subtype"]]), "case_id": [item["case_id"]]}
 
 
-def _plain(config: Mapping | DictConfig | None) -> dict:
-    if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)
-    return dict(config or {})
-
-
 class PancreasDataModule(L.LightningDataModule):
     """Training patches and validation cases of a prepared dataset.
 
     Args:
-        prepared: the output of :func:`pancreas_mtl.data.prepare.prepare_dataset`.
+        prepared: the output of :func:`pancreas_mtl.dataset.prepare.prepare_dataset`.
         data_cfg: the ``data`` config (batch_size, iterations_per_epoch, num_workers, sampling, ...).
         augmentation_cfg: the ``augmentation`` config (conf/augmentation/).
         seed: mixed into the patch sampler's seed.
@@ -67,8 +62,8 @@ class PancreasDataModule(L.LightningDataModule):
                  augmentation_cfg: Mapping | DictConfig | None, seed: int = 0):
         super().__init__()
         self.prepared = prepared
-        self.data_cfg = _plain(data_cfg)
-        self.augmentation_cfg = _plain(augmentation_cfg)
+        self.data_cfg = plain(data_cfg)
+        self.augmentation_cfg = plain(augmentation_cfg)
         self.seed = seed
         self.train_dataset: PatchDataset | None = None
         self.val_dataset: WholeCaseDataset | None = None

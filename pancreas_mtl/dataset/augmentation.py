@@ -1,7 +1,7 @@
 """Training augmentation: nnU-Net v2's default transforms as a MONAI Compose, every knob a config value.
 
 Input is a dict with ``image`` (C, *region) float32 and ``label`` (1, *region) integer tensors, axes
-(Z, Y, X); the region is centred on the patch and at least as large (see :func:`~pancreas_mtl.data.spatial_augmentation.spatial_region_size`).
+(Z, Y, X); the region is centred on the patch and at least as large (see :func:`~pancreas_mtl.dataset.spatial_augmentation.spatial_region_size`).
 Output is the same keys at exactly ``patch_size``: image float32, label uint8 with values unchanged
 (nearest-neighbour resampling, so {0, 1, 2} stay {0, 1, 2}).
 
@@ -10,7 +10,7 @@ rotation and scaling in one resampling, Gaussian noise, Gaussian blur, multiplic
 contrast, low-resolution simulation, inverted gamma, gamma, mirroring. Groups (config keys):
 ``spatial``, ``noise_blur``, ``intensity`` (brightness, contrast), ``lowres``, ``gamma``, ``mirror``;
 each has ``enabled``. MONAI's transforms are used where they exist; three small ones are written here
-(the single-resampling spatial transform in :mod:`pancreas_mtl.data.spatial_augmentation`, noise with
+(the single-resampling spatial transform in :mod:`pancreas_mtl.dataset.spatial_augmentation`, noise with
 nnU-Net's variance sampling, and a per-channel probability wrapper).
 """
 
@@ -38,7 +38,7 @@ from monai.transforms import (
 )
 from monai.utils import MAX_SEED
 
-from pancreas_mtl.data.spatial_augmentation import RandAffinePatchd, spatial_region_size
+from pancreas_mtl.dataset.spatial_augmentation import RandAffinePatchd, spatial_region_size
 
 # nnU-Net v2's defaults; conf/augmentation/nnunet.yaml holds the same values (a test keeps them equal).
 NNUNET_DEFAULTS: dict[str, Any] = {

@@ -9,7 +9,7 @@ centred on it, clipped so it stays within the allowed range. Otherwise the posit
 A patch may stick out of a volume smaller than the patch: the volume is then centred in the patch and
 the rest is zero (image) and background (label), as nnU-Net pads. When spatial augmentation is on,
 the sampler reads a larger *region* centred on the patch (see
-:func:`pancreas_mtl.data.augmentation.spatial_region_size`), so rotation and scaling have real
+:func:`pancreas_mtl.dataset.augmentation.spatial_region_size`), so rotation and scaling have real
 context; the spatial transform then returns exactly the patch. Only that region is read from the
 memory-mapped arrays.
 """
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pancreas_mtl.data.augmentation import augmentation_region_size, build_augmentation
-from pancreas_mtl.data.cached_case import CachedCase
 from pancreas_mtl.data.errors import DataError
+from pancreas_mtl.dataset.augmentation import augmentation_region_size, build_augmentation
+from pancreas_mtl.dataset.cached_case import CachedCase
 
 CASE_SAMPLING_MODES = ("uniform", "subtype_balanced")
 LESION_LABEL = 2
@@ -201,7 +201,7 @@ class PatchDataset(Dataset):
     Args:
         sampler: where patches come from.
         transform: maps ``{"image": (C, *region) float32 tensor, "label": (1, *region) int8 tensor}`` to
-            the same keys at the patch size (see :func:`pancreas_mtl.data.augmentation.build_augmentation`);
+            the same keys at the patch size (see :func:`pancreas_mtl.dataset.augmentation.build_augmentation`);
             None requires ``sampler.region_size == sampler.patch_size``.
         samples_per_epoch: the dataset length, e.g. iterations per epoch times batch size (nnU-Net 250 x 2).
         seed: mixed into every process's seed (None: torch's seed alone decides).

@@ -12,10 +12,15 @@ import numpy as np
 import torch
 
 from pancreas_mtl.data.checks import LoadedCase
+from pancreas_mtl.data.cropping import crop, nonzero_bbox
 from pancreas_mtl.data.errors import DataError
 from pancreas_mtl.data.limits import InputLimits, config_key
-from pancreas_mtl.data.resampling import resample_image, resample_segmentation, resampled_shape, separate_axis
-from pancreas_mtl.planning.fingerprint import nonzero_bbox
+from pancreas_mtl.dataset.resampling import (
+    resample_image,
+    resample_segmentation,
+    resampled_shape,
+    separate_axis,
+)
 from pancreas_mtl.planning.plan import ChannelNormalization, Plan
 
 
@@ -53,11 +58,6 @@ def normalize(image: np.ndarray, schemes: list[ChannelNormalization]) -> np.ndar
         else:
             raise ValueError(f"unknown normalisation scheme {scheme.scheme!r} (expected 'ct' or 'zscore')")
     return out
-
-
-def crop(array: np.ndarray, bbox: tuple[tuple[int, int], ...]) -> np.ndarray:
-    """Crop the last three axes (z, y, x) to ``bbox``."""
-    return array[(..., *(slice(start, stop) for start, stop in bbox))]
 
 
 def check_resampled_size(loaded: LoadedCase, crop_shape: tuple[int, ...], target_spacing, max_voxels: int

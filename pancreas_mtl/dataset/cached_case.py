@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pancreas_mtl.planning.plan import load_json
+from pancreas_mtl.files import load_json
 
 
 @dataclass(frozen=True)

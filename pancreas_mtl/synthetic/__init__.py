@@ -1,0 +1,1 @@
+"""The built-in synthetic CT set: CT-like cases with pancreas, lesion and subtype in the real layout."""
