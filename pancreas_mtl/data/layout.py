@@ -50,9 +50,21 @@ SPLITS = ("train", "validation", "test")
 SUBTYPE_MAPPING_FILE = "subtype_mapping.json"
 SPLITS_FILE = "splits_final.json"
 CONVERSION_MANIFEST = "conversion.json"  # what a conversion wrote: only those files are ever replaced
-_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_SUBTYPE_FOLDER = re.compile(r"^subtype(?P<subtype>\d+)$")
+# the file and folder names of both layouts, for every reader (discovery, prediction inputs, evaluation)
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # {case}_{XXXX} without the suffix
+SUBTYPE_FOLDER = re.compile(r"^subtype(?P<subtype>\d+)$")
 log = logging.getLogger(__name__)
+
+
+def image_file_name(case_id: str, channel: int = 0, ending: str = ".nii.gz") -> str:
+    """The file name of a case's channel image in either layout: ``{case}_{XXXX}{ending}``."""
+    return f"{case_id}_{channel:04d}{ending}"
+
+
+def is_dataset_root(folder: Path) -> bool:
+    """Whether ``folder`` is a dataset root in either layout (dataset.json, or train/validation/test)."""
+    folder = Path(folder)
+    return (folder / "dataset.json").is_file() or any((folder / split).is_dir() for split in SPLITS)
 
 
 @dataclass(frozen=True)
@@ -100,7 +112,7 @@ def discover(root: str | Path, num_subtypes: int = 3) -> DatasetIndex:
         raise DatasetError([Problem(None, root, "dataset folder not found")])
     if (root / "dataset.json").is_file():
         return _discover_nnunet(root, num_subtypes)
-    if any((root / split).is_dir() for split in SPLITS):
+    if is_dataset_root(root):
         return _discover_distributed(root, num_subtypes)
     raise DatasetError([Problem(None, root, "not a dataset: expected dataset.json (nnU-Net v2 raw layout) "
                                 "or train/, validation/, test/ folders (distributed layout)")])
@@ -110,7 +122,7 @@ def _group_channels(image_files: list[Path], problems: list[Problem]) -> dict[st
     """{case: {channel: path}} from files named {case}_{XXXX}{suffix}; misnamed files become problems."""
     channels: dict[str, dict[int, Path]] = defaultdict(dict)
     for path in image_files:
-        match = _CHANNEL_FILE.match(strip_suffix(path))
+        match = CHANNEL_FILE.match(strip_suffix(path))
         if match is None:
             problems.append(Problem(None, path, "image name should end with a 4-digit channel, e.g. case_0000.nii.gz"))
             continue
@@ -150,7 +162,7 @@ def _discover_distributed(root: Path, num_subtypes: int) -> DatasetIndex:
         else:
             folders = []
             for sub in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-                match = _SUBTYPE_FOLDER.match(sub.name)
+                match = SUBTYPE_FOLDER.match(sub.name)
                 if match is None:
                     problems.append(Problem(None, sub, "expected a folder named subtype0, subtype1, ..."))
                     continue
@@ -161,8 +173,8 @@ def _discover_distributed(root: Path, num_subtypes: int) -> DatasetIndex:
                 folders.append((subtype, sub))
         for subtype, folder in folders:
             files = _image_files(folder)
-            masks = {strip_suffix(p): p for p in files if not _CHANNEL_FILE.match(strip_suffix(p))}
-            channel_files = [p for p in files if _CHANNEL_FILE.match(strip_suffix(p))]
+            masks = {strip_suffix(p): p for p in files if not CHANNEL_FILE.match(strip_suffix(p))}
+            channel_files = [p for p in files if CHANNEL_FILE.match(strip_suffix(p))]
             entries.append((split, subtype, folder, _group_channels(channel_files, problems), masks))
 
     all_channels = {channel for *_, grouped, _ in entries for found in grouped.values() for channel in found}

@@ -38,7 +38,7 @@ from omegaconf import MISSING, OmegaConf
 
 from pancreas_mtl.data.checks import AFFINE_ATOL_MM, clean_labels
 from pancreas_mtl.data.io import image_suffix, read_volume, strip_suffix
-from pancreas_mtl.data.layout import discover
+from pancreas_mtl.data.layout import CHANNEL_FILE, SUBTYPE_FOLDER, discover, is_dataset_root
 from pancreas_mtl.evaluation.metrics import (
     LESION_LABEL,
     accuracy,
@@ -61,8 +61,6 @@ SEGMENTATION_METRICS = ("whole_pancreas_dice", "lesion_dice", "whole_pancreas_ns
                         "whole_pancreas_hd95", "lesion_hd95")
 STRUCTURES = ("whole_pancreas", "lesion")  # each has a ``{structure}_miss`` flag per case
 SUBTYPE_FILES = ("subtypes.json", "subtype_mapping.json", "subtype_reference.csv")
-_CHANNEL_FILE = re.compile(r"^.+_\d{4}$")
-_SUBTYPE_FOLDER = re.compile(r"^subtype(?P<subtype>\d+)$")
 
 
 @dataclass
@@ -108,7 +106,7 @@ def _masks(folder: Path) -> dict[str, Path]:
     """{case: path} of the label maps in a folder: image files without a channel number."""
     return {strip_suffix(p): p for p in sorted(folder.iterdir())
             if p.is_file() and image_suffix(p) and not p.name.startswith(".")
-            and not _CHANNEL_FILE.match(strip_suffix(p))}
+            and not CHANNEL_FILE.match(strip_suffix(p))}
 
 
 def read_subtypes(path: str | Path) -> dict[str, int]:
@@ -145,14 +143,14 @@ def reference_cases(gt: str | Path, subtypes: str | Path | None = None, splits: 
     gt = Path(gt).expanduser()
     if not gt.is_dir():
         raise FileNotFoundError(f"reference folder {gt} not found")
-    if (gt / "dataset.json").is_file() or any((gt / s).is_dir() for s in ("train", "validation", "test")):
+    if is_dataset_root(gt):
         index = discover(gt, num_subtypes=num_subtypes)
         reference = {c.case_id: (c.label_path, c.subtype) for c in index.labelled
                      if splits is None or c.split in splits}
     else:
         reference = {case: (path, None) for case, path in _masks(gt).items()}
-        for sub in sorted(p for p in gt.iterdir() if p.is_dir() and _SUBTYPE_FOLDER.match(p.name)):
-            subtype = int(_SUBTYPE_FOLDER.match(sub.name)["subtype"])
+        for sub in sorted(p for p in gt.iterdir() if p.is_dir() and SUBTYPE_FOLDER.match(p.name)):
+            subtype = int(SUBTYPE_FOLDER.match(sub.name)["subtype"])
             reference.update({case: (path, subtype) for case, path in _masks(sub).items()})
         if subtypes is None:
             subtypes = next((gt / name for name in SUBTYPE_FILES if (gt / name).is_file()), None)

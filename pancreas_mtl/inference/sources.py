@@ -19,22 +19,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 from pancreas_mtl.data.io import image_suffix, strip_suffix
-from pancreas_mtl.data.layout import SPLITS, Case, discover
+from pancreas_mtl.data.layout import CHANNEL_FILE, SPLITS, SUBTYPE_FOLDER, Case, discover, is_dataset_root
 
 log = logging.getLogger(__name__)
 
-_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_SUBTYPE_FOLDER = re.compile(r"^subtype\d+$")
-
-
-def is_dataset_root(folder: Path) -> bool:
-    return (folder / "dataset.json").is_file() or any((folder / split).is_dir() for split in SPLITS)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -55,7 +48,7 @@ def _broken_link(path: Path) -> bool:
 def _folder_images(folder: Path) -> list[Path]:
     """Image files of a folder, with those of its ``subtype{k}`` subfolders (a distributed split folder)."""
     files = _image_files(folder)
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and _SUBTYPE_FOLDER.match(p.name)):
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and SUBTYPE_FOLDER.match(p.name)):
         files.extend(_image_files(sub))
     return files
 
@@ -65,9 +58,9 @@ def _cases_from_files(files: Sequence[Path], drop_unnumbered: bool) -> tuple[lis
     when channel files are present (masks beside images)."""
     channels: dict[str, dict[int, Path]] = defaultdict(dict)
     problems: dict[str, str] = {}
-    numbered = [p for p in files if _CHANNEL_FILE.match(strip_suffix(p))]
+    numbered = [p for p in files if CHANNEL_FILE.match(strip_suffix(p))]
     for path in files:
-        match = _CHANNEL_FILE.match(strip_suffix(path))
+        match = CHANNEL_FILE.match(strip_suffix(path))
         if _broken_link(path):
             case_id = match["case"] if match else strip_suffix(path)
             problems[case_id] = (f"{path} is a symbolic link to {os.readlink(path)}, which does not exist or "

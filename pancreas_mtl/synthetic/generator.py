@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pancreas_mtl.config import config_dir
 from pancreas_mtl.data.io import write_nifti
+from pancreas_mtl.data.layout import image_file_name
 from pancreas_mtl.data.manifest import (
     describe_paths,
     foreign_entries,
@@ -26,7 +28,6 @@ from pancreas_mtl.data.manifest import (
     remove_listed,
     write_manifest,
 )
-from pancreas_mtl.config import config_dir
 from pancreas_mtl.files import atomic_path
 from pancreas_mtl.synthetic.anatomy import (
     HU_MAX,
@@ -260,9 +261,9 @@ class PlannedCase:
     def relative_paths(self) -> tuple[str, str]:
         """(image, mask) paths under the dataset root; test masks go to test_labels/."""
         if self.split == "test":
-            return f"test/{self.case_id}_0000.nii.gz", f"{TEST_LABELS_DIR}/{self.case_id}.nii.gz"
+            return f"test/{image_file_name(self.case_id)}", f"{TEST_LABELS_DIR}/{self.case_id}.nii.gz"
         folder = f"{self.split}/subtype{self.subtype}"
-        return f"{folder}/{self.case_id}_0000.nii.gz", f"{folder}/{self.case_id}.nii.gz"
+        return f"{folder}/{image_file_name(self.case_id)}", f"{folder}/{self.case_id}.nii.gz"
 
 
 def plan_cases(config: SyntheticConfig) -> list[PlannedCase]:
