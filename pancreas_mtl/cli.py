@@ -1,50 +1,103 @@
-"""The ``pancreas-mtl`` command: dataset tools (generate synthetic data, convert layouts, check a dataset).
+"""The ``pancreas-mtl`` command: dataset tools and evaluation, each taking ``key=value`` overrides of its
+YAML file under conf/, in Hydra's override syntax as train.py and predict.py take theirs.
 
-Training and prediction have their own Hydra entry points, ``train.py`` and ``predict.py``.
+    pancreas-mtl generate out=outputs/data/synthetic_default [size=tiny] [seed=3] [overwrite=true]
+    pancreas-mtl convert source=/data/quiz destination=/data/Dataset501_Pancreas
+    pancreas-mtl check root=/data/quiz
+    pancreas-mtl evaluate pred=/data/pred gt=/data/quiz/validation out=/data/eval
+
+``conf/{command}.yaml`` holds every key of a command with its default and its meaning (``pancreas-mtl
+{command} --help`` prints the file); a dataclass here types it. The file is composed with Hydra's
+compose API rather than ``@hydra.main``: the same override grammar, but no run folder, no log file and
+no change of directory, so a command writes only where its keys say. Exit codes: 0 done, 1 the command
+failed (the error names the file or case), 2 a usage error (unknown command or key, missing required
+key, a value of the wrong type).
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
+import re
 import sys
 from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from pancreas_mtl.config import config_dir
 from pancreas_mtl.data.errors import DatasetError
 
+PROG = "pancreas-mtl"
+HELP_FLAGS = ("-h", "--help")
+SYNTAX = ("Values use Hydra's override syntax, as train.py and predict.py: key=value, lists as [a,b], "
+          "null for none;\nquote a value holding spaces, commas or other special characters: key='/my data/x'.")
 
-def _generate(args: argparse.Namespace) -> int:
+
+class UsageError(Exception):
+    """A command line naming an unknown key, leaving a required key out, or giving a value of the wrong type."""
+
+
+# --- the commands: a schema types conf/{command}.yaml, which holds the defaults ----------------------
+
+@dataclass
+class GenerateConfig:
+    size: str = MISSING
+    out: str = MISSING
+    seed: int | None = MISSING
+    workers: int = MISSING
+    overwrite: bool = MISSING
+
+
+@dataclass
+class ConvertConfig:
+    source: str = MISSING
+    destination: str = MISSING
+    name: str | None = MISSING
+    link: bool = MISSING
+    overwrite: bool = MISSING
+
+
+@dataclass
+class CheckConfig:
+    root: str = MISSING
+    workers: int = MISSING
+    num_subtypes: int = MISSING
+
+
+def run_generate(cfg: DictConfig) -> int:
     from pancreas_mtl.synthetic.generator import generate_dataset, load_config
 
-    config = load_config(args.size)
-    if args.seed is not None:
-        config.seed = args.seed
-    root = generate_dataset(Path(args.out), config, overwrite=args.overwrite)
-    print(f"synthetic dataset ({args.size}, seed {config.seed}) in {root}")
+    config = load_config(cfg.size)
+    if cfg.seed is not None:
+        config.seed = cfg.seed
+    root = generate_dataset(Path(cfg.out), config, overwrite=cfg.overwrite, workers=cfg.workers)
+    print(f"synthetic dataset ({cfg.size}, seed {config.seed}) in {root}")
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
+def run_convert(cfg: DictConfig) -> int:
     from pancreas_mtl.data.layout import convert_to_nnunet
 
-    index = convert_to_nnunet(args.source, args.destination, dataset_name=args.name, link=args.link,
-                              overwrite=args.overwrite)
+    index = convert_to_nnunet(cfg.source, cfg.destination, dataset_name=cfg.name, link=cfg.link,
+                              overwrite=cfg.overwrite)
     print(f"wrote nnU-Net v2 raw dataset {index.root}: {len(index.labelled)} training case(s), "
           f"{len(index.split('test'))} test case(s)")
     return 0
 
 
-def _check(args: argparse.Namespace) -> int:
+def run_check(cfg: DictConfig) -> int:
     from pancreas_mtl.data.layout import discover
     from pancreas_mtl.data.limits import InputLimits
     from pancreas_mtl.planning.fingerprint import compute_fingerprint
 
-    index = discover(args.root, num_subtypes=args.num_subtypes)
+    index = discover(cfg.root, num_subtypes=cfg.num_subtypes)
     splits = Counter(case.split for case in index.cases)
     print(f"{index.root}: {index.layout} layout, channels {index.channel_names}, labels {index.labels}")
     print("cases: " + ", ".join(f"{split} {count}" for split, count in sorted(splits.items())))
     limits = InputLimits()  # the defaults of data.limits (conf/limits/default.yaml)
-    fingerprint = compute_fingerprint(index, num_workers=args.workers, limits=limits)
+    fingerprint = compute_fingerprint(index, num_workers=cfg.workers, limits=limits)
     spacings = sorted(fingerprint.spacings)
     print(f"all {len(fingerprint.case_ids)} labelled case(s) readable and consistent (spacing "
           f"{limits.min_spacing_mm:g} to {limits.max_spacing_mm:g} mm, at most "
@@ -57,44 +110,158 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pancreas-mtl", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def _evaluation_schema() -> type:
+    from pancreas_mtl.evaluation.evaluate import EvaluationConfig
 
-    generate = commands.add_parser("generate", help="write the built-in synthetic CT dataset (distributed layout)")
-    generate.add_argument("--size", default="default", help="preset in conf/synthetic/: tiny, default or full")
-    generate.add_argument("--out", required=True,
-                          help="folder to write the dataset into: new, empty, or one it generated")
-    generate.add_argument("--seed", type=int, default=None, help="overrides the preset's seed")
-    generate.add_argument("--overwrite", action="store_true",
-                          help="replace a dataset the generator wrote there: only the files its "
-                               "synthetic.json lists are removed; a folder holding anything else is "
-                               "refused either way")
-    generate.set_defaults(run=_generate)
-
-    convert = commands.add_parser("convert", help="convert the distributed layout to an nnU-Net v2 raw dataset")
-    convert.add_argument("source", help="folder with train/, validation/, test/")
-    convert.add_argument("destination", help="nnU-Net raw dataset folder to create, e.g. Dataset501_Pancreas")
-    convert.add_argument("--name", default=None, help="dataset name in dataset.json (default: source folder name)")
-    convert.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
-    convert.add_argument("--overwrite", action="store_true",
-                         help="replace an earlier conversion: only the files its conversion.json lists are "
-                              "removed; a folder holding anything else is refused either way")
-    convert.set_defaults(run=_convert)
-
-    check = commands.add_parser("check", help="read every case of a dataset and report every problem found")
-    check.add_argument("root", help="dataset folder in either layout")
-    check.add_argument("--workers", type=int, default=2, help="worker processes (0: none)")
-    check.add_argument("--num-subtypes", type=int, default=3)
-    check.set_defaults(run=_check)
-    return parser
+    return EvaluationConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_evaluate(cfg: DictConfig) -> int:
+    from pancreas_mtl.evaluation.evaluate import evaluate, format_summary
+
+    evaluation = evaluate(cfg)
+    print(format_summary(evaluation.summary))
+    print(f"written to {Path(cfg.out)}")
+    return 0
+
+
+@dataclass(frozen=True)
+class Command:
+    schema: Callable[[], type]          # the dataclass typing conf/{command}.yaml (imported when needed)
+    run: Callable[[DictConfig], int]    # the typed config -> exit code
+
+
+COMMANDS = {
+    "generate": Command(lambda: GenerateConfig, run_generate),
+    "convert": Command(lambda: ConvertConfig, run_convert),
+    "check": Command(lambda: CheckConfig, run_check),
+    "evaluate": Command(_evaluation_schema, run_evaluate),
+}
+
+
+# --- configs from the command line ------------------------------------------------------------------
+
+def config_text(command: str) -> str:
+    """The text of ``conf/{command}.yaml``, comments included (they document the keys)."""
+    return (config_dir() / f"{command}.yaml").read_text()
+
+
+def _key_comments(text: str) -> dict[str, str]:
+    """{key: its comment} of the top-level ``key: value  # comment`` lines of a command's YAML."""
+    return {match["key"]: match["comment"].strip()
+            for match in re.finditer(r"^(?P<key>\w+):[^#\n]*#(?P<comment>.*)$", text, flags=re.MULTILINE)}
+
+
+def _not_key_value(command: str, arg: str, defaults: DictConfig) -> str:
+    """The error for an argument that is not ``key=value``: a --flag or a bare value, as argparse took them."""
+    known = [str(key) for key in defaults]
+    name = arg.lstrip("-").replace("-", "_")
+    if arg.startswith("-") and name in known:
+        example = "true" if OmegaConf.select(defaults, name, throw_on_missing=False) in (True, False) else "..."
+        return f"{arg!r}: options are key=value: {name}={example}"
+    if arg.startswith("-"):
+        return f"{arg!r}: options are key=value; {PROG} {command} knows: {', '.join(known)}"
+    required = [key for key in known if OmegaConf.is_missing(defaults, key)]
+    hint = f", e.g. {required[0]}={arg}" if required else ""
+    return f"{arg!r} is not key=value{hint}; {PROG} {command} knows: {', '.join(known)}"
+
+
+def load_config(command: str, overrides: Sequence[str]) -> DictConfig:
+    """``conf/{command}.yaml`` with ``key=value`` overrides, typed by the command's schema, interpolations
+    resolved.
+
+    Raises:
+        UsageError: an argument that is not ``key=value`` of a key the file holds (the error names the
+            known keys), a sweep (``a,b``), a value of the wrong type, or a required key (``???``) left out.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    text = config_text(command)
+    defaults = OmegaConf.create(text)
+    known = [str(key) for key in defaults]  # the command configs are flat
+    args = list(overrides)
+    for arg in args:
+        if "=" not in arg or arg.startswith("-"):
+            raise UsageError(_not_key_value(command, arg, defaults))
     try:
-        return args.run(args)
-    except (DatasetError, FileExistsError, ValueError) as error:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except HydraException as error:
+        raise UsageError(f"{error}\n{SYNTAX}") from None
+    for override in parsed:
+        key, line = override.key_or_group, override.input_line
+        if key not in known:
+            raise UsageError(f"unknown key {key!r} in {line!r}; {PROG} {command} knows: {', '.join(known)}")
+        if override.type is not OverrideType.CHANGE or override.package is not None:
+            raise UsageError(f"{line!r}: give the key as {key}=value (no +, ~ or @)")
+        if override.is_sweep_override():
+            raise UsageError(f"{line!r}: one value per key (a comma or a range is a sweep, which only "
+                             f"train.py -m runs); quote a value holding a comma: {key}='a,b'")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            composed = compose(config_name=command, overrides=args)
+        cfg = OmegaConf.merge(OmegaConf.structured(COMMANDS[command].schema()), composed)
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as error:
+        key, message = getattr(error, "full_key", None), str(error).splitlines()[0]
+        raise UsageError(f"{key}: {message}" if key else message) from None
+    missing = [key for key in known if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        comments = _key_comments(text)
+        lines = [f"  {key}=...  ({comments[key]})" if key in comments else f"  {key}=..." for key in missing]
+        raise UsageError("missing required key(s):\n" + "\n".join(lines))
+    return cfg
+
+
+# --- help and main ----------------------------------------------------------------------------------
+
+def _summary(command: str) -> str:
+    """The first line of the command's YAML, its one-line description."""
+    return config_text(command).splitlines()[0].lstrip("# ").strip()
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: {PROG} <command> key=value ...", "",
+             "Dataset tools and evaluation. Each command reads its keys and defaults from conf/<command>.yaml.",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {_summary(name)}" for name in COMMANDS]
+    lines += ["", f"{PROG} <command> --help prints the command's keys, their defaults and what each means.",
+              SYNTAX, "Training and prediction: python train.py key=value ..., python predict.py key=value ..."]
+    return "\n".join(lines)
+
+
+def command_help(command: str) -> str:
+    return (f"usage: {PROG} {command} key=value ...\n\nconf/{command}.yaml: every key, its default and its "
+            f"meaning (??? is required)\n\n{config_text(command).rstrip()}\n\n{SYNTAX}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``pancreas-mtl <command> key=value ...``; returns the exit code (0 done, 1 the command failed, 2 usage)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in HELP_FLAGS:
+        print(usage(), file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    command, overrides = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"{PROG}: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}\n"
+              f"(see {PROG} --help)", file=sys.stderr)
+        return 2
+    if any(arg in HELP_FLAGS for arg in overrides):
+        print(command_help(command))
+        return 0
+    try:
+        cfg = load_config(command, overrides)
+    except UsageError as error:
+        print(f"{PROG} {command}: error: {error}\n(see {PROG} {command} --help)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[command].run(cfg)
+    except (DatasetError, OSError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

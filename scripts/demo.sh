@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${VENV:-.venv}/bin/python"
+cli="${VENV:-.venv}/bin/pancreas-mtl"
 outputs="${PANCREAS_MTL_OUTPUTS:-outputs}"
 data="$outputs/data/synthetic_default"
 
@@ -17,8 +18,6 @@ echo "demo: trained $run"
 "$py" predict.py ckpt="$ckpt" input="$data/test" output="$run/predictions/test"
 "$py" predict.py ckpt="$ckpt" input="$data/validation" output="$run/predictions/validation"
 
-"$py" -m pancreas_mtl.evaluate pred="$run/predictions/validation" gt="$data/validation" \
-    out="$run/evaluation/validation"
-"$py" -m pancreas_mtl.evaluate pred="$run/predictions/test" gt="$data/test_labels" \
-    out="$run/evaluation/test"
+"$cli" evaluate pred="$run/predictions/validation" gt="$data/validation" out="$run/evaluation/validation"
+"$cli" evaluate pred="$run/predictions/test" gt="$data/test_labels" out="$run/evaluation/test"
 echo "demo: masks and subtype_results.csv in $run/predictions/, scores in $run/evaluation/*/summary.json"

@@ -59,10 +59,9 @@ def test_generate_never_touches_a_real_dataset(tmp_path, mini, capsys, overwrite
     assert "overwrite" not in message.replace("with or without overwrite", "")  # no advice that would delete
     assert snapshot(real) == before
 
-    flag = ["--overwrite"] if overwrite else []
-    assert cli_main(["generate", "--size", "tiny", "--out", str(real), *flag]) == 1
+    assert cli_main(["generate", "size=tiny", f"out={real}", f"overwrite={str(overwrite).lower()}"]) == 1
     err = capsys.readouterr().err
-    assert str(real) in err and "--overwrite" not in err
+    assert str(real) in err and "overwrite=" not in err
     assert snapshot(real) == before
 
 
@@ -166,13 +165,13 @@ def test_convert_overwrite_replaces_an_earlier_conversion(tmp_path, capsys):
     first = write_distributed_dataset(tmp_path / "a", train_per_subtype=2, test_cases=2, seed=0)
     second = write_distributed_dataset(tmp_path / "b", train_per_subtype=1, test_cases=1, seed=1)
     target = tmp_path / "Dataset501"
-    assert cli_main(["convert", str(first), str(target)]) == 0
-    assert cli_main(["convert", str(second), str(target)]) == 1
-    assert "--overwrite" in capsys.readouterr().err
-    assert cli_main(["convert", str(second), str(target), "--overwrite"]) == 0
+    assert cli_main(["convert", f"source={first}", f"destination={target}"]) == 0
+    assert cli_main(["convert", f"source={second}", f"destination={target}"]) == 1
+    assert "overwrite=true" in capsys.readouterr().err
+    assert cli_main(["convert", f"source={second}", f"destination={target}", "overwrite=true"]) == 0
     reference = convert_to_nnunet(second, tmp_path / "reference").root
     assert set(snapshot(target)) == set(snapshot(reference))
-    assert cli_main(["check", str(target), "--workers", "0"]) == 0
+    assert cli_main(["check", f"root={target}", "workers=0"]) == 0
     assert [c.case_id for c in discover(target).cases] == [c.case_id for c in discover(second).cases]
 
 
@@ -183,10 +182,10 @@ def test_convert_refuses_a_target_holding_foreign_files(tmp_path, capsys, overwr
     (other / "conversion.json").unlink(missing_ok=True)  # a dataset it did not write (e.g. nnU-Net's own)
     (other / "README.txt").write_text("ours")
     before = snapshot(other)
-    flag = ["--overwrite"] if overwrite else []
-    assert cli_main(["convert", str(source), str(other), *flag]) == 1
+    assert cli_main(["convert", f"source={source}", f"destination={other}",
+                     f"overwrite={str(overwrite).lower()}"]) == 1
     err = capsys.readouterr().err
-    assert str(other) in err and "dataset.json" in err and "--overwrite" not in err
+    assert str(other) in err and "dataset.json" in err and "overwrite=" not in err
     assert snapshot(other) == before
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pancreas_mtl.config import config_dir
 from pancreas_mtl.data.io import write_nifti
+from pancreas_mtl.evaluate import main  # python -m pancreas_mtl.evaluate, i.e. pancreas-mtl evaluate
 from pancreas_mtl.evaluation.evaluate import (
+    EvaluationConfig,
     evaluate,
     format_summary,
-    main,
     score_case,
     summarise,
 )
@@ -215,6 +217,34 @@ def test_mismatched_case_sets_are_an_error_listing_them(tmp_path):
     assert main([f"pred={pred}", f"gt={gt}", f"out={tmp_path / 'e'}", "plots=false", "progress=false"]) == 1
     assert main([f"pred={pred}", "unknown_key=1"]) == 2
     assert main([f"pred={pred}", f"gt={gt}"]) == 2  # out= missing
+
+
+def test_the_command_line_defaults_are_the_python_defaults():
+    """conf/evaluate.yaml (the command line) and EvaluationConfig (evaluate() from Python) agree."""
+    from omegaconf import OmegaConf
+
+    yaml = OmegaConf.load(config_dir() / "evaluate.yaml")
+    python = OmegaConf.structured(EvaluationConfig)
+    assert list(yaml) == list(python)
+    for key in python:
+        assert OmegaConf.is_missing(yaml, key) == OmegaConf.is_missing(python, key), key
+        if not OmegaConf.is_missing(python, key):
+            assert yaml[key] == python[key], key
+
+
+def test_evaluate_command_line_errors(tmp_path, capsys):
+    gt, pred = make_folders(tmp_path)
+    assert main([f"pred={pred}", f"gt={gt}", f"out={tmp_path / 'e'}", "tolerance_mm=abc"]) == 2
+    assert "tolerance_mm" in capsys.readouterr().err
+    assert main([f"pred={pred}", f"gt={gt}", f"out={tmp_path / 'e'}", "tolerance=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'tolerance'" in err and "tolerance_mm" in err
+    assert main([f"pred={pred}"]) == 2
+    err = capsys.readouterr().err
+    assert "gt=..." in err and "out=..." in err and "pred=..." not in err
+    assert main(["--help"]) == 0
+    assert "tolerance_mm: 2.0" in capsys.readouterr().out
+    assert not (tmp_path / "e").exists()
 
 
 def test_probability_columns_must_match_the_declared_subtypes(tmp_path):

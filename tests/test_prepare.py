@@ -69,12 +69,12 @@ def test_kfold_on_distributed_layout(distributed_dataset, tmp_path):
 
 
 def test_cli_check_and_convert(distributed_dataset, tmp_path, capsys):
-    assert cli_main(["check", str(distributed_dataset), "--workers", "0"]) == 0
+    assert cli_main(["check", f"root={distributed_dataset}", "workers=0"]) == 0
     assert "all 9 labelled case(s) readable" in capsys.readouterr().out
-    assert cli_main(["convert", str(distributed_dataset), str(tmp_path / "nn")]) == 0
+    assert cli_main(["convert", f"source={distributed_dataset}", f"destination={tmp_path / 'nn'}"]) == 0
     assert json.loads((tmp_path / "nn" / "dataset.json").read_text())["numTraining"] == 9
     (distributed_dataset / "train" / "subtype0" / "quiz_0_001.nii.gz").write_bytes(b"junk")
-    assert cli_main(["check", str(distributed_dataset), "--workers", "0"]) == 1
+    assert cli_main(["check", f"root={distributed_dataset}", "workers=0"]) == 1
     assert "quiz_0_001" in capsys.readouterr().err
 
 

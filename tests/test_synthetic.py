@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from pancreas_mtl.cli import main as cli_main
 from pancreas_mtl.data.io import read_volume
 from pancreas_mtl.data.layout import discover
 from pancreas_mtl.synthetic.generator import (
@@ -21,7 +22,6 @@ from pancreas_mtl.synthetic.generator import (
     generate_case,
     generate_dataset,
     load_config,
-    main,
     plan_cases,
 )
 
@@ -154,10 +154,11 @@ def test_command_line_with_a_yaml_file_and_overwrite(tmp_path):
     preset = tmp_path / "mini.yaml"
     preset.write_text("name: mini\ntrain_counts: [1, 1, 1]\nvalidation_counts: [0, 0, 0]\n"
                       "test_counts: [1, 0, 0]\nspacing_xy_mm: [2.0, 2.2]\nspacing_z_mm: [4.0, 4.4]\n")
-    root = main(["--size", str(preset), "--out", str(tmp_path / "mini"), "--seed", "5"])
+    root = tmp_path / "mini"
+    assert cli_main(["generate", f"size={preset}", f"out={root}", "seed=5"]) == 0
     assert len(discover(root).split("train")) == 3 and len(discover(root).split("test")) == 1
     assert json.loads((root / MARKER_FILE).read_text())["config"]["seed"] == 5
-    main(["--size", str(preset), "--out", str(root), "--seed", "6", "--overwrite"])
+    assert cli_main(["generate", f"size={preset}", f"out={root}", "seed=6", "overwrite=true"]) == 0
     assert json.loads((root / MARKER_FILE).read_text())["config"]["seed"] == 6
 
 

@@ -123,14 +123,14 @@ def test_check_command_reports_implausible_spacing_and_reads_metres(distributed_
         for path in (*case.image_paths, case.label_path):
             volume = read_volume(path)
             write_in_unit(volume.array, volume.affine, path, "meter")
-    assert cli_main(["check", str(distributed_dataset), "--workers", "0"]) == 0
+    assert cli_main(["check", f"root={distributed_dataset}", "workers=0"]) == 0
     assert "median (2.0" in capsys.readouterr().out  # mm, not 0.002
 
     bad = cases[0]
     for path in (*bad.image_paths, bad.label_path):  # metre values in a header without a unit
         volume = read_volume(path)
         write_nifti(volume.array, np.diag([1e-3, 1e-3, 1e-3, 1.0]) @ volume.affine, path)
-    assert cli_main(["check", str(distributed_dataset), "--workers", "0"]) == 1
+    assert cli_main(["check", f"root={distributed_dataset}", "workers=0"]) == 1
     err = capsys.readouterr().err
     assert str(bad.image_paths[0]) in err and "expected voxel spacing from 0.1 to 20 mm" in err
     assert "0.002" in err

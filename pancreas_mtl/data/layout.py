@@ -366,7 +366,8 @@ def convert_to_nnunet(source: str | Path, destination: str | Path, *, dataset_na
     if listed is not None:
         if (destination / "dataset.json").is_file() and not overwrite:
             raise FileExistsError(f"{destination}: holds a dataset converted earlier (from "
-                                  f"{found.get('converted_from')}); pass overwrite (--overwrite) to replace "
+                                  f"{found.get('converted_from')}); pass overwrite=True (overwrite=true on the "
+                                  "command line) to replace "
                                   f"it (only the files its {CONVERSION_MANIFEST} lists are removed)")
         if not overwrite:
             log.warning("%s: an incomplete earlier conversion (no dataset.json); replacing it", destination)

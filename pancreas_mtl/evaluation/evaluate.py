@@ -1,7 +1,10 @@
 """Scoring a prediction folder against reference masks and subtypes: a per-case table, a summary with
 bootstrap confidence intervals, and plots.
 
-    python -m pancreas_mtl.evaluate pred=DIR gt=DIR out=DIR [probs=FILE] [subtypes=FILE] [tolerance_mm=2]
+    pancreas-mtl evaluate pred=DIR gt=DIR out=DIR [probs=FILE] [subtypes=FILE] [tolerance_mm=2]
+
+(or ``python -m pancreas_mtl.evaluate ...``; the keys and their defaults are in conf/evaluate.yaml, which
+pancreas_mtl.cli composes and types with EvaluationConfig.)
 
 ``gt`` is a dataset root in either layout (masks and subtypes from the layout; ``splits=[validation]``
 picks splits), a split folder with ``subtype{k}/`` subfolders, or a folder of masks ``{case}.nii.gz``
@@ -28,7 +31,6 @@ import csv
 import json
 import logging
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +67,8 @@ SUBTYPE_FILES = ("subtypes.json", "subtype_mapping.json", "subtype_reference.csv
 
 @dataclass
 class EvaluationConfig:
-    """The command's options (``key=value`` on the command line)."""
+    """The options of :func:`evaluate`; on the command line the keys of conf/evaluate.yaml, whose defaults
+    equal these (tests/test_evaluate.py checks it)."""
 
     pred: str = MISSING                 # folder of predicted masks {case}.nii.gz (+ subtype CSVs)
     gt: str = MISSING                   # reference: dataset root, split folder, or folder of masks
@@ -392,31 +395,3 @@ def format_summary(summary: dict) -> str:
                 lines.append(f"  {name:<22} {scores[name]:8.4f}  [{ci['low']:.4f}, {ci['high']:.4f}]{note}")
         lines.append("  confusion matrix (rows reference, columns predicted): " + str(scores["confusion_matrix"]))
     return "\n".join(lines)
-
-
-# --- plots ------------------------------------------------------------------------------------------
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pancreas_mtl.evaluate key=value ...``; returns the exit code (0 done, 1 error, 2 usage)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or any(arg in ("-h", "--help") for arg in argv):
-        print(__doc__)
-        print("options (key=value): " + ", ".join(EvaluationConfig.__dataclass_fields__))
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(EvaluationConfig), OmegaConf.from_dotlist(argv))
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise ValueError(f"missing option(s): {', '.join(f'{key}=...' for key in missing)}")
-    except Exception as error:  # noqa: BLE001 - OmegaConf's errors for unknown keys and bad values
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        evaluation = evaluate(cfg)
-    except (ValueError, OSError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(format_summary(evaluation.summary))
-    print(f"written to {Path(cfg.out)}")
-    return 0

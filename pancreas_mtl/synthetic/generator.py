@@ -4,12 +4,11 @@ The subtype shows only in the lesion (texture, septa, rim, margin); everything e
 spacing, anatomy, lesion size and place) is drawn from distributions shared by all subtypes. See
 docs/synthetic_data.md. Arrays are (Z, Y, X); files are written with ``write_nifti`` (x, y, z on disk).
 
-    python -m pancreas_mtl.synthetic.generator --size default --out data/synthetic_default
+    pancreas-mtl generate size=default out=outputs/data/synthetic_default
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import asdict, dataclass, fields
@@ -380,7 +379,8 @@ def generate_dataset(root: str | Path, config: SyntheticConfig, *, overwrite: bo
         found_config = found.get("config", {})
         differing = sorted(k for k, v in expected["config"].items() if found_config.get(k) != v)
         raise FileExistsError(f"{root}: holds a synthetic dataset of another configuration (differs in "
-                              f"{differing or ['generator_version']}); pass overwrite=True (--overwrite) "
+                              f"{differing or ['generator_version']}); pass overwrite=True (overwrite=true on "
+                              "the command line) "
                               f"to replace it (only the files its {MARKER_FILE} lists are removed)")
     if stale and not overwrite:
         log.warning("%s: synthetic dataset of generator version %s, this is version %s; regenerating it",
@@ -400,25 +400,3 @@ def generate_dataset(root: str | Path, config: SyntheticConfig, *, overwrite: bo
         tmp.write_text("Names,Subtype\n" + "".join(f"{c.case_id}.nii.gz,{c.subtype}\n" for c in test))
     write_manifest(marker_path, {**expected, "complete": True, "files": files})
     return root
-
-
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
-        description="Generate the synthetic pancreas CT dataset (distributed layout).")
-    parser.add_argument("--size", default="default", help="preset name (tiny, default, full) or a YAML file")
-    parser.add_argument("--out", required=True, type=Path, help="dataset root to write")
-    parser.add_argument("--seed", type=int, default=None, help="override the preset's seed")
-    parser.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a dataset the generator wrote: only the files its synthetic.json lists")
-    args = parser.parse_args(argv)
-    config = load_config(args.size)
-    if args.seed is not None:
-        config.seed = args.seed
-    root = generate_dataset(args.out, config, overwrite=args.overwrite, workers=args.workers)
-    print(f"synthetic dataset {config.name!r} (seed {config.seed}) at {root}")
-    return root
-
-
-if __name__ == "__main__":
-    main()
