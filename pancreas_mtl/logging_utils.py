@@ -3,9 +3,9 @@
 ``build_loggers(cfg.logger, output_dir, config)`` instantiates every logger of the group; a W&B logger
 goes offline by itself when no credentials are found (``wandb.init`` fails at once without an API key,
 offline mode needs no network; ``wandb sync`` uploads the run later). Validation overlays are drawn
-with numpy alone (matplotlib and Pillow are not dependencies), written as PNG files and handed to
-TensorBoard or W&B where those are in use. Nothing here may stop a training run: image and table
-logging catch their errors and warn once.
+as numpy arrays, written as PNG files with Pillow (which matplotlib, a dependency, installs) and handed
+to TensorBoard or W&B where those are in use. Nothing here may stop a training run: image and
+table logging catch their errors and warn once.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import importlib.util
 import logging
 import netrc
 import os
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+from PIL import Image
+
+from pancreas_mtl.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -126,26 +127,14 @@ PANCREAS_COLOUR = np.array([40, 200, 60], dtype=np.float32)
 LESION_COLOUR = np.array([235, 40, 40], dtype=np.float32)
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes (8-bit RGB, no interlace), with zlib alone."""
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
-    height, width = rgb.shape[:2]
-    rows = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, width * 3)], axis=1)
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-            + chunk(b"IEND", b""))
-
-
 def write_png(rgb: np.ndarray, path: str | Path) -> Path:
+    """Write an (H, W, 3) uint8 image as an 8-bit RGB PNG (atomically; the folder is created)."""
+    rgb = np.ascontiguousarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got shape {rgb.shape} {rgb.dtype}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(rgb))
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
     return path
 
 
