@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,11 @@ def random_network(plan):
 
 
 def preset(name: str) -> InferenceSettings:
-    return InferenceSettings.from_config(OmegaConf.to_container(OmegaConf.load(CONF / "inference" / f"{name}.yaml")))
+    """A conf/inference preset composed as predict.py composes it (presets other than accurate list only
+    what differs from it)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        composed = compose("predict", [f"inference={name}"])
+    return InferenceSettings.from_config(OmegaConf.to_container(composed.inference))
 
 
 @torch.no_grad()

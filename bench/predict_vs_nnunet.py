@@ -221,9 +221,8 @@ def diagnose(ckpt: Path, inputs: Path, dump: Path, nnunet_masks: Path, max_passe
                            for s, w in zip(theirs.shape[1:], window)) * 2 ** len(settings.mirror_axes)
         entry["window_passes"] = passes
         if passes <= max_passes:
-            windows = predict_windows(member.network, torch.from_numpy(theirs)[None], window,
-                                      settings.sw_batch_size, settings.overlap, settings.sigma_scale,
-                                      settings.mirror_axes, predictor.lesion_channel).logits[0]
+            windows = predict_windows(member.network, torch.from_numpy(theirs)[None], window, settings,
+                                      lesion_channel=predictor.lesion_channel).logits[0]
             entry["windows_dice"] = label_dice(windows.argmax(0).numpy(), logits.argmax(0).numpy())
             logit_difference = (windows - logits).abs()
             entry.update(windows_mean_abs_logit=float(logit_difference.mean()),

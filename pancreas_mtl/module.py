@@ -1,11 +1,13 @@
 """The LightningModule: multi-task training steps, whole-case sliding-window validation, optimizers.
 
-One case's path through validation: the whole preprocessed case (1, C, Z, Y, X) is tiled by the
-predictor's ``sliding_window_predict`` (``pancreas_mtl.inference``) at the plan's patch size with
-nnU-Net's settings (step 0.5 of the patch, Gaussian importance weights with sigma 1/8 of the patch);
-the stitched logits' argmax gives the label map, scored with whole-pancreas and lesion Dice; the
+One case's path through validation: the whole preprocessed case (1, C, Z, Y, X) goes through the
+:class:`~pancreas_mtl.inference.predictor.Predictor` that ``predict.py`` uses, with the settings of a
+``conf/inference`` preset (``validation`` by default: step 0.5 of the patch, Gaussian importance
+weights with sigma 1/8 of the patch, no mirroring; ``inference@module.validation=fast`` picks another);
+the probabilities' argmax gives the label map, scored with whole-pancreas and lesion Dice; the
 classification head runs on the same windows and its per-window subtype probabilities are pooled by
-:func:`~pancreas_mtl.inference.sliding_window.aggregate_window_predictions`. Scores go to the loggers as ``val/*`` at the end of the epoch.
+:func:`~pancreas_mtl.inference.sliding_window.aggregate_window_predictions`. Scores go to the loggers
+as ``val/*`` at the end of the epoch.
 The checkpoint carries the plan and the resolved config (``checkpoint["pancreas_mtl"]``), so
 :func:`~pancreas_mtl.inference.checkpoint.load_network` rebuilds the network from the file alone.
 
@@ -37,7 +39,8 @@ from pancreas_mtl.devices import set_tf32
 from pancreas_mtl.evaluation.metrics import ClassificationMetrics, lesion_dice, whole_pancreas_dice
 from pancreas_mtl.files import atomic_path
 from pancreas_mtl.inference.checkpoint import MODEL_PREFIX, config_differences, state_mismatch
-from pancreas_mtl.inference.sliding_window import sliding_window_predict
+from pancreas_mtl.inference.predictor import Prediction, Predictor
+from pancreas_mtl.inference.settings import InferenceSettings
 from pancreas_mtl.logging_utils import (
     format_confusion_matrix,
     log_confusion_matrix,
@@ -54,16 +57,6 @@ log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("skip", "stop")
 LOGGED_TRAIN_TERMS = ("loss", "seg", "dice", "ce", "cls")
-DEFAULT_VALIDATION: dict[str, Any] = {
-    "sw_batch_size": 2,          # windows per forward pass
-    "overlap": 0.5,              # nnU-Net: step 0.5 of the patch
-    "sigma_scale": 0.125,        # nnU-Net: Gaussian sigma 1/8 of the patch
-    "mirror_axes": [],           # spatial axes (0=z, 1=y, 2=x) mirrored for test-time augmentation; [] off
-    "roi_size": None,            # (z, y, x) window; None: the plan's patch size
-    "min_lesion_volume": 0.5,    # predicted lesion volume (voxels) below which windows weigh the same
-    "num_overlays": 2,           # validation cases drawn as PNG overlays each validation epoch
-    "save_overlays": True,       # also write the PNGs under <run folder>/overlays
-}
 DEFAULT_COMBINED = {"dice_pancreas": 1.0, "dice_lesion": 1.0, "f1_macro": 1.0}
 
 
@@ -79,8 +72,11 @@ class MultiTaskModule(L.LightningModule):
         optimizer: ``params -> Optimizer`` (a Hydra partial such as conf/optimizer/sgd_nesterov.yaml), or its config.
         scheduler: ``(optimizer, total_steps) -> LRScheduler`` stepped every optimizer step
             (conf/scheduler/), its config, or None for a constant lr.
-        validation: sliding-window settings, see ``DEFAULT_VALIDATION``; how often validation runs is the
-            Trainer's ``check_val_every_n_epoch``.
+        validation: how validation predicts a case: :class:`InferenceSettings`, or the mapping of a
+            composed ``conf/inference`` preset (``module.validation``; keys it leaves out are
+            ``accurate``'s). How often validation runs is the Trainer's ``check_val_every_n_epoch``.
+        num_overlays: the first N validation cases drawn as PNG overlays each validation epoch.
+        save_overlays: also write the overlays under ``<run folder>/overlays``.
         nonfinite_loss: what a NaN/inf training loss does: ``skip`` the batch (training_step returns None:
             no backward, the optimizer steps with no gradients so weights and momenta stay as they were,
             the lr schedule moves on; one device only) or ``stop`` the run with an error naming the cases.
@@ -94,15 +90,14 @@ class MultiTaskModule(L.LightningModule):
     """
 
     def __init__(self, model: MultiTaskNet, loss: nn.Module, plan: Plan | Mapping, optimizer: Callable | Mapping,
-                 scheduler: Callable | Mapping | None = None, validation: Mapping | None = None,
-                 nonfinite_loss: str = "skip", compile: bool = False, compile_kwargs: Mapping | None = None,
-                 channels_last: bool = False, tf32: bool | None = True, combined_metric: Mapping | None = None,
-                 config: Mapping | None = None):
+                 validation: InferenceSettings | Mapping, scheduler: Callable | Mapping | None = None,
+                 num_overlays: int = 2, save_overlays: bool = True, nonfinite_loss: str = "skip",
+                 compile: bool = False, compile_kwargs: Mapping | None = None, channels_last: bool = False,
+                 tf32: bool | None = True, combined_metric: Mapping | None = None, config: Mapping | None = None):
         super().__init__()
-        validation = {**DEFAULT_VALIDATION, **(plain(validation) or {})}
-        unknown = sorted(set(validation) - set(DEFAULT_VALIDATION))
-        if unknown:
-            raise ValueError(f"unknown validation setting(s) {unknown}; known: {sorted(DEFAULT_VALIDATION)}")
+        settings = (validation if isinstance(validation, InferenceSettings)
+                    else InferenceSettings.from_config(plain(validation)))
+        validation = settings.to_config()  # plain values for the saved hyperparameters
         if nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}, got {nonfinite_loss!r}")
         combined_metric = dict(plain(combined_metric) or DEFAULT_COMBINED)
@@ -116,13 +111,13 @@ class MultiTaskModule(L.LightningModule):
         self.scheduler_factory = as_factory(scheduler)
         if self.optimizer_factory is None:
             raise ValueError("an optimizer is required (e.g. conf/optimizer/sgd_nesterov.yaml)")
-        self.validation = validation
-        self.roi_size = tuple(int(s) for s in (validation["roi_size"] or self.plan.patch_size))
+        self.validation = settings
         self.lesion_channel = int(self.plan.labels.get("lesion", 2))
         self.nonfinite_steps = 0
         self.last_validation: dict[str, Any] = {}
         self._val_cases: list[dict[str, Any]] = []
         self._model_configured = False
+        self._predictor: Predictor | None = None
 
     @property
     def memory_format(self) -> torch.memory_format | None:
@@ -201,18 +196,23 @@ class MultiTaskModule(L.LightningModule):
 
     # --- validation ---------------------------------------------------------------------------------
 
-    def predict_case(self, image: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(1, C, Z, Y, X) case -> (segmentation logits (1, K_seg, Z, Y, X), subtype probabilities (K,) or None)."""
-        settings = self.validation
-        return sliding_window_predict(
-            self.model, image, self.roi_size, int(settings["sw_batch_size"]), float(settings["overlap"]),
-            float(settings["sigma_scale"]), tuple(settings["mirror_axes"]), self.lesion_channel,
-            float(settings["min_lesion_volume"]), self.memory_format)
+    def on_validation_epoch_start(self) -> None:
+        self._predictor = None  # a fresh predictor each epoch: no out-of-memory fallback carried over
+
+    def predict_case(self, image: Tensor) -> Prediction:
+        """(1, C, Z, Y, X) preprocessed case -> :class:`Prediction`: probabilities (K, Z, Y, X) on the plan's
+        grid and subtype probabilities (K_subtypes,) or None, by ``predict.py``'s predictor with the
+        ``validation`` settings (under the Trainer's autocast, if any)."""
+        if self._predictor is None or self._predictor.device != image.device:
+            self._predictor = Predictor([self.model], self.plan, self.validation, device=image.device,
+                                        precision="fp32", tf32=False, channels_last=self.hparams.channels_last)
+        return self._predictor.predict_preprocessed(image[0])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        seg_logits, probabilities = self.predict_case(batch["image"])
-        pred = seg_logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()     # (Z, Y, X)
-        true = batch["label"][0, 0].cpu().numpy()                             # (Z, Y, X)
+        prediction = self.predict_case(batch["image"])
+        probabilities = prediction.subtype_probabilities
+        pred = prediction.probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy()  # (Z, Y, X)
+        true = batch["label"][0, 0].cpu().numpy()                                     # (Z, Y, X)
         self._val_cases.append({
             "case_id": batch["case_id"][0],
             "dice_pancreas": whole_pancreas_dice(pred, true),
@@ -220,7 +220,7 @@ class MultiTaskModule(L.LightningModule):
             "subtype": int(batch["subtype"][0]),
             "probabilities": None if probabilities is None else probabilities.cpu(),
         })
-        if batch_idx < int(self.validation["num_overlays"]) and not self.trainer.sanity_checking:
+        if batch_idx < int(self.hparams.num_overlays) and not self.trainer.sanity_checking:
             self._overlay(batch["image"][0, 0].float().cpu().numpy(), true, pred, batch["case_id"][0], batch_idx)
 
     def _gathered(self, values: Tensor) -> Tensor:
@@ -277,7 +277,7 @@ class MultiTaskModule(L.LightningModule):
             rgb = render_overlay(image[z], true[z], pred[z], self.lesion_channel)
             caption = f"{case_id} z={z} epoch {self.current_epoch}: image | reference | prediction + reference contour"
             path = None
-            if self.validation["save_overlays"]:
+            if self.hparams.save_overlays:
                 folder = Path(self.trainer.default_root_dir) / "overlays"
                 path = write_png(rgb, folder / f"epoch{self.current_epoch:04d}_{case_id}.png")
             log_image(self.loggers, f"val/overlay_{index}", rgb, self.global_step, caption, path)

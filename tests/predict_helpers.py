@@ -95,7 +95,8 @@ def ras_example(folder: Path, content: np.ndarray | None = None) -> Path:
 
 
 def settings(**changes) -> InferenceSettings:
-    return InferenceSettings.from_config({"name": "test", "overlap": 0.25, **changes})
+    """``fast``'s windows (step 0.75, no mirroring) with ``changes``; every other key is accurate's."""
+    return InferenceSettings.from_config({"name": "test", "overlap": 0.25, "mirror_axes": [], **changes})
 
 
 def write_cases(folder: Path, count: int = 3, seed: int = 0) -> list[str]:

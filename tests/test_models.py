@@ -231,9 +231,10 @@ def test_multitask_forward_and_segmentation_only(image):
     model = MultiTaskNet(net, MultiStageHead(net.decoder_channels, 3)).eval()
     with torch.no_grad():
         seg, logits = model(image)
-        seg_only = model.segmentation_only()(image)
+        seg_only = model.backbone(image, deep_supervision=False).seg_logits
     assert len(seg) == 3 and logits.shape == (2, 3) and model.loss_kind == "ce"
-    torch.testing.assert_close(seg_only, seg[0])
+    assert len(seg_only) == 1
+    torch.testing.assert_close(seg_only[0], seg[0])
     segmentation_net = MultiTaskNet(net, None)
     assert segmentation_net(image)[1] is None and segmentation_net.loss_kind is None
 
@@ -243,8 +244,12 @@ def test_segmentation_only_runs_in_monai_sliding_window():
 
     model = MultiTaskNet(tiny_net(), None).eval()
     volume = torch.randn(1, 1, 16, 48, 40)
+
+    def full_resolution(x):  # MONAI stitches spatial outputs only: the segmentation logits
+        return model.backbone(x, deep_supervision=False).seg_logits[0]
+
     with torch.no_grad():
-        logits = sliding_window_inference(volume, PATCH, 4, model.segmentation_only(), overlap=0.5, mode="gaussian")
+        logits = sliding_window_inference(volume, PATCH, 4, full_resolution, overlap=0.5, mode="gaussian")
     assert logits.shape == (1, 3, 16, 48, 40)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
@@ -18,13 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from pancreas_mtl.dataset.datamodule import PancreasDataModule
 from pancreas_mtl.dataset.prepare import prepare_dataset
 from pancreas_mtl.inference.checkpoint import load_network
+from pancreas_mtl.inference.settings import InferenceSettings
 from pancreas_mtl.inference.sliding_window import aggregate_window_predictions, sliding_window_predict
 from pancreas_mtl.logging_utils import (
     build_loggers,
-    encode_png,
     render_overlay,
     resolve_wandb_offline,
     wandb_credentials_available,
+    write_png,
 )
 from pancreas_mtl.module import MultiTaskModule, build_module
 from pancreas_mtl.optim import as_factory, cosine_lr, poly_lr
@@ -54,13 +57,22 @@ def datamodule_for(tiny_dataset) -> PancreasDataModule:
     return PancreasDataModule(prepared, data_cfg, NO_AUGMENTATION, seed=0)
 
 
-def run_config(**module_overrides) -> DictConfig:
-    """The groups build_module reads, from the repository's YAML files, with a narrow head."""
+def compose_module(*overrides: str) -> DictConfig:
+    """The ``module`` group as train.py composes it (its validation settings: a conf/inference preset)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        module = compose("train", overrides=list(overrides)).module
+    return OmegaConf.create(OmegaConf.to_container(module))
+
+
+def run_config(*overrides: str, **module_overrides) -> DictConfig:
+    """The groups build_module reads, from the repository's YAML files, with a narrow head; ``overrides``
+    are train.py command-line overrides of the module group."""
     model = {"backbone": OmegaConf.load(CONF / "model/backbone/resenc.yaml"),
              "head": OmegaConf.load(CONF / "model/head/multistage.yaml")}
     model["head"].update({"stage_features": 8, "hidden": 16})
-    module = OmegaConf.load(CONF / "module/default.yaml")
-    module.validation.roi_size = [8, 16, 16]   # several windows per tiny case
+    # several windows per tiny case
+    module = compose_module("module.validation.roi_size=[8,16,16]", *overrides)
     module = OmegaConf.merge(module, module_overrides)
     return OmegaConf.create({"num_subtypes": 3, "seed": 0, "model": model,
                              "loss": OmegaConf.load(CONF / "loss/default.yaml"),
@@ -133,6 +145,28 @@ def test_segmentation_only_validation(tiny_dataset, tmp_path):
     assert metrics["val/combined"] == pytest.approx((metrics["val/dice_pancreas"] + metrics["val/dice_lesion"]) / 2)
 
 
+def test_validation_settings_are_an_inference_preset(tiny_dataset, tmp_path):
+    """By default validation runs the ``validation`` preset (what it always ran: step 0.5, no mirroring);
+    any other preset can be chosen as on train.py's command line, coarse-to-fine included."""
+    default = make_module(tiny_dataset).validation
+    assert default == InferenceSettings.from_config({"name": "validation", "mirror_axes": [], "roi_size": [8, 16, 16]})
+    assert (default.overlap, default.mirror_axes, default.sigma_scale, default.sw_batch_size,
+            default.min_lesion_volume, default.coarse_to_fine) == (0.5, (), 0.125, 2, 0.5, False)
+
+    prepared, _ = tiny_dataset
+    torch.manual_seed(0)
+    cfg = run_config("inference@module.validation=fastest", "module.validation.overlap=0.5")
+    module = build_module(cfg, prepared.plan, datamodule_for(tiny_dataset).subtype_counts())
+    assert module.validation.name == "fastest" and module.validation.coarse_to_fine
+    assert module.validation.overlap == 0.5 and module.validation.roi_size == (8, 16, 16)
+    assert module.hparams.validation["name"] == "fastest"  # saved with the checkpoint's hyperparameters
+    (metrics,) = cpu_trainer(tmp_path, limit_val_batches=2).validate(module, datamodule=datamodule_for(tiny_dataset),
+                                                                   verbose=False)
+    assert len(module.last_validation["cases"]) == 2 and 0.0 <= metrics["val/dice_pancreas"] <= 1.0
+    with pytest.raises(ValueError, match=r"unknown inference setting\(s\) \['overlapp'\]"):
+        make_module(tiny_dataset, validation={"overlapp": 0.5})
+
+
 def test_channels_last_and_compile_keep_checkpoint_keys(tiny_dataset, tmp_path):
     module = make_module(tiny_dataset, channels_last=True, compile=True, compile_kwargs={"backend": "eager"})
     keys = set(module.state_dict())
@@ -203,17 +237,27 @@ def test_window_aggregation_weights_by_lesion_volume():
 
 
 def test_sliding_window_predict_matches_one_forward_pass(tiny_dataset):
-    model = make_module(tiny_dataset).model.eval()
+    module = make_module(tiny_dataset)
+    model = module.model.eval()
+    no_mirroring = InferenceSettings.from_config({"mirror_axes": []})
     image = torch.randn(1, 1, 8, 16, 16)
-    logits, probabilities = sliding_window_predict(model, image, roi_size=(8, 16, 16))
+    logits, probabilities = sliding_window_predict(model, image, (8, 16, 16), no_mirroring)
     with torch.no_grad():
-        torch.testing.assert_close(logits, model.segmentation_only()(image), atol=1e-4, rtol=1e-4)
+        full_resolution = model.backbone(image, deep_supervision=False).seg_logits[0]
+        torch.testing.assert_close(logits, full_resolution, atol=1e-4, rtol=1e-4)
         _, class_logits = model(image)
         torch.testing.assert_close(probabilities, model.class_probabilities(class_logits)[0], atol=1e-5, rtol=1e-5)
     # a case larger than the window, with mirroring: shapes and a probability vector
-    logits, probabilities = sliding_window_predict(model, torch.randn(1, 1, 11, 21, 30), (8, 16, 16), mirror_axes=(2,))
+    mirrored = InferenceSettings.from_config({"mirror_axes": [2]})
+    case = torch.randn(1, 1, 11, 21, 30)
+    logits, probabilities = sliding_window_predict(model, case, (8, 16, 16), mirrored)
     assert logits.shape == (1, 3, 11, 21, 30) and probabilities.shape == (3,)
     assert float(probabilities.sum()) == pytest.approx(1.0, abs=1e-5)
+    # validation predicts a case as these windows do, with its own settings
+    prediction = module.predict_case(case)
+    logits, probabilities = sliding_window_predict(model, case, (8, 16, 16), module.validation)
+    torch.testing.assert_close(prediction.probabilities, logits[0].softmax(dim=0))
+    torch.testing.assert_close(prediction.subtype_probabilities, probabilities)
 
 
 # --- (4) learning-rate schedules --------------------------------------------------------------------
@@ -380,13 +424,20 @@ def test_tensorboard_logger_names_the_missing_package(tmp_path):
         build_loggers(cfg, tmp_path)
 
 
-def test_overlay_and_png():
+def test_overlay_and_png(tmp_path):
+    from PIL import Image
+
     image = np.linspace(-1, 1, 20 * 30).reshape(20, 30)
     true = np.zeros((20, 30), np.uint8)
     true[5:15, 5:25] = 1
     true[8:12, 10:14] = 2
     rgb = render_overlay(image, true, np.roll(true, 2, axis=1), min_size=60)
     assert rgb.dtype == np.uint8 and rgb.shape == (40, 180, 3)
-    png = encode_png(rgb)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 180
     assert not math.isnan(float(rgb.mean()))
+    path = write_png(rgb, tmp_path / "overlays" / "case.png")  # the folder is created
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in path.parent.iterdir()] == ["case.png"]
+    with Image.open(path) as png:  # 8-bit RGB, the overlay's size, pixel for pixel
+        assert (png.format, png.mode, png.size) == ("PNG", "RGB", (180, 40))
+        np.testing.assert_array_equal(np.asarray(png), rgb)
+    with pytest.raises(ValueError, match="RGB"):
+        write_png(rgb[..., 0], tmp_path / "grey.png")

@@ -50,7 +50,8 @@ def test_window_starts_and_gaussian():
 def test_pointwise_model_is_stitched_exactly(shape, overlap):
     """Gaussian weights normalise out: a voxel-wise model gives its own output everywhere, padding included."""
     image = torch.randn(1, 1, *shape)
-    logits, probabilities = sliding_window_predict(Pointwise(), image, (8, 16, 16), sw_batch_size=3, overlap=overlap)
+    logits, probabilities = sliding_window_predict(Pointwise(), image, (8, 16, 16),
+                                                   settings(sw_batch_size=3, overlap=overlap))
     expected, _ = Pointwise()(image)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     assert probabilities.shape == (3,) and float(probabilities.sum()) == pytest.approx(1.0, abs=1e-5)
@@ -59,7 +60,7 @@ def test_pointwise_model_is_stitched_exactly(shape, overlap):
 def test_constant_network_gives_constant_logits(tmp_path):
     network, _, _ = load_network(save_checkpoint(tmp_path / "c.ckpt", tiny_plan(), seg_bias=[0.5, 2.0, -1.0],
                                                  class_bias=[0.0, 1.0, 0.0]))
-    logits, probabilities = sliding_window_predict(network, torch.randn(1, 1, 11, 30, 21), (8, 16, 16))
+    logits, probabilities = sliding_window_predict(network, torch.randn(1, 1, 11, 30, 21), (8, 16, 16), settings())
     torch.testing.assert_close(logits, torch.tensor([0.5, 2.0, -1.0]).view(1, 3, 1, 1, 1).expand(1, 3, 11, 30, 21))
     torch.testing.assert_close(probabilities, torch.tensor([0.0, 1.0, 0.0]).softmax(0))
 
@@ -78,16 +79,16 @@ def test_mirroring_a_mirror_symmetric_model_changes_nothing():
             return seg, seg.mean(dim=(2, 3, 4)).softmax(dim=1)
 
     image = torch.randn(1, 1, 12, 20, 22)
-    plain = predict_windows(Symmetric(), image, (8, 16, 16), overlap=0.5)
-    mirrored = predict_windows(Symmetric(), image, (8, 16, 16), overlap=0.5, mirror_axes=(0, 1, 2))
+    plain = predict_windows(Symmetric(), image, (8, 16, 16), settings(overlap=0.5))
+    mirrored = predict_windows(Symmetric(), image, (8, 16, 16), settings(overlap=0.5, mirror_axes=(0, 1, 2)))
     torch.testing.assert_close(mirrored.logits, plain.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mirrored.class_probabilities(), plain.class_probabilities(), atol=1e-6, rtol=1e-6)
     # a model that is not symmetric does change under mirroring
     asymmetric = nn.Conv3d(1, 3, 3, padding=1)
     wrapped = lambda w: (asymmetric(w), None)  # noqa: E731
     with torch.no_grad():
-        assert not torch.allclose(sliding_window_predict(wrapped, image, (8, 16, 16))[0],
-                                  sliding_window_predict(wrapped, image, (8, 16, 16), mirror_axes=(2,))[0])
+        assert not torch.allclose(sliding_window_predict(wrapped, image, (8, 16, 16), settings())[0],
+                                  sliding_window_predict(wrapped, image, (8, 16, 16), settings(mirror_axes=(2,)))[0])
 
 
 def test_subtype_follows_the_windows_that_hold_the_lesion():
@@ -101,13 +102,13 @@ def test_subtype_follows_the_windows_that_hold_the_lesion():
 
     image = torch.zeros(1, 1, 8, 16, 64)
     image[..., 2:5, 3:9, 50:58] = 1.0
-    prediction = predict_windows(BlobVoter(), image, (8, 16, 16), overlap=0.0)
+    prediction = predict_windows(BlobVoter(), image, (8, 16, 16), settings(overlap=0.0))
     assert prediction.num_windows == 4
     torch.testing.assert_close(prediction.lesion_volumes[:3], torch.zeros(3))
     assert float(prediction.lesion_volumes[3]) == pytest.approx(3 * 6 * 8, rel=1e-2)  # softmax 0.993
     torch.testing.assert_close(prediction.class_probabilities(), torch.tensor([0.0, 1.0, 0.0]))
     # no lesion anywhere: every window votes with the same weight
-    empty = predict_windows(BlobVoter(), torch.zeros(1, 1, 8, 16, 64), (8, 16, 16), overlap=0.0)
+    empty = predict_windows(BlobVoter(), torch.zeros(1, 1, 8, 16, 64), (8, 16, 16), settings(overlap=0.0))
     torch.testing.assert_close(empty.class_probabilities(), torch.tensor([1.0, 0.0, 0.0]))
     logits = torch.zeros(2, 3, 2, 2, 2)
     logits[0, 2, 0, 0, 0] = 10.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -78,16 +79,38 @@ def test_ensemble_of_identical_checkpoints_equals_one(tmp_path):
 
 def test_presets_compose_into_settings():
     presets = sorted(p.stem for p in (CONF / "inference").glob("*.yaml"))
-    assert presets == ["accurate", "fast", "fastest", "nnunet"]
-    loaded = {name: InferenceSettings.from_config(OmegaConf.to_container(compose_predict(
-        ["ckpt=x", "input=y", "output=z", f"inference={name}"]).inference)) for name in presets}
+    assert presets == ["accurate", "fast", "fastest", "nnunet", "validation"]
+    composed = {name: OmegaConf.to_container(compose_predict(["ckpt=x", "input=y", "output=z",
+                                                               f"inference={name}"]).inference) for name in presets}
+    schema = [field.name for field in fields(InferenceSettings)]
+    for name, config in composed.items():  # every preset composes to every key, nothing else
+        assert sorted(config) == sorted(schema) and config["name"] == name, name
+    loaded = {name: InferenceSettings.from_config(config) for name, config in composed.items()}
     assert loaded["accurate"].overlap == 0.5 and loaded["accurate"].mirror_axes == (0, 1, 2)
     assert loaded["fast"].mirror_axes == () and loaded["fast"].overlap < 0.5 and not loaded["fast"].coarse_to_fine
     assert loaded["fastest"].coarse_to_fine and loaded["fastest"].coarse_factor == (2.0, 2.0, 2.0)
-    assert loaded["nnunet"].nnunet_compat and not any(loaded[p].nnunet_compat for p in presets[:3])
+    assert loaded["nnunet"].nnunet_compat and not any(loaded[p].nnunet_compat for p in presets if p != "nnunet")
+    assert loaded["validation"].overlap == 0.5 and loaded["validation"].mirror_axes == ()
     assert compose_predict(["ckpt=x", "input=y", "output=z"]).inference.name == "fast"  # the default
     with pytest.raises(ValueError, match="unknown inference setting"):
         InferenceSettings.from_config({"overlapp": 0.5})
+
+
+def test_accurate_is_the_one_full_list_and_the_other_presets_list_what_differs():
+    """accurate.yaml lists every key, and the schema's defaults are its values (so a partial mapping is
+    accurate with those keys changed); every other preset starts from accurate and lists only the keys
+    whose values differ from it, plus its name."""
+    accurate = OmegaConf.to_container(OmegaConf.load(CONF / "inference/accurate.yaml"))
+    assert list(accurate) == [field.name for field in fields(InferenceSettings)]
+    assert InferenceSettings.from_config(accurate) == InferenceSettings()
+    for path in sorted((CONF / "inference").glob("*.yaml")):
+        if path.stem == "accurate":
+            continue
+        listed = OmegaConf.to_container(OmegaConf.load(path))
+        assert listed.pop("defaults") == ["accurate", "_self_"], path.name
+        assert listed.pop("name") == path.stem, path.name
+        same = sorted(key for key, value in listed.items() if value == accurate[key])
+        assert listed and not same, f"{path.name} repeats accurate's {same}"
 
 
 def test_input_sources(tmp_path):

@@ -268,10 +268,11 @@ class RunsOutOfMemory(torch.nn.Module):
 
 def test_out_of_memory_halves_the_window_batch_then_moves_the_sums_to_the_cpu(caplog):
     image = torch.randn(1, 1, 13, 37, 30)
-    reference = predict_windows(Pointwise(), image, (8, 16, 16), sw_batch_size=4, overlap=0.5)
+    windows = InferenceSettings.from_config({"overlap": 0.5, "mirror_axes": [], "sw_batch_size": 4})
+    reference = predict_windows(Pointwise(), image, (8, 16, 16), windows)
     network = RunsOutOfMemory(failures=3)
     with caplog.at_level(logging.WARNING, logger="pancreas_mtl.inference.sliding_window"):
-        result = predict_windows(network, image, (8, 16, 16), sw_batch_size=4, overlap=0.5)
+        result = predict_windows(network, image, (8, 16, 16), windows)
     assert network.calls[:4] == [4, 2, 1, 1] and set(network.calls[3:]) == {1}
     assert result.sw_batch_size == 1 and result.accumulated_on_cpu and not reference.accumulated_on_cpu
     torch.testing.assert_close(result.logits, reference.logits, atol=1e-6, rtol=1e-6)
@@ -284,7 +285,7 @@ def test_out_of_memory_halves_the_window_batch_then_moves_the_sums_to_the_cpu(ca
 def test_out_of_memory_with_nothing_left_to_give_is_an_error_with_advice():
     with pytest.raises(OutOfMemoryError, match=r"one \(8, 16, 16\) window per forward pass .*smaller"):
         predict_windows(RunsOutOfMemory(failures=10**6), torch.randn(1, 1, 8, 16, 16), (8, 16, 16),
-                        sw_batch_size=2)
+                        InferenceSettings.from_config({"mirror_axes": [], "sw_batch_size": 2}))
 
 
 def test_out_of_memory_while_adding_a_window_moves_the_sums_without_counting_it_twice(caplog):
@@ -315,8 +316,8 @@ def test_predictor_keeps_the_smaller_batch_and_export_falls_back(tmp_path, monke
         image, _ = make_case_arrays(np.random.default_rng(number), shape_zyx=(10, 24, 28))
         write_nifti(image, lps_affine(), folder / f"quiz_{number:03d}_0000.nii.gz")
     network = RunsOutOfMemory(max_windows=1)
-    settings = InferenceSettings.from_config({"overlap": 0.5, "sw_batch_size": 2})
-    predictor = Predictor([network], tiny_plan(), settings, device="cpu")
+    windows = InferenceSettings.from_config({"overlap": 0.5, "mirror_axes": [], "sw_batch_size": 2})
+    predictor = Predictor([network], tiny_plan(), windows, device="cpu")
     export_calls = []
 
     def export_out_of_memory_once(probabilities, *args):
@@ -381,7 +382,7 @@ def test_prediction_lands_on_the_input_grid(random_network, shape, dtype, spacin
     image[0, 0, 0], image[-1, -1, -1] = low, high  # never constant
     affine = random_affine(spacing, permutation, flips, angle, origin)
     predictor = Predictor([random_network], tiny_plan(target_spacing),
-                          InferenceSettings.from_config({"overlap": 0.25}), device="cpu")
+                          InferenceSettings.from_config({"overlap": 0.25, "mirror_axes": []}), device="cpu")
     with tempfile.TemporaryDirectory() as folder:
         path = write_nifti(image, affine, Path(folder) / "in" / "case_0000.nii.gz")
         cases, problems = find_cases(path)
@@ -408,8 +409,8 @@ def test_prediction_memory_does_not_grow_with_the_number_of_cases(tmp_path):
         image, _ = make_case_arrays(rng, shape_zyx=(10, 24, 28))
         write_nifti(image, lps_affine(), folder / f"quiz_{number:03d}_0000.nii.gz")
     cases, _ = find_cases(folder)
-    predictor = Predictor([Pointwise()], tiny_plan(), InferenceSettings.from_config({"overlap": 0.25}),
-                          device="cpu")
+    predictor = Predictor([Pointwise()], tiny_plan(),
+                          InferenceSettings.from_config({"overlap": 0.25, "mirror_axes": []}), device="cpu")
     predict_cases(predictor, cases[:2], tmp_path / "warm-up", progress=False)
     peaks = {}
     for count in (8, 32):

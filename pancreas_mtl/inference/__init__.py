@@ -1,10 +1,11 @@
 """Inference: sliding windows with mirroring, the (ensemble) predictor, export to the input's grid, and
 the resumable run over many cases (``python predict.py``; see docs/inference.md).
 
-The modules, in the order a case passes through them: ``sources`` (which cases), ``checkpoint``
-(networks and plan), ``predictor`` (preprocess, windows, coarse-to-fine, ensemble),
-``sliding_window``, ``export`` (back to the input's grid, atomic files), ``postprocessing``,
-``runner`` (skip finished cases, records, tables, timings).
+The modules, in the order a case passes through them: ``settings`` (the presets' schema),
+``sources`` (which cases), ``checkpoint`` (networks and plan), ``output_folder`` (whose files are
+whose), ``predictor`` (preprocess, windows, coarse-to-fine, ensemble), ``sliding_window``,
+``export`` (back to the input's grid, atomic files), ``postprocessing``, ``runner`` (skip finished
+cases, records, tables, timings).
 """
 
 from pancreas_mtl.inference.sliding_window import (

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.dataset.preprocessing import PreprocessedCase, preprocess
 from pancreas_mtl.devices import resolve_device, set_tf32
 from pancreas_mtl.inference.checkpoint import load_network
+from pancreas_mtl.inference.settings import InferenceSettings
 from pancreas_mtl.inference.sliding_window import predict_windows
 from pancreas_mtl.planning.plan import Plan
 
@@ -45,91 +46,6 @@ PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16
 # what ensemble members must agree on: the voxels they read and what their outputs mean
 SHARED_PLAN_KEYS = ("target_spacing", "normalization", "num_input_channels", "num_classes", "num_subtypes",
                     "labels", "anisotropic_axis")
-
-
-@dataclass
-class InferenceSettings:
-    """How the windows run (``conf/inference/*.yaml``; see docs/inference.md).
-
-    Attributes:
-        name: preset name, for logs and records.
-        overlap: share of the window neighbouring windows overlap (step = 1 - overlap; nnU-Net 0.5).
-        mirror_axes: spatial axes (0=z, 1=y, 2=x) mirrored for test-time augmentation; [] none.
-        sigma_scale: Gaussian importance sigma as a share of the window (nnU-Net 1/8).
-        sw_batch_size: windows per forward pass.
-        roi_size: (z, y, x) window; None: each network's plan patch size.
-        shrink_window: along an axis where the case (or the coarse-to-fine box) is smaller than the
-            window, use a window just covering it (rounded up to the network's divisibility) instead of
-            padding it to the patch size.
-        min_lesion_volume: predicted lesion voxels below which windows vote with equal weight.
-        coarse_to_fine: run the coarse localisation pass first.
-        coarse_factor: (z, y, x) or one factor by which the coarse pass averages the image down.
-        coarse_margin_mm: margin around the coarse bounding box, in mm.
-        coarse_overlap: window overlap of the coarse pass.
-        nnunet_compat: reproduce nnU-Net v2's predictor (module docstring); not with coarse_to_fine.
-    """
-
-    name: str = "custom"
-    overlap: float = 0.5
-    mirror_axes: tuple[int, ...] = ()
-    sigma_scale: float = 0.125
-    sw_batch_size: int = 2
-    roi_size: tuple[int, int, int] | None = None
-    shrink_window: bool = False
-    min_lesion_volume: float = 0.5
-    coarse_to_fine: bool = False
-    coarse_factor: tuple[float, float, float] = (2.0, 2.0, 2.0)
-    coarse_margin_mm: float = 20.0
-    coarse_overlap: float = 0.25
-    nnunet_compat: bool = False
-
-    @classmethod
-    def from_config(cls, config: Mapping | None) -> InferenceSettings:
-        config = dict(config or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown inference setting(s) {unknown}; known: {sorted(known)}")
-        if "mirror_axes" in config:
-            config["mirror_axes"] = tuple(int(a) for a in config["mirror_axes"] or ())
-        if config.get("roi_size") is not None:
-            config["roi_size"] = tuple(int(s) for s in config["roi_size"])
-        if "coarse_factor" in config:
-            factor = config["coarse_factor"]
-            factor = [factor] * 3 if isinstance(factor, (int, float)) else list(factor)
-            if len(factor) != 3 or min(factor) < 1:
-                raise ValueError(f"coarse_factor must be one number or a (z, y, x) triple, each >= 1, got {factor}")
-            config["coarse_factor"] = tuple(float(f) for f in factor)
-        settings = cls(**config)
-        settings.check()
-        return settings
-
-    def check(self) -> None:
-        """Raise ValueError naming every setting out of range (before any case is predicted)."""
-        problems = []
-        if not 0 <= self.overlap < 1 or not 0 <= self.coarse_overlap < 1:
-            problems.append(f"overlap must be in [0, 1), got {self.overlap} / coarse {self.coarse_overlap}")
-        if isinstance(self.sw_batch_size, bool) or not isinstance(self.sw_batch_size, int) or self.sw_batch_size < 1:
-            problems.append(f"sw_batch_size must be a whole number >= 1, got {self.sw_batch_size!r}")
-        if any(axis not in (0, 1, 2) for axis in self.mirror_axes) or len(set(self.mirror_axes)) != len(self.mirror_axes):
-            problems.append("mirror_axes must be spatial axes 0 (z), 1 (y), 2 (x) without repeats, got "
-                            f"{list(self.mirror_axes)}")
-        if not self.sigma_scale > 0:
-            problems.append(f"sigma_scale must be > 0, got {self.sigma_scale}")
-        if self.roi_size is not None and (len(self.roi_size) != 3 or min(self.roi_size) < 1):
-            problems.append(f"roi_size must be null or three window sizes (z, y, x) >= 1, got {list(self.roi_size)}")
-        if not self.min_lesion_volume >= 0:
-            problems.append(f"min_lesion_volume must be >= 0, got {self.min_lesion_volume}")
-        if not self.coarse_margin_mm >= 0:
-            problems.append(f"coarse_margin_mm must be >= 0, got {self.coarse_margin_mm}")
-        if self.nnunet_compat and self.coarse_to_fine:
-            problems.append("nnunet_compat reproduces nnU-Net's predictor, which has no coarse-to-fine pass; "
-                            "set coarse_to_fine: false")
-        if problems:
-            raise ValueError(f"inference settings ({self.name}): " + "; ".join(problems))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -208,7 +124,8 @@ class Predictor:
     Args:
         networks: trained networks (``MultiTaskNet``, or modules returning (seg logits, class probabilities)).
         plans: the plan of each network (one plan is used for all).
-        settings: window settings (:class:`InferenceSettings`).
+        settings: window settings (:class:`InferenceSettings`, a composed ``conf/inference`` preset);
+            None: ``accurate``'s.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         precision: "auto" (bf16/fp16 autocast on GPUs, float32 on CPUs), "bf16", "fp16" or "fp32".
         tf32: TF32 matmuls/convolutions on GPUs.
@@ -284,18 +201,19 @@ class Predictor:
         return tuple(int(w) for w in window)
 
     @torch.no_grad()
-    def _ensemble(self, image: Tensor, overlap: float, mirror_axes: Sequence[int], shrink: bool | None = None
+    def _ensemble(self, image: Tensor, settings: InferenceSettings, shrink: bool | None = None
                   ) -> tuple[Tensor, Tensor | None, int]:
-        """Mean softmax probabilities (K, Z, Y, X) and subtype probabilities of every member over ``image``,
-        and the number of window forward passes (windows x mirror passes, summed over members). With
-        ``nnunet_compat`` the first is the members' mean logits instead."""
-        compat = self.settings.nnunet_compat
+        """Mean softmax probabilities (K, Z, Y, X) and subtype probabilities of every member over ``image``
+        with the windows of ``settings`` (this predictor's, or the coarse pass's), and the number of window
+        forward passes (windows x mirror passes, summed over members). With ``nnunet_compat`` the first
+        is the members' mean logits instead."""
+        compat = settings.nnunet_compat
         score_sum, subtype_sum, windows = None, None, 0
         for member in self.members:
             result = predict_windows(member.network, image, self.window_for(member, image.shape[2:], shrink),
-                                     self.sw_batch_size, overlap, self.settings.sigma_scale, mirror_axes,
-                                     self.lesion_channel, self.memory_format, self.autocast_dtype,
-                                     accumulate_on_cpu=self.accumulate_on_cpu, nnunet_compat=compat)
+                                     settings, sw_batch_size=self.sw_batch_size, lesion_channel=self.lesion_channel,
+                                     memory_format=self.memory_format, autocast_dtype=self.autocast_dtype,
+                                     accumulate_on_cpu=self.accumulate_on_cpu)
             self.sw_batch_size = min(self.sw_batch_size, result.sw_batch_size)
             self.accumulate_on_cpu = self.accumulate_on_cpu or result.accumulated_on_cpu
             scores = result.logits[0] if compat else result.logits[0].softmax(dim=0)  # logits or probabilities
@@ -303,10 +221,10 @@ class Predictor:
                 score_sum = score_sum.cpu()  # a member fell back to the CPU: the sum follows
                 scores = scores.cpu()
             score_sum = scores if score_sum is None else score_sum.add_(scores)
-            subtypes = result.class_probabilities(self.settings.min_lesion_volume)
+            subtypes = result.class_probabilities(settings.min_lesion_volume)
             if subtypes is not None:
                 subtype_sum = subtypes if subtype_sum is None else subtype_sum + subtypes
-            windows += result.num_windows * 2 ** len(set(mirror_axes))
+            windows += result.num_windows * 2 ** len(set(settings.mirror_axes))
         count = len(self.members)
         return score_sum / count, (None if subtype_sum is None else subtype_sum / count), windows
 
@@ -320,7 +238,8 @@ class Predictor:
         coarse_shape = tuple(max(1, round(s / f)) for s, f in zip(shape, factor))
         coarse = F.interpolate(image, size=coarse_shape, mode="area") if coarse_shape != shape else image
         # the coarse image is small: windows just covering it, not padded up to the patch
-        probabilities, _, windows = self._ensemble(coarse, self.settings.coarse_overlap, (), shrink=True)
+        coarse_settings = replace(self.settings, overlap=self.settings.coarse_overlap, mirror_axes=())
+        probabilities, _, windows = self._ensemble(coarse, coarse_settings, shrink=True)
         foreground = probabilities.argmax(dim=0) > 0
         if not foreground.any():
             return None, windows
@@ -373,8 +292,7 @@ class Predictor:
         elif self.settings.coarse_to_fine:
             info.update(coarse_skipped="the case is too small for a coarse pass")
         region = tuple(slice(start, stop) for start, stop in box)
-        probabilities, subtypes, windows = self._ensemble(image[(slice(None), slice(None), *region)],
-                                                          self.settings.overlap, self.settings.mirror_axes)
+        probabilities, subtypes, windows = self._ensemble(image[(slice(None), slice(None), *region)], self.settings)
         if box != tuple((0, s) for s in shape):
             full = torch.zeros((probabilities.shape[0], *shape), dtype=probabilities.dtype,
                                device=probabilities.device)

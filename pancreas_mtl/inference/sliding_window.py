@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pancreas_mtl.inference.settings import InferenceSettings
 from pancreas_mtl.models.multitask import MultiTaskNet
 
 log = logging.getLogger(__name__)
@@ -254,11 +255,10 @@ def _new_stitcher(num_channels: int, shape: Sequence[int], weights: Tensor, devi
 
 
 @torch.no_grad()
-def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw_batch_size: int = 2,
-                    overlap: float = 0.5, sigma_scale: float = 0.125, mirror_axes: Sequence[int] = (),
-                    lesion_channel: int = 2, memory_format: torch.memory_format | None = None,
-                    autocast_dtype: torch.dtype | None = None, accumulate_on_cpu: bool = False,
-                    nnunet_compat: bool = False) -> WindowPrediction:
+def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], settings: InferenceSettings, *,
+                    sw_batch_size: int | None = None, lesion_channel: int = 2,
+                    memory_format: torch.memory_format | None = None, autocast_dtype: torch.dtype | None = None,
+                    accumulate_on_cpu: bool = False) -> WindowPrediction:
     """Gaussian-weighted sliding-window prediction of one case; every buffer stays on the image's device
     unless it runs out of memory.
 
@@ -272,21 +272,24 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw
         model: the network in eval mode, on the image's device (see :func:`window_forward`).
         image: (1, C, Z, Y, X) preprocessed case. Along an axis shorter than the window the case is padded
             with 0 on both sides (nnU-Net) and the padding cropped off the result.
-        roi_size: (z, y, x) window, each divisible by the network's stride product per axis.
-        sw_batch_size: windows per forward pass.
-        overlap: share of the window that neighbouring windows overlap; the step is ``1 - overlap`` of
-            the window (nnU-Net's tile_step_size 0.5 is overlap 0.5).
-        sigma_scale: Gaussian sigma as a share of the window (nnU-Net: 1/8).
-        mirror_axes: spatial axes (0=z, 1=y, 2=x) whose every flip combination is averaged (nnU-Net:
-            all three, 8 passes); () for none.
+        roi_size: (z, y, x) window, each divisible by the network's stride product per axis (the caller
+            resolves ``settings.roi_size`` or the plan's patch, see ``Predictor.window_for``).
+        settings: the windows' settings; this reads ``overlap`` (the step is ``1 - overlap`` of the
+            window; nnU-Net's tile_step_size 0.5 is overlap 0.5), ``sigma_scale`` (Gaussian sigma as a share
+            of the window), ``mirror_axes`` (spatial axes 0=z, 1=y, 2=x whose every flip combination is
+            averaged; nnU-Net all three, 8 passes), ``sw_batch_size`` and ``nnunet_compat`` (nnU-Net's own
+            Gaussian map, :func:`gaussian_importance_map`).
+        sw_batch_size: windows per forward pass instead of ``settings.sw_batch_size`` (a caller's
+            out-of-memory fallback carried over from an earlier case).
         lesion_channel: segmentation channel of the lesion, for the per-window lesion volume.
         memory_format: e.g. ``torch.channels_last_3d`` for the windows (recent GPUs).
         autocast_dtype: torch.bfloat16 / torch.float16 for mixed precision; None (float32) otherwise.
             Accumulation is float32 either way.
         accumulate_on_cpu: keep the whole-case sums on the CPU from the start (the network still runs on
             the image's device).
-        nnunet_compat: nnU-Net's own Gaussian map (see :func:`gaussian_importance_map`).
     """
+    overlap, mirror_axes = settings.overlap, settings.mirror_axes
+    sw_batch_size = settings.sw_batch_size if sw_batch_size is None else sw_batch_size
     if image.ndim != 5 or image.shape[0] != 1:
         raise ValueError(f"expected one case (1, C, Z, Y, X), got {tuple(image.shape)}")
     roi_size = tuple(int(s) for s in roi_size)
@@ -307,7 +310,7 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw
     starts = [window_starts(size, window, 1.0 - overlap) for size, window in zip(padded, roi_size)]
     positions = list(itertools.product(*starts))
     flips = mirror_combinations(mirror_axes)
-    weights = gaussian_importance_map(roi_size, sigma_scale, image.device, nnunet_compat)
+    weights = gaussian_importance_map(roi_size, settings.sigma_scale, image.device, settings.nnunet_compat)
 
     stitcher: _Stitcher | None = None
     window_probabilities, volumes = [], []
@@ -360,17 +363,17 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw
         num_windows=len(positions), sw_batch_size=batch_size, accumulated_on_cpu=stitcher.on_cpu)
 
 
-def sliding_window_predict(model: nn.Module, image: Tensor, roi_size: Sequence[int], sw_batch_size: int = 2,
-                           overlap: float = 0.5, sigma_scale: float = 0.125, mirror_axes: Sequence[int] = (),
-                           lesion_channel: int = 2, min_lesion_volume: float = 0.5,
-                           memory_format: torch.memory_format | None = None,
+def sliding_window_predict(model: nn.Module, image: Tensor, roi_size: Sequence[int], settings: InferenceSettings,
+                           *, lesion_channel: int = 2, memory_format: torch.memory_format | None = None,
                            autocast_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
-    """Whole-case prediction, nnU-Net style (:func:`predict_windows`), as validation and the predictor use it.
+    """Whole-case prediction of one network, nnU-Net style (:func:`predict_windows`), without the
+    predictor's preprocessing, ensembling or coarse-to-fine pass.
 
     Returns:
         segmentation logits (1, K_seg, Z, Y, X) float32, and the case's subtype probabilities (K,) from
-        :func:`aggregate_window_predictions` (None for a network without a head).
+        :func:`aggregate_window_predictions` with ``settings.min_lesion_volume`` (None for a network
+        without a head).
     """
-    prediction = predict_windows(model, image, roi_size, sw_batch_size, overlap, sigma_scale, mirror_axes,
-                                 lesion_channel, memory_format, autocast_dtype)
-    return prediction.logits, prediction.class_probabilities(min_lesion_volume)
+    prediction = predict_windows(model, image, roi_size, settings, lesion_channel=lesion_channel,
+                                 memory_format=memory_format, autocast_dtype=autocast_dtype)
+    return prediction.logits, prediction.class_probabilities(settings.min_lesion_volume)

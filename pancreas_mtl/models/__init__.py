@@ -11,10 +11,10 @@ from pancreas_mtl.models.heads import (
     OneVsRestHead,
     SingleStageHead,
 )
-from pancreas_mtl.models.multitask import MultiTaskNet, SegmentationOnly, build_model
+from pancreas_mtl.models.multitask import MultiTaskNet, build_model
 from pancreas_mtl.models.resenc_unet import ResEncUNet, UNetOutput, count_parameters
 
 __all__ = [
     "ClassificationHead", "LesionAttentionHead", "MultiStageHead", "MultiTaskNet", "OneVsRestHead",
-    "ResEncUNet", "SegmentationOnly", "SingleStageHead", "UNetOutput", "build_model", "count_parameters",
+    "ResEncUNet", "SingleStageHead", "UNetOutput", "build_model", "count_parameters",
 ]

@@ -69,22 +69,6 @@ class MultiTaskNet(nn.Module):
             raise RuntimeError("this network has no classification head")
         return self.head.probabilities(class_logits)
 
-    def segmentation_only(self) -> SegmentationOnly:
-        """A view of this network returning only full-resolution segmentation logits, for MONAI's
-        ``sliding_window_inference`` (which stitches spatial outputs only). It shares the weights."""
-        return SegmentationOnly(self.backbone)
-
-
-class SegmentationOnly(nn.Module):
-    """x (B, C, Z, Y, X) -> full-resolution segmentation logits (B, num_classes, Z, Y, X), no head."""
-
-    def __init__(self, backbone: ResEncUNet):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.backbone(x, deep_supervision=False).seg_logits[0]
-
 
 def build_model(model_cfg: Mapping | Any, plan: Plan) -> MultiTaskNet:
     """The network for a plan from the ``model`` config group, or from the copy a checkpoint carries.
