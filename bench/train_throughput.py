@@ -189,7 +189,7 @@ def our_train_step(module, optimizer, scheduler, scaler, batch: dict, device: to
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with autocast:
         seg_logits, class_logits = module(batch["image"])
-        terms = module.loss(seg_logits, class_logits, batch["label"], batch["subtype"], batch["has_lesion"])
+        terms = module.loss(seg_logits, class_logits, batch["label"], batch["subtype"])
     loss = terms["loss"]
     if not torch.isfinite(loss):  # training_step's check (one device sync, as in training)
         raise FloatingPointError(f"non-finite loss {float(loss)}")

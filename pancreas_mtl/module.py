@@ -51,7 +51,7 @@ from pancreas_mtl.logging_utils import (
 )
 from pancreas_mtl.models.multitask import MultiTaskNet, build_model
 from pancreas_mtl.optim import as_factory
-from pancreas_mtl.planning.plan import Plan
+from pancreas_mtl.planning.plan import LESION_LABEL, Plan
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class MultiTaskModule(L.LightningModule):
 
     Args:
         model: the network (``build_model(cfg.model, plan)``).
-        loss: the training objective; called as ``loss(seg_logits, class_logits, label, subtype, has_lesion)``.
+        loss: the training objective; called as ``loss(seg_logits, class_logits, label, subtype)``.
         plan: the experiment plan (or its dict); saved in every checkpoint.
         optimizer: ``params -> Optimizer`` (a Hydra partial such as conf/optimizer/sgd_nesterov.yaml), or its config.
         scheduler: ``(optimizer, total_steps) -> LRScheduler`` stepped every optimizer step
@@ -112,7 +112,7 @@ class MultiTaskModule(L.LightningModule):
         if self.optimizer_factory is None:
             raise ValueError("an optimizer is required (e.g. conf/optimizer/sgd_nesterov.yaml)")
         self.validation = settings
-        self.lesion_channel = int(self.plan.labels.get("lesion", 2))
+        self.lesion_channel = int(self.plan.labels.get("lesion", LESION_LABEL))
         self.nonfinite_steps = 0
         self.last_validation: dict[str, Any] = {}
         self._val_cases: list[dict[str, Any]] = []
@@ -173,7 +173,7 @@ class MultiTaskModule(L.LightningModule):
         with torch.random.fork_rng(devices=devices):  # the global stream stays as it was
             torch.manual_seed(self.step_seed())
             seg_logits, class_logits = self(batch["image"], batch["label"] == self.lesion_channel)
-        terms = self.loss(seg_logits, class_logits, batch["label"], batch.get("subtype"), batch.get("has_lesion"))
+        terms = self.loss(seg_logits, class_logits, batch["label"], batch.get("subtype"))
         if not torch.isfinite(terms["loss"]):  # one device sync per step; logging needs one anyway
             return self._nonfinite_loss(terms, batch, batch_idx)
         batch_size = batch["image"].shape[0]
@@ -342,6 +342,8 @@ def build_module(cfg: Mapping | DictConfig, plan: Plan, subtype_counts: Mapping 
         cfg = OmegaConf.create(dict(cfg))
     model = build_model(cfg.model, plan)
     loss_overrides: dict[str, Any] = {}
+    if "lesion" in plan.labels:  # the plan's, as build_model gives the head its lesion_channel
+        loss_overrides["lesion_label"] = int(plan.labels["lesion"])
     if cfg.loss.get("cls_loss") is not None:
         loss_overrides["cls_loss"] = {"subtype_counts": plain(subtype_counts)}
         if model.loss_kind is not None and model.loss_kind != cfg.loss.cls_loss.get("kind"):

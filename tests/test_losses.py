@@ -279,9 +279,27 @@ def test_multitask_total_and_terms():
     assert terms["loss"].item() == pytest.approx(terms["seg"].item() + 0.3 * terms["cls"].item(), rel=1e-6)
     terms["loss"].backward()
     assert torch.count_nonzero(class_logits.grad[0]) > 0 and torch.count_nonzero(class_logits.grad[1]) == 0
-    # an explicit has_lesion wins over the label
-    explicit = loss(seg_logits, class_logits, label, subtype, has_lesion=torch.tensor([True, True]))
-    assert explicit["cls_samples"].item() == 2
+    # a has_lesion flag from the batch is ignored (and deprecated): the label decides
+    with pytest.warns(DeprecationWarning, match="has_lesion"):
+        flagged = loss(seg_logits, class_logits, label, subtype, has_lesion=torch.tensor([True, True]))
+    assert flagged["cls_samples"].item() == 1
+
+
+@pytest.mark.filterwarnings("ignore:MultiTaskLoss ignores has_lesion:DeprecationWarning")
+def test_lesion_label_decides_which_patches_teach_the_head():
+    """A dataset whose lesion is label 3: the loss reads lesion patches off the label with its lesion_label.
+    Before, the batch's has_lesion (the sampler's, label 2) always won and lesion_label had no effect."""
+    torch.manual_seed(3)
+    label = torch.zeros(2, 1, 4, 8, 8, dtype=torch.int64)
+    label[:, :, 1:3, 2:6, 2:6] = 1
+    label[0, :, 1:3, 3:5, 3:5] = 2                  # sample 0: another structure
+    label[1, :, 1:3, 3:5, 3:5] = 3                  # sample 1: the lesion
+    seg_logits, class_logits, subtype = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 3), torch.tensor([1, 2])
+    sampler_flag = (label == 2).flatten(1).any(1)   # [True, False]
+    loss = MultiTaskLoss(SegmentationLoss(), ClassificationLoss(), cls_weight=0.3, lesion_label=3)
+    terms = loss(seg_logits, class_logits, label, subtype, sampler_flag)
+    assert terms["cls_samples"].item() == 1
+    assert terms["cls"].item() == pytest.approx(F.cross_entropy(class_logits[1:], subtype[1:]).item(), rel=1e-6)
 
 
 def test_multitask_without_classification():
@@ -316,6 +334,20 @@ def test_default_config_instantiates_with_counts_at_call_time():
     assert from_mapping.cls_loss.class_weights.tolist() == pytest.approx([252 / 186, 252 / 318, 1.0])
     seg_logits, class_logits, label, subtype = _batch()
     assert torch.isfinite(loss(seg_logits, class_logits, label, subtype)["loss"])
+
+
+
+def test_lesion_label_is_the_plans_not_a_loss_setting():
+    from hydra.utils import instantiate
+
+    from pancreas_mtl.planning.plan import LESION_LABEL, Plan
+
+    cfg = _compose("default")
+    assert "lesion_label" not in cfg.loss   # a second copy of the plan's label would go stale
+    assert instantiate(cfg.loss, cls_loss={"subtype_counts": [1, 1, 1]}).lesion_label == LESION_LABEL
+    assert Plan.__dataclass_fields__["labels"].default_factory()["lesion"] == LESION_LABEL
+    built = instantiate(cfg.loss, cls_loss={"subtype_counts": [1, 1, 1]}, lesion_label=3)  # as build_module does
+    assert built.lesion_label == 3
 
 
 def test_variant_configs():

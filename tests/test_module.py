@@ -4,6 +4,7 @@ window aggregation, lr schedules, the non-finite loss policy and the loggers, on
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -441,3 +442,10 @@ def test_overlay_and_png(tmp_path):
         np.testing.assert_array_equal(np.asarray(png), rgb)
     with pytest.raises(ValueError, match="RGB"):
         write_png(rgb[..., 0], tmp_path / "grey.png")
+
+
+def test_the_loss_takes_the_plans_lesion_label(tiny_dataset):
+    prepared, _ = tiny_dataset
+    swapped = dataclasses.replace(prepared.plan, labels={"background": 0, "lesion": 1, "pancreas": 2})
+    module = build_module(run_config(), swapped, datamodule_for(tiny_dataset).subtype_counts())
+    assert module.loss.lesion_label == 1 == module.lesion_channel

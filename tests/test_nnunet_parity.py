@@ -21,6 +21,7 @@ import torch
 
 from pancreas_mtl.models import ResEncUNet, count_parameters
 from pancreas_mtl.models.nnunet_io import (
+    RESAMPLING_KWARGS,
     NnUNetFormatError,
     architecture_from_model,
     export_nnunet_model_folder,
@@ -283,3 +284,25 @@ def test_export_refuses_a_network_that_differs_from_the_plan(tmp_path):
     other = ResEncUNet.from_plan(tiny_plan())
     with pytest.raises(ValueError, match="features_per_stage"):
         export_nnunet_model_folder(other, plan, tmp_path / "model")
+
+
+def test_anisotropy_threshold_round_trips_through_plans_json(tmp_path):
+    """The plan's separate-axis threshold is nnU-Net's separate_z_anisotropy_threshold of its resampling
+    functions: written when it is not nnU-Net's default 3, read back, and one value for all three."""
+    plan = parity_plan()
+    network = ResEncUNet.from_plan(plan)
+    default = export_nnunet_model_folder(network, plan, tmp_path / "default")
+    config = json.loads((default / "plans.json").read_text())["configurations"]["3d_fullres"]
+    assert all("separate_z_anisotropy_threshold" not in config[key] for key in RESAMPLING_KWARGS)
+    assert load_nnunet_model_folder(default)[1].plan.anisotropy_threshold == 3.0
+
+    plan.anisotropy_threshold = 2.5
+    folder = export_nnunet_model_folder(network, plan, tmp_path / "lower")
+    plans = json.loads((folder / "plans.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    assert all(config[key]["separate_z_anisotropy_threshold"] == 2.5 for key in RESAMPLING_KWARGS)
+    loaded = load_nnunet_model_folder(folder)[1].plan
+    assert loaded.anisotropy_threshold == 2.5 and loaded.anisotropic_axis == 0   # 2.0 / 0.75 mm = 2.7
+    config["resampling_fn_seg_kwargs"]["separate_z_anisotropy_threshold"] = 3.0
+    with pytest.raises(NnUNetFormatError, match="separate_z_anisotropy_threshold differs"):
+        plan_from_nnunet(plans, json.loads((folder / "dataset.json").read_text()))

@@ -62,7 +62,7 @@ def test_small_preset_overfits_segmentation_and_subtype(tmp_path):
 
     for step in range(1, MAX_STEPS + 1):
         seg_logits, class_logits = model(image)
-        terms = loss(seg_logits, class_logits, label, subtype, has_lesion)
+        terms = loss(seg_logits, class_logits, label, subtype)
         optimizer.zero_grad()
         terms["loss"].backward()
         optimizer.step()

@@ -205,6 +205,32 @@ def test_isotropic_data_gets_3d_kernels_everywhere():
     assert_consistent(plan)
 
 
+def test_anisotropy_threshold_reaches_the_plan(quiz):
+    """The preset's threshold is a plan value (resampling reads it there); the plan's separate axis
+    follows from it and the target spacing."""
+    plan = plan_experiment(quiz, load_preset("M"))
+    assert plan.anisotropy_threshold == 3.0 and plan.anisotropic_axis is None     # 2.0 / 0.74 = 2.7
+    lower = plan_experiment(quiz, load_preset("M"), {"anisotropy_threshold": 2.0})
+    assert lower.anisotropy_threshold == 2.0 and lower.anisotropic_axis == 0
+    assert "separate axis    z (anisotropy threshold 2;" in describe_plan(lower)
+
+
+def test_preprocessing_key_follows_the_threshold_and_keeps_existing_keys(quiz):
+    plan = plan_experiment(quiz, load_preset("M"))
+    assert plan.preprocessing_key() == "59a41e066c"   # as before the threshold was a plan value: caches stay
+    lower = plan_experiment(quiz, load_preset("M"), {"anisotropy_threshold": 2.0})
+    higher = plan_experiment(quiz, load_preset("M"), {"anisotropy_threshold": 4.0})
+    assert len({plan.preprocessing_key(), lower.preprocessing_key(), higher.preprocessing_key()}) == 3
+
+
+def test_plans_written_before_the_threshold_load_with_nnunets():
+    stored = plan_experiment(uniform_fingerprint((5.0, 0.7, 0.7), (40, 256, 256)), load_preset("small")).to_dict()
+    assert stored["anisotropic_axis"] == 0              # written for readers of plan.json
+    del stored["anisotropy_threshold"]
+    restored = Plan.from_dict(stored)
+    assert restored.anisotropy_threshold == 3.0 and restored.anisotropic_axis == 0
+
+
 # 3. topology
 
 

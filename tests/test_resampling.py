@@ -1,4 +1,5 @@
-"""Resampling: shapes, the separate-axis rule, label preservation, and preprocessing order."""
+"""Resampling: shapes, the separate-axis rule and its threshold, label preservation, preprocessing order,
+and resampling back at export."""
 
 from pathlib import Path
 
@@ -8,22 +9,24 @@ import torch
 
 from pancreas_mtl.data.checks import LoadedCase
 from pancreas_mtl.data.layout import Case
-from pancreas_mtl.dataset.preprocessing import normalize, preprocess, sample_foreground_locations
-from pancreas_mtl.dataset.resampling import (
-    resample_image,
-    resample_segmentation,
-    resampled_shape,
-    separate_axis,
+from pancreas_mtl.dataset.preprocessing import (
+    PreprocessedCase,
+    normalize,
+    preprocess,
+    sample_foreground_locations,
 )
+from pancreas_mtl.dataset.resampling import resample_image, resample_segmentation, resampled_shape
+from pancreas_mtl.inference.export import restore_original_geometry
+from pancreas_mtl.planning.anisotropy import separate_axis
 from pancreas_mtl.planning.plan import ChannelNormalization, Plan
 from tests.conftest import lps_affine, make_case_arrays
 
 
-def small_plan(target_spacing=(2.0, 0.8, 0.8)) -> Plan:
+def small_plan(target_spacing=(2.0, 0.8, 0.8), **changes) -> Plan:
     return Plan(preset="test", target_spacing=target_spacing, median_shape=(12, 28, 36), patch_size=(8, 16, 16),
                 batch_size=2, normalization=[ChannelNormalization("ct", -50.0, 150.0, 80.0, 40.0)],
                 kernel_sizes=[(1, 3, 3), (3, 3, 3)], strides=[(1, 1, 1), (2, 2, 2)], features_per_stage=[4, 8],
-                n_blocks_per_stage=[1, 1], n_conv_per_stage_decoder=[1])
+                n_blocks_per_stage=[1, 1], n_conv_per_stage_decoder=[1], **changes)
 
 
 def test_resampled_shape_keeps_extent():
@@ -34,9 +37,20 @@ def test_resampled_shape_keeps_extent():
     ((5.0, 0.7, 0.7), (5.0, 0.7, 0.7), 0),
     ((2.0, 0.74, 0.74), (2.0, 0.73, 0.73), None),
     ((0.7, 0.7, 4.0), (0.7, 0.7, 0.7), 2),
+    ((0.7, 0.7, 0.7), (0.7, 0.7, 4.0), 2),    # the target grid decides when the source is isotropic
+    ((4.0, 1.0, 1.0), (1.0, 1.0, 4.0), 0),    # both anisotropic: the source decides (nnU-Net's order)
+    ((1.0, 1.0, 4.0), (4.0, 1.0, 1.0), 2),
+    ((3.0, 3.0, 0.8), (3.0, 3.0, 0.8), None),  # two coarsest axes: none separate (get_lowres_axis)
+    ((3.0, 3.0, 0.8), (4.0, 1.0, 1.0), None),  # ... and the target is not asked (nnU-Net)
 ])
 def test_separate_axis(spacing, target, expected):
     assert separate_axis(spacing, target) == expected
+
+
+def test_separate_axis_threshold():
+    assert separate_axis((2.0, 0.8, 0.8), (2.0, 0.8, 0.8)) is None        # 2.5 x: not above nnU-Net's 3
+    assert separate_axis((2.0, 0.8, 0.8), (2.0, 0.8, 0.8), threshold=2.0) == 0
+    assert separate_axis((5.0, 0.7, 0.7), (5.0, 0.7, 0.7), threshold=8.0) is None
 
 
 def test_identity_resampling_is_exact():
@@ -118,6 +132,60 @@ def test_preprocess_crops_normalises_resamples():
     assert result.image.shape == (1, 6, 14, 18) and result.image.dtype == np.float32
     assert result.seg.shape == (6, 14, 18) and set(np.unique(result.seg)) == {0, 1, 2}
     assert result.image.max() <= (150 - 80) / 40 + 1e-5
+
+
+def _z_ramp_case(spacing=(2.0, 0.8, 0.8)) -> LoadedCase:
+    """6 x 8 x 8 voxels, HU rising by 20 per slice along z (inside the plan's clip range), pancreas in
+    the lower half and lesion in the upper half of the slices."""
+    image = (np.arange(6, dtype=np.float32) * 20.0 - 30.0)[:, None, None] * np.ones((1, 8, 8), np.float32)
+    mask = np.zeros((6, 8, 8), np.uint8)
+    mask[:3, 2:6, 2:6], mask[3:, 2:6, 2:6] = 1, 2
+    return LoadedCase(Case("c", (), None, 0, "train"), image[None], mask, lps_affine(spacing))
+
+
+def _pairs_repeat(volume: np.ndarray) -> bool:
+    """Whether slices 2k and 2k + 1 are equal (nearest-neighbour upsampling by 2 along z)."""
+    return bool(np.array_equal(volume[..., 0::2, :, :], volume[..., 1::2, :, :]))
+
+
+def test_plan_threshold_decides_the_separate_axis_in_preprocessing():
+    """planning.anisotropy_threshold reaches resampling: 2 mm slices with 0.8 mm pixels (2.5 x) are
+    interpolated along z at nnU-Net's threshold 3, and taken nearest-slice at threshold 2."""
+    loaded = _z_ramp_case()
+    default = preprocess(loaded, small_plan(target_spacing=(1.0, 0.8, 0.8)))
+    lower = preprocess(loaded, small_plan(target_spacing=(1.0, 0.8, 0.8), anisotropy_threshold=2.0))
+    assert default.image.shape == lower.image.shape == (1, 12, 8, 8)
+    assert not _pairs_repeat(default.image) and _pairs_repeat(lower.image)
+    assert _pairs_repeat(lower.seg)
+    assert (default.anisotropy_threshold, lower.anisotropy_threshold) == (3.0, 2.0)
+
+
+def test_export_resamples_back_with_the_plans_threshold():
+    """The threshold preprocessing used travels with the case to export: z probabilities going back
+    from 1 mm to 2 mm slices (2.5 x in the case's grid) are taken nearest-slice at threshold 2 only."""
+    ramp = torch.linspace(0.1, 0.9, 12)[:, None, None].expand(12, 4, 4)
+    probabilities = torch.stack([1 - ramp, ramp])                       # (K=2, 12, 4, 4) on the plan's grid
+    restored = {}
+    for threshold in (3.0, 2.0):
+        case = PreprocessedCase(image=None, seg=None, bbox=((0, 6), (0, 4), (0, 4)), original_shape=(6, 4, 4),
+                                original_spacing=(2.0, 0.8, 0.8), anisotropy_threshold=threshold)
+        _, restored[threshold] = restore_original_geometry(probabilities, case, (1.0, 0.8, 0.8), True)
+    source_values = np.unique(ramp.numpy().astype(np.float16))
+    assert np.isin(restored[2.0][1], source_values).all()                # nearest slice: values kept
+    assert not np.isin(restored[3.0][1], source_values).all()            # linear: values between slices
+
+
+def test_export_asks_the_plans_grid_first_as_nnunet_does():
+    """Going back, the plan's grid is the source: with x coarse on the plan's grid and z coarse on the
+    case's, nnU-Net treats x separately (nearest along x); asking the case's grid first blended along x."""
+    values = torch.tensor([0.2, 0.8])[None, None, :].expand(8, 4, 2)
+    probabilities = torch.stack([1 - values, values])                   # (K=2, 8, 4, 2): x is 4 mm
+    case = PreprocessedCase(image=None, seg=None, bbox=((0, 2), (0, 4), (0, 8)), original_shape=(2, 4, 8),
+                            original_spacing=(4.0, 1.0, 1.0))
+    _, restored = restore_original_geometry(probabilities, case, (1.0, 1.0, 4.0), True)
+    assert restored.shape == (2, 2, 4, 8)
+    np.testing.assert_allclose(restored[1].astype(float), np.broadcast_to(np.repeat([0.2, 0.8], 4), (2, 4, 8)),
+                               atol=1e-3)
 
 
 def test_foreground_locations_cover_each_label():

@@ -15,12 +15,8 @@ from pancreas_mtl.data.checks import LoadedCase
 from pancreas_mtl.data.cropping import crop, nonzero_bbox
 from pancreas_mtl.data.errors import DataError
 from pancreas_mtl.data.limits import InputLimits, config_key
-from pancreas_mtl.dataset.resampling import (
-    resample_image,
-    resample_segmentation,
-    resampled_shape,
-    separate_axis,
-)
+from pancreas_mtl.dataset.resampling import resample_image, resample_segmentation, resampled_shape
+from pancreas_mtl.planning.anisotropy import ANISOTROPY_THRESHOLD, separate_axis
 from pancreas_mtl.planning.plan import ChannelNormalization, Plan
 
 
@@ -34,6 +30,8 @@ class PreprocessedCase:
         bbox: crop in the original grid, [start, stop) per axis (z, y, x).
         original_shape: (z, y, x) of the input before cropping.
         original_spacing: (z, y, x) mm of the input.
+        anisotropy_threshold: the plan's separate-axis threshold it was resampled with; export resamples
+            back with the same (``planning.anisotropy.separate_axis``).
     """
 
     image: np.ndarray
@@ -41,6 +39,7 @@ class PreprocessedCase:
     bbox: tuple[tuple[int, int], ...]
     original_shape: tuple[int, int, int]
     original_spacing: tuple[float, float, float]
+    anisotropy_threshold: float = ANISOTROPY_THRESHOLD
 
 
 def normalize(image: np.ndarray, schemes: list[ChannelNormalization]) -> np.ndarray:
@@ -82,7 +81,8 @@ def check_resampled_size(loaded: LoadedCase, crop_shape: tuple[int, ...], target
 def preprocess(loaded: LoadedCase, plan: Plan, image_order: int = 1, *,
                max_resampled_voxels: int | None = None) -> PreprocessedCase:
     """Crop, normalise and resample a loaded case to the plan's target spacing; the image linearly
-    (``image_order`` 1, as training's cache does) or with nnU-Net's cubic resampling (3).
+    (``image_order`` 1, as training's cache does) or with nnU-Net's cubic resampling (3). An axis is
+    resampled separately as ``separate_axis(case spacing, plan spacing, plan.anisotropy_threshold)`` says.
 
     ``max_resampled_voxels`` (None: ``InputLimits().max_resampled_voxels``) bounds the voxels per
     channel at the target spacing; a larger case is a DataError before anything is allocated.
@@ -94,7 +94,8 @@ def preprocess(loaded: LoadedCase, plan: Plan, image_order: int = 1, *,
     crop_shape = tuple(stop - start for start, stop in bbox)
     new_shape = check_resampled_size(loaded, crop_shape, plan.target_spacing, max_resampled_voxels)
     image = normalize(crop(loaded.image, bbox), plan.normalization)
-    axis = separate_axis(spacing, plan.target_spacing)
+    # nnU-Net's order: the case's grid decides when it is anisotropic, else the plan's
+    axis = separate_axis(spacing, plan.target_spacing, plan.anisotropy_threshold)
     with torch.inference_mode():
         image = resample_image(torch.from_numpy(image), new_shape, axis, image_order).numpy()
         seg = None
@@ -102,7 +103,7 @@ def preprocess(loaded: LoadedCase, plan: Plan, image_order: int = 1, *,
             seg = resample_segmentation(torch.from_numpy(crop(loaded.seg, bbox).copy()), new_shape,
                                         sorted(plan.labels.values()), axis).numpy().astype(np.int8)
     return PreprocessedCase(image=image, seg=seg, bbox=bbox, original_shape=tuple(loaded.image.shape[1:]),
-                            original_spacing=spacing)
+                            original_spacing=spacing, anisotropy_threshold=plan.anisotropy_threshold)
 
 
 def sample_foreground_locations(seg: np.ndarray, rng: np.random.Generator, max_per_label: int = 10_000,

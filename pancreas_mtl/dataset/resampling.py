@@ -1,7 +1,8 @@
 """Resampling images and label maps between spacings, in torch so it runs on the GPU as well as the CPU.
 
 nnU-Net resamples images with cubic splines and label maps with per-label linear interpolation, and
-treats a much coarser axis separately (nearest neighbour along it, in-plane interpolation only).
+treats a much coarser axis separately (nearest neighbour along it, in-plane interpolation only; which
+axis is ``planning.anisotropy.separate_axis`` with the plan's ``anisotropy_threshold``).
 We keep the separate-axis rule and the per-label scheme but interpolate linearly: on this data the
 target spacing is close to the source spacing and linear interpolation is several times faster
 (see docs/benchmarks.md). ``resample_image(..., order=3)`` is nnU-Net's image resampling itself
@@ -19,23 +20,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-# nnU-Net treats an axis separately when its spacing exceeds the finest by this factor.
-ANISOTROPY_THRESHOLD = 3.0
+# which axis is separate is planning's rule (re-exported: callers pass its result as ``axis``)
+from pancreas_mtl.planning.anisotropy import separate_axis  # noqa: F401
 
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> tuple[int, ...]:
     """Shape (z, y, x) covering the same extent at ``target_spacing``; at least one voxel per axis."""
     return tuple(max(1, int(round(s * sp / t))) for s, sp, t in zip(shape, spacing, target_spacing))
-
-
-def separate_axis(spacing: Sequence[float], target_spacing: Sequence[float],
-                  threshold: float = ANISOTROPY_THRESHOLD) -> int | None:
-    """The axis to resample with nearest neighbour only (the coarse one of an anisotropic grid), or None."""
-    for grid in (spacing, target_spacing):
-        grid = np.asarray(grid, dtype=float)
-        if grid.max() / grid.min() > threshold:
-            return int(np.argmax(grid))
-    return None
 
 
 def _nearest_indices(old: int, new: int, device: torch.device) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """From a prediction on the plan's grid back to the input's grid, and writing the outputs atomically.
 
 Undoing preprocessing, in reverse order, on the prediction's device: the class probabilities
-(K, z', y', x') are resampled to the crop's shape (linear, with the same separate-axis rule as
-preprocessing), their argmax taken, and the crop padded back into the original shape with background
-outside it. Probabilities are resampled, never the argmax, so boundaries stay smooth. nnU-Net
-resamples logits instead (``logits=True``, for ``inference.nnunet_compat``); the two argmaxes differ
-where a voxel lies between classes.
+(K, z', y', x') are resampled to the crop's shape (linear, with preprocessing's separate-axis rule and
+threshold, the plan's grid now being the source), their argmax taken, and the crop padded back into
+the original shape with background outside it. Probabilities are resampled, never the argmax, so
+boundaries stay smooth. nnU-Net resamples logits instead (``logits=True``, for
+``inference.nnunet_compat``); the two argmaxes differ where a voxel lies between classes.
 
 Every file is written under a temporary name in its folder and renamed (``os.replace``), so a reader
 or a rerun never sees a half-written file. Masks keep the source file's NIfTI header and affine and
@@ -24,8 +24,9 @@ from torch import Tensor
 
 from pancreas_mtl.data.io import NIFTI_SUFFIXES, image_suffix, write_nifti
 from pancreas_mtl.dataset.preprocessing import PreprocessedCase
-from pancreas_mtl.dataset.resampling import resample_image, separate_axis
+from pancreas_mtl.dataset.resampling import resample_image
 from pancreas_mtl.files import atomic_path
+from pancreas_mtl.planning.anisotropy import separate_axis
 
 
 def restore_original_geometry(probabilities: Tensor, preprocessed: PreprocessedCase,
@@ -36,7 +37,8 @@ def restore_original_geometry(probabilities: Tensor, preprocessed: PreprocessedC
     Args:
         probabilities: (K, z', y', x') class probabilities on the plan's grid (any device); with
             ``logits``, logits, resampled as they are and turned into probabilities afterwards.
-        preprocessed: the case's crop box, original shape and spacing (``preprocess``'s output).
+        preprocessed: the case's crop box, original shape and spacing and the plan's anisotropy threshold
+            (``preprocess``'s output).
         target_spacing: the plan's (z, y, x) spacing the probabilities are at.
         keep_probabilities: also return the probabilities on the input's grid.
 
@@ -45,7 +47,9 @@ def restore_original_geometry(probabilities: Tensor, preprocessed: PreprocessedC
     """
     bbox = preprocessed.bbox
     crop_shape = tuple(stop - start for start, stop in bbox)
-    axis = separate_axis(preprocessed.original_spacing, target_spacing)
+    # going back the plan's grid is the source: nnU-Net asks it first
+    # (convert_predicted_logits_to_segmentation_with_correct_shape)
+    axis = separate_axis(target_spacing, preprocessed.original_spacing, preprocessed.anisotropy_threshold)
     with torch.inference_mode():
         resampled = resample_image(probabilities.float(), crop_shape, axis)
         crop_labels = resampled.argmax(dim=0).to(torch.uint8).cpu().numpy()

@@ -40,12 +40,12 @@ from pancreas_mtl.devices import resolve_device, set_tf32
 from pancreas_mtl.inference.checkpoint import load_network
 from pancreas_mtl.inference.settings import InferenceSettings
 from pancreas_mtl.inference.sliding_window import predict_windows
-from pancreas_mtl.planning.plan import Plan
+from pancreas_mtl.planning.plan import LESION_LABEL, Plan
 
 PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # what ensemble members must agree on: the voxels they read and what their outputs mean
 SHARED_PLAN_KEYS = ("target_spacing", "normalization", "num_input_channels", "num_classes", "num_subtypes",
-                    "labels", "anisotropic_axis")
+                    "labels", "anisotropic_axis", "anisotropy_threshold")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -161,7 +161,7 @@ class Predictor:
                 network = network.to(memory_format=torch.channels_last_3d)
             divisor = tuple(math.prod(stride[axis] for stride in plan.strides) for axis in range(3))
             self.members.append(Member(network, tuple(plan.patch_size), divisor, name))
-        self.lesion_channel = int(self.plan.labels.get("lesion", 2))
+        self.lesion_channel = int(self.plan.labels.get("lesion", LESION_LABEL))
         # out-of-memory fallbacks (sliding_window.predict_windows) carry over to the following cases
         self.sw_batch_size = self.settings.sw_batch_size
         self.accumulate_on_cpu = False

@@ -1,9 +1,11 @@
 """Training losses: nnU-Net's Dice + CE with deep supervision, the subtype loss, and their weighted sum.
 
 Built from ``conf/loss/*.yaml`` with ``hydra.utils.instantiate``; data-dependent values (the training
-split's subtype counts, for inverse-frequency weights) are passed at that call::
+split's subtype counts, for inverse-frequency weights, and the plan's lesion label) are passed at that
+call::
 
-    loss = hydra.utils.instantiate(cfg.loss, cls_loss={"subtype_counts": [62, 106, 84]})
+    loss = hydra.utils.instantiate(cfg.loss, cls_loss={"subtype_counts": [62, 106, 84]},
+                                   lesion_label=plan.labels["lesion"])
 """
 
 from pancreas_mtl.losses.classification import (

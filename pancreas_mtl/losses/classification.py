@@ -2,14 +2,14 @@
 
 Which patches teach the classifier (``no_lesion_policy``):
 
-- ``skip`` (default): only patches that contain lesion voxels (label 2) count. The subtype is a property
-  of the lesion, so a patch without lesion carries no evidence for it; training on it with the case's
-  label teaches the head to read the subtype off surrounding pancreas and fat, which does not generalise
-  and pulls the head towards the class prior, i.e. the majority-subtype collapse others reported on
-  this data. Skipping costs little here: every case has a lesion and the plan's patch
-  (64 x 128 x 192) is larger than the median resampled case (59 x 118 x 181), so most patches hold the
-  whole lesion; on smaller patches raise ``sampling.lesion_centred_probability`` so batches keep
-  lesion patches. A batch with no lesion patch contributes 0 (with a grad_fn), not NaN.
+- ``skip`` (default): only patches that contain lesion voxels (the plan's lesion label) count. The
+  subtype is a property of the lesion, so a patch without lesion carries no evidence for it; training
+  on it with the case's label teaches the head to read the subtype off surrounding pancreas and fat,
+  which does not generalise and pulls the head towards the class prior, i.e. the majority-subtype
+  collapse others reported on this data. Skipping costs little here: every case has a lesion and the
+  plan's patch (64 x 128 x 192) is larger than the median resampled case (59 x 118 x 181), so most
+  patches hold the whole lesion; on smaller patches raise ``sampling.lesion_centred_probability`` so
+  batches keep lesion patches. A batch with no lesion patch contributes 0 (with a grad_fn), not NaN.
 - ``case_label``: every patch with a known subtype counts with its case's label, lesion or not (what a
   case-level head trained on random patches does). Use it when patches nearly always hold the lesion
   anyway or to compare.

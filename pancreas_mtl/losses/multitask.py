@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -9,8 +10,7 @@ from torch import Tensor, nn
 
 from pancreas_mtl.losses.classification import ClassificationLoss
 from pancreas_mtl.losses.segmentation import SegmentationLoss
-
-LESION_LABEL = 2
+from pancreas_mtl.planning.plan import LESION_LABEL
 
 
 class MultiTaskLoss(nn.Module):
@@ -20,8 +20,8 @@ class MultiTaskLoss(nn.Module):
         seg_loss: Dice + CE with deep supervision.
         cls_loss: subtype loss, or ``None`` for segmentation only.
         cls_weight: lambda of the classification term (PANDA: 0.3).
-        lesion_label: label value of the lesion, to tell which patches hold one when the batch does not
-            say (``has_lesion`` not given).
+        lesion_label: label value of the lesion (the plan's ``labels["lesion"]``, filled in when the
+            module is built); a patch holds a lesion when its full-resolution ``label`` has this value.
 
     Classification is off (``cls`` = 0, no graph) when ``cls_loss`` is ``None``, when the network has no
     head (``class_logits`` is ``None``) or when no ``subtype`` is given.
@@ -32,7 +32,9 @@ class MultiTaskLoss(nn.Module):
         label: (B, 1, Z, Y, X) integer labels at full patch resolution (or the list of per-output labels
             from :func:`downsample_label`).
         subtype: (B,) int64, -1 = unknown.
-        has_lesion: (B,) bool; computed from ``label`` when ``None``.
+        has_lesion: ignored (with a DeprecationWarning), kept for callers that pass the batch's flag:
+            which patches hold a lesion is read from ``label`` with ``lesion_label``, so the plan's lesion
+            label decides, not the one the sampler flagged with.
 
     Returns a dict of scalar tensors: ``loss`` (to backpropagate), ``seg``, ``dice``, ``ce`` (see
     :class:`SegmentationLoss`; the Dice term is negative, -1 perfect), ``cls`` (unweighted subtype
@@ -52,6 +54,9 @@ class MultiTaskLoss(nn.Module):
     def forward(self, seg_logits: Tensor | Sequence[Tensor], class_logits: Tensor | None,
                 label: Tensor | Sequence[Tensor], subtype: Tensor | None = None,
                 has_lesion: Tensor | None = None) -> dict[str, Tensor]:
+        if has_lesion is not None:
+            warnings.warn("MultiTaskLoss ignores has_lesion: it reads which patches hold a lesion from label "
+                          "with lesion_label; stop passing it", DeprecationWarning)
         terms = self.seg_loss(seg_logits, label)
         seg = terms["seg"]
         if self.cls_loss is None or class_logits is None or subtype is None:
@@ -59,9 +64,8 @@ class MultiTaskLoss(nn.Module):
             cls_samples = torch.zeros((), device=seg.device)
             loss = seg
         else:
-            if has_lesion is None:
-                full_resolution = label if isinstance(label, Tensor) else label[0]
-                has_lesion = (full_resolution == self.lesion_label).flatten(1).any(1)
+            full_resolution = label if isinstance(label, Tensor) else label[0]   # (B, 1, Z, Y, X)
+            has_lesion = (full_resolution == self.lesion_label).flatten(1).any(1)
             cls = self.cls_loss(class_logits, subtype, has_lesion)
             cls_samples = self.cls_loss.sample_mask(subtype.to(class_logits.device).reshape(-1), has_lesion)
             cls_samples = cls_samples.sum().to(torch.float32)

@@ -28,6 +28,7 @@ from pancreas_mtl.models.nnunet_weights import (  # noqa: F401  (re-exported: th
     to_nnunet_state_dict,
 )
 from pancreas_mtl.models.resenc_unet import ResEncUNet
+from pancreas_mtl.planning.anisotropy import ANISOTROPY_THRESHOLD
 from pancreas_mtl.planning.plan import ChannelNormalization, Fingerprint, Plan
 
 RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
@@ -39,7 +40,7 @@ ARCH_KWARGS = {"n_stages", "features_per_stage", "conv_op", "kernel_sizes", "str
                "dropout_op_kwargs", "nonlin", "nonlin_kwargs", "deep_supervision", "block",
                "bottleneck_channels", "stem_channels"}
 NORMALIZATION_NAMES = {"ct": "CTNormalization", "zscore": "ZScoreNormalization"}
-ANISOTROPY_THRESHOLD = 3.0  # nnunetv2.configuration.ANISO_THRESHOLD
+RESAMPLING_KWARGS = ("resampling_fn_data_kwargs", "resampling_fn_seg_kwargs", "resampling_fn_probabilities_kwargs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +169,17 @@ def _channel_names(dataset_json: Mapping) -> dict[str, str]:
     return dict(dataset_json.get("channel_names", dataset_json.get("modality", {})))
 
 
+def _anisotropy_threshold(config: Mapping, source: str) -> float:
+    """The separate-axis threshold of a configuration's resampling functions (unset: nnU-Net's default).
+    Our plan has one threshold for images, label maps and predictions, so they must agree."""
+    found = {key: float((config.get(key) or {}).get("separate_z_anisotropy_threshold", ANISOTROPY_THRESHOLD))
+             for key in RESAMPLING_KWARGS}
+    if len(set(found.values())) > 1:
+        raise NnUNetFormatError(f"{source}: separate_z_anisotropy_threshold differs between the resampling "
+                                f"functions {found}; only one threshold for all of them is supported")
+    return found[RESAMPLING_KWARGS[0]]
+
+
 def plan_from_nnunet(plans: Mapping, dataset_json: Mapping, configuration: str = "3d_fullres",
                      source: str = "plans") -> Plan:
     """Our Plan of an nnU-Net plans configuration (no subtypes: nnU-Net has no classification)."""
@@ -196,7 +208,6 @@ def plan_from_nnunet(plans: Mapping, dataset_json: Mapping, configuration: str =
                                     f"{use_mask}) is not supported; expected CTNormalization or ZScoreNormalization "
                                     "without mask")
     spacing = tuple(float(s) for s in config["spacing"])
-    coarse = max(spacing) / min(spacing) > ANISOTROPY_THRESHOLD
     return Plan(
         preset=str(plans.get("plans_name", "nnunet")), target_spacing=spacing,
         median_shape=tuple(round(float(m)) for m in config.get("median_image_size_in_voxels", config["patch_size"])),
@@ -205,7 +216,7 @@ def plan_from_nnunet(plans: Mapping, dataset_json: Mapping, configuration: str =
         features_per_stage=arch["features_per_stage"], n_blocks_per_stage=arch["n_blocks_per_stage"],
         n_conv_per_stage_decoder=arch["n_conv_per_stage_decoder"], num_input_channels=len(channels),
         num_classes=len(labels), num_subtypes=0, labels=labels,
-        anisotropic_axis=spacing.index(max(spacing)) if coarse else None,
+        anisotropy_threshold=_anisotropy_threshold(config, source),
     )
 
 
@@ -232,7 +243,8 @@ def _intensity_properties(plan: Plan, fingerprint: Fingerprint | None) -> dict:
 def nnunet_plans(model: ResEncUNet, plan: Plan, dataset_name: str = "Dataset001_Pancreas",
                  plans_name: str | None = None, configuration: str = "3d_fullres",
                  fingerprint: Fingerprint | None = None) -> dict:
-    """nnU-Net v2 plans.json for a network trained on ``plan`` (resampling: nnU-Net's defaults)."""
+    """nnU-Net v2 plans.json for a network trained on ``plan`` (resampling: nnU-Net's defaults, with the
+    plan's separate-axis threshold)."""
     for scheme in (n.scheme for n in plan.normalization):
         if scheme not in NORMALIZATION_NAMES:
             raise NnUNetFormatError(f"normalisation scheme {scheme!r} has no nnU-Net equivalent")
@@ -242,6 +254,8 @@ def nnunet_plans(model: ResEncUNet, plan: Plan, dataset_name: str = "Dataset001_
     else:  # only used by nnU-Net's planners, not by its predictor
         original_spacing, original_shape = list(plan.target_spacing), list(plan.median_shape)
     resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    if plan.anisotropy_threshold != ANISOTROPY_THRESHOLD:  # unset: nnU-Net's default, as plans it writes
+        resampling["separate_z_anisotropy_threshold"] = float(plan.anisotropy_threshold)
     preset = plan.preset if plan.preset in ("M", "L", "XL") else None
     return {
         "dataset_name": dataset_name,

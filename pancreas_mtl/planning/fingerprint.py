@@ -21,7 +21,7 @@ from pancreas_mtl.data.layout import Case, DatasetIndex
 from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.files import load_json, save_json
 from pancreas_mtl.parallel import map_with_progress
-from pancreas_mtl.planning.plan import ChannelIntensity, Fingerprint
+from pancreas_mtl.planning.plan import LESION_LABEL, ChannelIntensity, Fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def compute_fingerprint(index: DatasetIndex, *, num_workers: int = 0, samples_pe
                  for s in stats if s.problem is None and sum(v for k, v in s.label_voxel_counts.items() if k > 0) == 0]
     if problems:
         raise DatasetError(problems, index.root)
-    lesion = index.labels.get("lesion", 2)
+    lesion = index.labels.get("lesion", LESION_LABEL)
     without_lesion = [s.case_id for s in stats if s.subtype is not None and not s.label_voxel_counts.get(lesion)]
     if without_lesion:  # allowed (a lesion-free pancreas is a valid mask), but the subtype label cannot be learnt
         log.warning("%d labelled case(s) with a subtype have no lesion (label %d) in their mask; with "

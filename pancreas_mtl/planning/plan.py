@@ -9,6 +9,15 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from pancreas_mtl.data.layout import DEFAULT_LABELS
+from pancreas_mtl.planning import anisotropy
+from pancreas_mtl.planning.anisotropy import ANISOTROPY_THRESHOLD
+
+# DEFAULT_LABELS: the labels of a dataset that does not name its own (dataset discovery's, the one
+# place they are written). Code that needs the lesion's value takes it from the plan
+# (``plan.labels["lesion"]``); LESION_LABEL is the default only where no plan is at hand.
+LESION_LABEL = DEFAULT_LABELS["lesion"]
+
 
 @dataclass
 class ChannelIntensity:
@@ -45,7 +54,7 @@ class Fingerprint:
     subtype_counts: dict[int, int]
     source_signature: str = ""
     channel_names: dict[int, str] = field(default_factory=lambda: {0: "CT"})
-    labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "pancreas": 1, "lesion": 2})
+    labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +101,12 @@ class Plan:
         n_conv_per_stage_decoder: convs per decoder stage (one per stage but the deepest).
         num_input_channels, num_classes, num_subtypes: network input and outputs.
         labels: {name: value} of the segmentation.
-        anisotropic_axis: axis (0=z) resampled separately because its spacing is much coarser, or None.
+        anisotropy_threshold: spacing ratio (coarsest / finest) above which a grid is anisotropic and its
+            coarse axis is resampled separately (``planning.anisotropy.separate_axis``, decided per case
+            from the case's and the plan's spacing, in preprocessing and export).
+
+    ``anisotropic_axis`` (a property, also written by ``to_dict``) is the axis the plan's grid alone
+    makes separate; resampling decides per case.
     """
 
     preset: str
@@ -109,15 +123,21 @@ class Plan:
     num_input_channels: int = 1
     num_classes: int = 3
     num_subtypes: int = 3
-    labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "pancreas": 1, "lesion": 2})
-    anisotropic_axis: int | None = None
+    labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    anisotropy_threshold: float = ANISOTROPY_THRESHOLD
 
     @property
     def num_stages(self) -> int:
         return len(self.strides)
 
+    @property
+    def anisotropic_axis(self) -> int | None:
+        """The axis (0=z) of the target grid coarser than ``anisotropy_threshold`` x its finest, or None."""
+        return anisotropy.anisotropic_axis(self.target_spacing, self.anisotropy_threshold)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, plus the derived ``anisotropic_axis`` for readers of plan.json (``from_dict`` ignores it)."""
+        return {**asdict(self), "anisotropic_axis": self.anisotropic_axis}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -125,6 +145,8 @@ class Plan:
         data = {k: v for k, v in data.items() if k in known}
         for key in ("target_spacing",):
             data[key] = tuple(float(v) for v in data[key])
+        if "anisotropy_threshold" in data:  # absent from plans written before it was a plan value: the default
+            data["anisotropy_threshold"] = float(data["anisotropy_threshold"])
         for key in ("median_shape", "patch_size"):
             data[key] = tuple(int(v) for v in data[key])
         for key in ("kernel_sizes", "strides"):
@@ -133,8 +155,13 @@ class Plan:
         return cls(**data)
 
     def preprocessing_key(self) -> str:
-        """Short hash of what the preprocessed voxels depend on (spacing, normalisation, channels)."""
+        """Short hash of what the preprocessed voxels depend on (spacing, separate-axis threshold,
+        normalisation, channels)."""
+        # anisotropic_axis follows from the spacing and threshold; it stays in for existing caches' keys
         relevant = {"target_spacing": self.target_spacing, "anisotropic_axis": self.anisotropic_axis,
                     "normalization": [asdict(n) for n in self.normalization],
                     "num_input_channels": self.num_input_channels}
+        if self.anisotropy_threshold != ANISOTROPY_THRESHOLD:
+            # hashed only when not nnU-Net's default, so caches built before it was a plan value stay valid
+            relevant["anisotropy_threshold"] = self.anisotropy_threshold
         return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]

@@ -125,16 +125,6 @@ def fingerprint_target_spacing(fingerprint: Fingerprint, preset: Mapping) -> tup
     return tuple(float(t) * float(preset["spacing_scale"]) for t in target)
 
 
-def anisotropic_axis(target_spacing: tuple[float, float, float], threshold: float) -> int | None:
-    """The axis to resample separately (nnU-Net's separate-z rule: coarsest > threshold x finest), or None.
-
-    The resampler decides per case from the case's spacing as well (see data/resampling.py); this
-    records what the target grid alone implies.
-    """
-    spacing = np.asarray(target_spacing, dtype=float)
-    return int(np.argmax(spacing)) if spacing.max() / spacing.min() > threshold else None
-
-
 def resampled_median_shape(fingerprint: Fingerprint,
                            target_spacing: tuple[float, float, float]) -> np.ndarray:
     """Median (z, y, x) case shape after cropping and resampling to ``target_spacing`` (may be fractional)."""
@@ -304,7 +294,7 @@ def plan_experiment(fingerprint: Fingerprint, preset: Mapping | Any,
         num_classes=num_classes,
         num_subtypes=(max(subtypes) + 1) if subtypes else 0,
         labels=dict(fingerprint.labels),
-        anisotropic_axis=anisotropic_axis(target_spacing, preset["anisotropy_threshold"]),
+        anisotropy_threshold=float(preset["anisotropy_threshold"]),
     )
 
 
@@ -320,7 +310,8 @@ def describe_plan(plan: Plan) -> str:
         f"  median shape     {triple(plan.median_shape)}",
         f"  patch size       {triple(plan.patch_size)}",
         f"  batch size       {plan.batch_size}",
-        f"  separate axis    {axis_names.get(plan.anisotropic_axis, 'none')}",
+        (f"  separate axis    {axis_names.get(plan.anisotropic_axis, 'none')} "
+         f"(anisotropy threshold {plan.anisotropy_threshold:g}; resampling decides per case)"),
         f"  inputs/classes   {plan.num_input_channels} channel(s), {plan.num_classes} labels "
         f"{plan.labels}, {plan.num_subtypes} subtypes",
     ]
