@@ -64,7 +64,7 @@ def score(ckpt: Path, root: Path, split: str, max_cases: int | None) -> tuple[di
     head = network.head
     if head is None or not getattr(head, "uses_lesion_mask", False):
         raise SystemExit(f"{ckpt}: the head ({type(head).__name__}) does not take a lesion mask")
-    lesion = int(plan.labels.get("lesion", 2))
+    lesion = int(plan.labels["lesion"])
     cases = [c for c in discover(root).cases if c.split == split and c.subtype is not None]
     cases = [c for c in cases if c.label_path is not None][:max_cases]
     if not cases:

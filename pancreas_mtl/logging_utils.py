@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from pancreas_mtl.files import atomic_path
+from pancreas_mtl.planning.plan import LESION_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def write_png(rgb: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def overlay_slice_index(label: np.ndarray, lesion_label: int = 2) -> int:
+def overlay_slice_index(label: np.ndarray, lesion_label: int = LESION_LABEL) -> int:
     """Axial slice to show for a (Z, Y, X) label map: most lesion voxels, else most foreground, else the middle."""
     for mask in (label == lesion_label, label > 0):
         area = mask.reshape(mask.shape[0], -1).sum(1)
@@ -155,7 +156,7 @@ def _contour(mask: np.ndarray) -> np.ndarray:
 
 
 def render_overlay(image: np.ndarray, true_labels: np.ndarray, pred_labels: np.ndarray,
-                   lesion_label: int = 2, min_size: int = 256) -> np.ndarray:
+                   lesion_label: int = LESION_LABEL, min_size: int = 256) -> np.ndarray:
     """Three panels of one axial slice: the image, the reference filled, the prediction filled with the
     reference's contours on top (pancreas green, lesion red).
 

@@ -32,8 +32,9 @@ import torch
 from scipy import ndimage
 from scipy.stats import rankdata
 
+from pancreas_mtl.planning.plan import LESION_LABEL
+
 PANCREAS_LABEL = 1
-LESION_LABEL = 2
 UNKNOWN_SUBTYPE = -1
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from pancreas_mtl.planning.plan import LESION_LABEL
+
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
@@ -24,7 +26,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def keep_largest_components(labels: np.ndarray, pancreas: bool = True, lesion: bool = True,
-                            lesion_label: int = 2, pancreas_label: int = 1) -> np.ndarray:
+                            lesion_label: int = LESION_LABEL, pancreas_label: int = 1) -> np.ndarray:
     """Postprocess a label map; returns a new array of the same dtype.
 
     Args:

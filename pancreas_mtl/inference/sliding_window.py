@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from pancreas_mtl.inference.settings import InferenceSettings
 from pancreas_mtl.models.multitask import MultiTaskNet
+from pancreas_mtl.planning.plan import LESION_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def aggregate_window_predictions(window_probabilities: Tensor, lesion_volumes: T
     return pooled.float()
 
 
-def lesion_volumes(seg_logits: Tensor, lesion_channel: int = 2) -> Tensor:
+def lesion_volumes(seg_logits: Tensor, lesion_channel: int = LESION_LABEL) -> Tensor:
     """seg_logits (N, K, *roi) -> (N,) predicted lesion volume of each window, in voxels.
 
     The sum of the softmax lesion probability over the voxels whose argmax is the lesion. (Summing it
@@ -256,7 +257,7 @@ def _new_stitcher(num_channels: int, shape: Sequence[int], weights: Tensor, devi
 
 @torch.no_grad()
 def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], settings: InferenceSettings, *,
-                    sw_batch_size: int | None = None, lesion_channel: int = 2,
+                    sw_batch_size: int | None = None, lesion_channel: int = LESION_LABEL,
                     memory_format: torch.memory_format | None = None, autocast_dtype: torch.dtype | None = None,
                     accumulate_on_cpu: bool = False) -> WindowPrediction:
     """Gaussian-weighted sliding-window prediction of one case; every buffer stays on the image's device
@@ -364,7 +365,7 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], se
 
 
 def sliding_window_predict(model: nn.Module, image: Tensor, roi_size: Sequence[int], settings: InferenceSettings,
-                           *, lesion_channel: int = 2, memory_format: torch.memory_format | None = None,
+                           *, lesion_channel: int = LESION_LABEL, memory_format: torch.memory_format | None = None,
                            autocast_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
     """Whole-case prediction of one network, nnU-Net style (:func:`predict_windows`), without the
     predictor's preprocessing, ensembling or coarse-to-fine pass.

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pancreas_mtl.models.resenc_unet import UNetOutput
+from pancreas_mtl.planning.plan import LESION_LABEL
 
 POOLINGS = ("max", "avg", "avgmax")
 LESION_POOLINGS = ("mean", "meanmax", "regions")
@@ -275,7 +276,7 @@ class LesionAttentionHead(ClassificationHead):
 
     uses_lesion_mask = True
 
-    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, lesion_channel: int = 2,
+    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, lesion_channel: int = LESION_LABEL,
                  stage_features: int = 64, hidden: int = 128, dropout: float = 0.2,
                  init_temperature: float = 1.0, learn_temperature: bool = True, detach_attention: bool = True,
                  truth_guidance: float = 0.0, pool: str = "mean", image_statistics: bool = False,

@@ -18,7 +18,7 @@ import numpy as np
 
 from pancreas_mtl.config import config_dir
 from pancreas_mtl.data.io import write_nifti
-from pancreas_mtl.data.layout import image_file_name
+from pancreas_mtl.data.layout import DEFAULT_LABELS, image_file_name
 from pancreas_mtl.data.manifest import (
     describe_paths,
     foreign_entries,
@@ -230,7 +230,7 @@ def generate_case(config: SyntheticConfig, rng: np.random.Generator, subtype: in
     paint_lesion(image, structure, outline, geometry, appearance, pancreas_hu, config)
 
     mask = pancreas.astype(np.uint8)
-    mask[structure.box][outline.mask] = 2
+    mask[structure.box][outline.mask] = DEFAULT_LABELS["lesion"]
     float_mask = bool(noise_rng.random() < config.float_mask_fraction)
     voxel_mm3 = float(np.prod(spacing))
     noise_sd = u(*config.noise_hu) * np.sqrt(_REFERENCE_VOXEL_MM3 / voxel_mm3)
