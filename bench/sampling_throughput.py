@@ -9,8 +9,9 @@ one torch thread, as one DataLoader worker runs them. Prints one markdown table 
 
 Columns: patches/s without augmentation (the sampler reads exactly the patch), with nnU-Net's default
 augmentation (conf/augmentation/nnunet.yaml; the sampler reads the enlarged region) and with the light
-preset. Reference: nnU-Net v2 itself loads and augments 7.5 patches/s on one core of the project's
-2-core CPU at (64, 128, 192) (docs/REFERENCE.md section 2b).
+preset, each composed by Hydra as a run composes it; data.sampling as conf/data/folder.yaml has it.
+Reference: nnU-Net v2 itself loads and augments 7.5 patches/s on one core of the project's 2-core CPU
+at (64, 128, 192) (docs/REFERENCE.md section 2b).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 from scipy import ndimage
 from torch.utils.data import DataLoader
 
@@ -35,13 +37,15 @@ sys.path.insert(0, str(REPO))
 
 from _machine import cpu_model  # bench/ is on sys.path when a script runs
 
-from pancreas_mtl.dataset.augmentation import augmentation_region_size, build_augmentation  # noqa: E402
-from pancreas_mtl.dataset.cached_case import CachedCase  # noqa: E402
-from pancreas_mtl.dataset.sampling import PatchDataset, PatchSampler, collate_patches  # noqa: E402
+from pancreas_mtl.config import config_dir
+from pancreas_mtl.dataset.augmentation import augmentation_region_size, build_augmentation
+from pancreas_mtl.dataset.cached_case import CachedCase
+from pancreas_mtl.dataset.sampling import PatchDataset, PatchSampler, collate_patches
+from pancreas_mtl.dataset.settings import AugmentationSettings, augmentation_settings, sampling_settings
 
 # (Z, Y, X) around the quiz data's median resampled shape, smallest to largest.
 CASE_SHAPES = [(60, 120, 180), (48, 110, 170), (72, 130, 200), (40, 90, 140)]
-PRESETS = {"none": "none.yaml", "nnunet": "nnunet.yaml", "light": "light.yaml"}
+PRESETS = ("none", "nnunet", "light")
 
 
 def write_synthetic_case(folder: Path, case_id: str, shape, subtype: int, rng: np.random.Generator) -> CachedCase:
@@ -71,9 +75,15 @@ def write_synthetic_case(folder: Path, case_id: str, shape, subtype: int, rng: n
     return CachedCase.from_properties(folder, properties)
 
 
+def augmentation_preset(name: str) -> AugmentationSettings:
+    """conf/augmentation/{name}.yaml composed by Hydra (light and none build on nnunet.yaml)."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return augmentation_settings(compose(overrides=[f"+augmentation={name}"]).augmentation)
+
+
 def make_dataset(cases, patch, preset: str, samples: int, seed: int) -> PatchDataset:
-    cfg = OmegaConf.load(REPO / "conf" / "augmentation" / PRESETS[preset])
-    sampler = PatchSampler(cases, patch, augmentation_region_size(cfg, patch), oversample_foreground=1 / 3)
+    cfg = augmentation_preset(preset)
+    sampler = PatchSampler(cases, patch, augmentation_region_size(cfg, patch), **asdict(sampling_settings()))
     return PatchDataset(sampler, build_augmentation(cfg, patch), samples_per_epoch=samples, seed=seed)
 
 
@@ -106,7 +116,7 @@ def main(argv=None) -> None:
                         help="patch size; repeat for several (default: 64 128 192 and 32 64 96)")
     parser.add_argument("--cases", type=int, default=8, help="synthetic cases to write")
     parser.add_argument("--samples", type=int, default=60, help="patches timed per configuration")
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many workers")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -128,7 +138,7 @@ def main(argv=None) -> None:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for patch in patches:
-            region = augmentation_region_size(OmegaConf.load(REPO / "conf" / "augmentation" / "nnunet.yaml"), patch)
+            region = augmentation_region_size(augmentation_preset("nnunet"), patch)
             row = [machine, date, "x".join(map(str, patch)), "x".join(map(str, region))]
             for preset in args.presets:
                 row.append(f"{patches_per_second(make_dataset(cases, patch, preset, args.samples, args.seed)):.1f}")

@@ -1,25 +1,40 @@
-"""Augmentation: nnU-Net defaults from config, group switches, shapes, label values, geometry conventions."""
+"""Augmentation: values from conf/augmentation/ only, group switches, MONAI transforms from the config,
+array and dictionary versions, shapes, label values, geometry conventions."""
 
 from __future__ import annotations
 
 import pickle
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from monai.transforms import RandGaussianSmooth, RandSimulateLowResolution
 from omegaconf import OmegaConf
 
+from pancreas_mtl.dataset import settings
 from pancreas_mtl.dataset.augmentation import (
-    NNUNET_DEFAULTS,
+    RandGaussianNoiseVariance,
     RandGaussianNoiseVarianced,
+    RandPerChannel,
+    RandPerChanneld,
     augmentation_region_size,
     build_augmentation,
-    resolve_augmentation_config,
 )
-from pancreas_mtl.dataset.spatial_augmentation import RandAffinePatchd, spatial_region_size
+from pancreas_mtl.dataset.settings import augmentation_settings, sampling_settings
+from pancreas_mtl.dataset.spatial_augmentation import (
+    RandSpatialNNUNet,
+    RandSpatialNNUNetd,
+    spatial_region_size,
+)
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "augmentation"
+CONF_ROOT = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_ROOT / "augmentation"
+PRESETS = ("nnunet", "none", "light")
 PATCH = (8, 16, 16)
 GROUPS = ("spatial", "noise_blur", "intensity", "lowres", "gamma", "mirror")
 # Every probability of each group forced to 1, so that a group that is on visibly acts.
@@ -71,27 +86,101 @@ def run(cfg, image, label, seed=0, patch=PATCH):
     return transform({"image": image.clone(), "label": label.clone()})
 
 
-@pytest.mark.parametrize("name", ["nnunet", "none", "light"])
-def test_config_files_load_and_build(name):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    resolved = resolve_augmentation_config(cfg)
-    assert set(resolved) == set(NNUNET_DEFAULTS)
+def compose_augmentation(name: str, *overrides: str, conf: Path = CONF_ROOT):
+    """The ``augmentation`` node as Hydra composes it for a run (``augmentation=name overrides...``)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(overrides=[f"+augmentation={name}", *overrides]).augmentation
+
+
+def conf_copy(tmp_path: Path, edit) -> Path:
+    """A copy of conf/augmentation/ (and conf/data/folder.yaml) whose nnunet.yaml ``edit`` changed."""
+    root = tmp_path / "conf"
+    shutil.copytree(CONF, root / "augmentation")
+    (root / "data").mkdir()
+    shutil.copy(CONF_ROOT / "data" / "folder.yaml", root / "data" / "folder.yaml")
+    nnunet = OmegaConf.load(root / "augmentation" / "nnunet.yaml")
+    edit(nnunet)
+    OmegaConf.save(nnunet, root / "augmentation" / "nnunet.yaml")
+    return root
+
+
+def leaves(node, prefix=""):
+    """{dotted key: value} of a nested dict's leaves."""
+    if not isinstance(node, dict) or not node:
+        return {prefix.rstrip("."): node}
+    return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_compose_and_build(name):
+    cfg = compose_augmentation(name)
+    assert augmentation_settings(cfg).name == name
     region = augmentation_region_size(cfg, PATCH)
     image, label = make_region(region)
     out = run(cfg, image, label)
     assert out["image"].shape == (1, *PATCH) and out["label"].shape == (1, *PATCH)
 
 
-def test_nnunet_yaml_holds_the_python_defaults():
-    assert resolve_augmentation_config(OmegaConf.load(CONF / "nnunet.yaml")) == NNUNET_DEFAULTS
-    assert resolve_augmentation_config(None) == NNUNET_DEFAULTS
+@pytest.mark.parametrize("name", ["light", "none"])
+def test_presets_are_nnunet_yaml_plus_what_they_list(name):
+    # The bug: light.yaml said unlisted keys keep nnunet.yaml's values, but it did not build on
+    # nnunet.yaml; a Python copy of the values filled them in, and the run config did not show them.
+    nnunet = leaves(OmegaConf.to_container(OmegaConf.load(CONF / "nnunet.yaml")))
+    listed = leaves({k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml")).items()
+                     if k != "defaults"})
+    composed = leaves(OmegaConf.to_container(compose_augmentation(name)))
+    assert set(composed) == set(nnunet)
+    assert {key: composed[key] for key in nnunet if key not in listed} == \
+        {key: value for key, value in nnunet.items() if key not in listed}
+    assert {key: composed[key] for key in listed} == listed
 
 
-def test_unknown_keys_are_rejected():
-    with pytest.raises(ValueError, match="spatial.rotation_probability"):
-        resolve_augmentation_config({"spatial": {"rotation_probability": 0.5}})
-    with pytest.raises(ValueError, match="mirroring"):
-        resolve_augmentation_config({"mirroring": {"enabled": False}})
+def test_unlisted_keys_follow_nnunet_yaml(tmp_path):
+    def edit(nnunet):
+        nnunet.noise_blur.blur_sigma = [1.5, 2.5]
+        nnunet.gamma.retain_stats = False
+
+    light = compose_augmentation("light", conf=conf_copy(tmp_path, edit))
+    assert light.noise_blur.blur_sigma == [1.5, 2.5] and light.gamma.retain_stats is False
+    pipeline = build_augmentation(light, PATCH)
+    blur = next(t.per_channel.transform for t in pipeline.transforms if isinstance(t, RandPerChanneld)
+                and isinstance(t.per_channel.transform, RandGaussianSmooth))
+    assert blur.sigma_x == (1.5, 2.5)
+
+
+def test_configs_given_in_code_are_changes_to_nnunet_yaml(tmp_path, monkeypatch):
+    assert asdict(augmentation_settings(None)) == OmegaConf.to_container(OmegaConf.load(CONF / "nnunet.yaml"))
+    partial = augmentation_settings({"spatial": {"enabled": False}})
+    assert partial.spatial.enabled is False
+    assert partial.spatial.rotation_prob == augmentation_settings().spatial.rotation_prob
+
+    def edit(nnunet):
+        nnunet.noise_blur.blur_sigma = [1.5, 2.5]
+
+    edited = conf_copy(tmp_path, edit)
+    monkeypatch.setattr(settings, "config_dir", lambda: edited)
+    # no second copy of the values in the code: a changed nnunet.yaml is what a partial config gets
+    assert augmentation_settings({"spatial": {"enabled": False}}).noise_blur.blur_sigma == [1.5, 2.5]
+
+
+def test_wrong_unknown_and_missing_keys_are_errors_naming_them(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"augmentation\.spatial\.rotation_probability.*expected one of.*'rotation_prob'"):
+        augmentation_settings({"spatial": {"rotation_probability": 0.5}})
+    with pytest.raises(ValueError, match=r"augmentation\.mirroring"):
+        augmentation_settings({"mirroring": {"enabled": False}})
+    with pytest.raises(ValueError, match=r"augmentation\.gamma\.prob"):
+        augmentation_settings({"gamma": {"prob": "often"}})
+    with pytest.raises(ValueError, match=r"augmentation\.defaults.*compose"):
+        augmentation_settings(OmegaConf.load(CONF / "light.yaml"))
+
+    def edit(nnunet):
+        del nnunet.lowres["zoom_range"]
+
+    edited = conf_copy(tmp_path, edit)
+    monkeypatch.setattr(settings, "config_dir", lambda: edited)
+    with pytest.raises(ValueError, match=r"augmentation\.lowres\.zoom_range"):
+        augmentation_settings(None)
 
 
 def test_region_size_covers_rotation_and_scaling():
@@ -102,6 +191,7 @@ def test_region_size_covers_rotation_and_scaling():
     assert in_plane[0] == spatial_region_size(PATCH)[0]  # rotating about z leaves z alone
     assert all((r - p) % 2 == 0 for r, p in zip(full, PATCH))
     assert augmentation_region_size({"spatial": {"enabled": False}}, PATCH) == PATCH
+    assert augmentation_region_size(compose_augmentation("none"), PATCH) == PATCH
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -117,9 +207,11 @@ def test_full_pipeline_shapes_dtypes_and_label_values(seed):
     assert torch.isfinite(out["image"]).all()
 
 
-@pytest.mark.parametrize("cfg", [only(None), {g: {"enabled": True, **NEVER[g]} for g in GROUPS},
-                                 OmegaConf.load(CONF / "none.yaml")], ids=["all_off", "all_p0", "none_yaml"])
+@pytest.mark.parametrize("cfg", [only(None), {g: {"enabled": True, **NEVER[g]} for g in GROUPS}, "none"],
+                         ids=["all_off", "all_p0", "none_yaml"])
 def test_without_augmentation_the_output_is_the_centre_crop(cfg):
+    if cfg == "none":
+        cfg = compose_augmentation("none")
     image, label = make_region((14, 22, 24))
     out = run(cfg, image, label)
     assert torch.equal(out["image"], centre_crop(image))
@@ -151,10 +243,10 @@ def test_mirroring_flips_image_and_label_together(axis):
 
 def test_zero_rotation_through_the_resampler_is_the_centre_crop():
     image, label = make_region((12, 21, 24))
-    transform = RandAffinePatchd(["image", "label"], PATCH, rotation_prob=1.0, rotation_range_deg=(0, 0, 0))
+    transform = RandSpatialNNUNetd(["image", "label"], PATCH, rotation_prob=1.0, rotation_range_deg=(0, 0, 0))
     transform.set_random_state(seed=0)
     out = transform({"image": image, "label": label})
-    assert transform.matrix is not None  # the resampling path ran, not the crop shortcut
+    assert transform.spatial.matrix is not None  # the resampling path ran, not the crop shortcut
     torch.testing.assert_close(out["image"], centre_crop(image), atol=1e-4, rtol=0)
     assert torch.equal(out["label"], centre_crop(label))
 
@@ -163,7 +255,7 @@ def test_rotation_moves_image_and_label_alike():
     region = spatial_region_size(PATCH, (30, 30, 30))
     _, label = make_region(region)
     image = label.float()
-    transform = RandAffinePatchd(["image", "label"], PATCH, rotation_prob=1.0, rotation_range_deg=(30, 30, 30))
+    transform = RandSpatialNNUNetd(["image", "label"], PATCH, rotation_prob=1.0, rotation_range_deg=(30, 30, 30))
     transform.set_random_state(seed=3)
     out = transform({"image": image, "label": label})
     assert not torch.equal(out["label"], centre_crop(label))
@@ -175,7 +267,7 @@ def test_in_plane_rotation_keeps_slices_apart():
     region = spatial_region_size(PATCH, (30, 0, 0))
     label = torch.zeros((1, *region), dtype=torch.int8)
     label[0, region[0] // 2:] = 1
-    transform = RandAffinePatchd(["label"], PATCH, rotation_prob=1.0, rotation_range_deg=(30, 0, 0), mode="nearest")
+    transform = RandSpatialNNUNetd(["label"], PATCH, rotation_prob=1.0, rotation_range_deg=(30, 0, 0), mode="nearest")
     transform.set_random_state(seed=0)
     assert torch.equal(transform({"label": label})["label"], centre_crop(label))
 
@@ -183,7 +275,7 @@ def test_in_plane_rotation_keeps_slices_apart():
 def test_scaling_above_one_shrinks_objects():
     region = spatial_region_size(PATCH, scaling_range=(2.0, 2.0))
     _, label = make_region(region)
-    transform = RandAffinePatchd(["label"], PATCH, scaling_prob=1.0, scaling_range=(2.0, 2.0), mode="nearest")
+    transform = RandSpatialNNUNetd(["label"], PATCH, scaling_prob=1.0, scaling_range=(2.0, 2.0), mode="nearest")
     transform.set_random_state(seed=0)
     out = transform({"label": label})["label"]
     assert 0 < (out > 0).sum() < (centre_crop(label) > 0).sum()
@@ -210,3 +302,112 @@ def test_seeded_pipelines_repeat_and_survive_pickling():
     transform.set_random_state(seed=6)
     c = transform({"image": image.clone(), "label": label.clone()})
     assert not torch.equal(a["image"], c["image"])
+
+
+# ---- MONAI style: array and dictionary versions ---------------------------------------------------------
+
+
+def _blur():
+    return RandGaussianSmooth(sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=1.0)
+
+
+ARRAY_AND_DICT = {
+    "spatial": (lambda: RandSpatialNNUNet(PATCH, rotation_prob=1.0, rotation_range_deg=(30, 30, 30), scaling_prob=1.0,
+                                          scaling_range=(0.7, 1.4)),
+                lambda: RandSpatialNNUNetd("image", PATCH, rotation_prob=1.0, rotation_range_deg=(30, 30, 30),
+                                           scaling_prob=1.0, scaling_range=(0.7, 1.4), mode="bilinear")),
+    "noise": (lambda: RandGaussianNoiseVariance(prob=1.0, variance_range=(0.0, 0.1)),
+              lambda: RandGaussianNoiseVarianced("image", prob=1.0, variance_range=(0.0, 0.1))),
+    "blur_per_channel": (lambda: RandPerChannel(_blur(), prob=1.0, prob_per_channel=0.5),
+                         lambda: RandPerChanneld("image", _blur(), prob=1.0, prob_per_channel=0.5)),
+    "lowres_per_channel": (lambda: RandPerChannel(RandSimulateLowResolution(prob=1.0, zoom_range=(0.3, 0.9)),
+                                                  prob=1.0, prob_per_channel=1.0),
+                           lambda: RandPerChanneld("image", RandSimulateLowResolution(prob=1.0, zoom_range=(0.3, 0.9)),
+                                                   prob=1.0, prob_per_channel=1.0)),
+}
+
+
+@pytest.mark.parametrize("name", ARRAY_AND_DICT)
+def test_array_transforms_act_alone_and_their_dictionary_versions_repeat_with_a_seed(name):
+    make_array, make_dict = ARRAY_AND_DICT[name]
+    image, _ = make_region(spatial_region_size(PATCH, (30, 30, 30), (0.7, 1.4)), channels=3)
+    crop_only = name == "spatial"
+    source = image if crop_only else centre_crop(image)
+    array = make_array()
+    array.set_random_state(seed=1)
+    out = array(source.clone())
+    assert out.shape == (3, *PATCH) and torch.isfinite(torch.as_tensor(out)).all()
+    assert not torch.allclose(torch.as_tensor(out), centre_crop(image))
+    dictionary = make_dict()
+    results = []
+    for seed in (1, 1, 2):
+        dictionary.set_random_state(seed=seed)
+        results.append(torch.as_tensor(dictionary({"image": source.clone(), "other": "kept"})["image"]))
+    assert results[0].shape == (3, *PATCH)
+    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
+
+
+def test_the_spatial_array_transform_moves_a_label_exactly_as_its_image():
+    region = spatial_region_size(PATCH, (30, 30, 30), (0.7, 1.4))
+    image, label = make_region(region)
+    spatial = RandSpatialNNUNet(PATCH, rotation_prob=1.0, rotation_range_deg=(30, 30, 30), scaling_prob=1.0,
+                                scaling_range=(0.7, 1.4))
+    spatial.set_random_state(seed=4)
+    moved_image = spatial(image)
+    moved_label = spatial(label, mode="nearest", randomize=False)
+    pair = RandSpatialNNUNetd(["image", "label"], PATCH, rotation_prob=1.0, rotation_range_deg=(30, 30, 30),
+                              scaling_prob=1.0, scaling_range=(0.7, 1.4))
+    pair.set_random_state(seed=4)
+    out = pair({"image": image, "label": label})
+    assert torch.equal(out["image"], moved_image) and torch.equal(out["label"], moved_label)
+    assert moved_label.dtype == label.dtype
+
+
+# ---- MONAI transforms from the config ----------------------------------------------------------------
+
+SHIFT = ("+augmentation.extra_transforms.shift={_target_: monai.transforms.ShiftIntensityd, keys: [image], "
+         "offset: 100.0}")
+NOISE = ("+augmentation.extra_transforms.noise={_target_: monai.transforms.RandGaussianNoised, keys: [image], "
+         "prob: 1.0, std: 0.5, sample_std: false}")
+
+
+def test_a_monai_transform_from_the_config_runs_after_ours():
+    cfg = compose_augmentation("none", SHIFT)
+    image, label = make_region((10, 18, 20))
+    out = run(cfg, image, label)
+    assert torch.equal(out["image"], centre_crop(image) + 100.0)
+    assert torch.equal(out["label"], centre_crop(label).to(torch.uint8))
+    assert type(out["image"]) is torch.Tensor and out["image"].dtype == torch.float32
+
+
+def test_random_monai_transforms_from_the_config_are_seeded_with_ours():
+    cfg = compose_augmentation("nnunet", NOISE)
+    image, label = make_region(augmentation_region_size(cfg, PATCH))
+    first, again, other = run(cfg, image, label, seed=3), run(cfg, image, label, seed=3), run(cfg, image, label, seed=4)
+    assert torch.equal(first["image"], again["image"]) and not torch.equal(first["image"], other["image"])
+    quiet = run(compose_augmentation("nnunet"), image, label, seed=3)
+    assert (first["image"] - quiet["image"]).std() > 0.3  # the MONAI noise (std 0.5) was added
+
+
+def test_extra_transforms_can_be_dropped_and_must_name_a_target():
+    cfg = compose_augmentation("none", SHIFT, "augmentation.extra_transforms.shift=null")
+    image, label = make_region((10, 18, 20))
+    assert torch.equal(run(cfg, image, label)["image"], centre_crop(image))
+    with pytest.raises(ValueError, match=r"extra_transforms\.shift: expected a node with _target_"):
+        build_augmentation({"extra_transforms": {"shift": {"keys": ["image"]}}}, PATCH)
+    with pytest.raises(TypeError, match=r"extra_transforms\.shift: builtins\.float built a float"):
+        build_augmentation({"extra_transforms": {"shift": {"_target_": "builtins.float", "_args_": [1]}}}, PATCH)
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_ROOT / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overrides", [[f"experiment={name}"] for name in EXPERIMENTS] + [["debug=overfit"]],
+                         ids=lambda o: o[0])
+def test_every_run_config_has_valid_augmentation_and_sampling_settings(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_ROOT), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    composed = OmegaConf.to_container(cfg.augmentation, resolve=True)
+    assert asdict(augmentation_settings(cfg.augmentation)) == composed  # complete: nothing came from elsewhere
+    assert asdict(sampling_settings(cfg.data.sampling)) == OmegaConf.to_container(cfg.data.sampling)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -15,6 +17,7 @@ from pancreas_mtl.dataset.augmentation import augmentation_region_size, build_au
 from pancreas_mtl.dataset.cached_case import CachedCase
 from pancreas_mtl.dataset.prepare import PreparedDataset
 from pancreas_mtl.dataset.sampling import PatchDataset, PatchSampler, collate_patches
+from pancreas_mtl.dataset.settings import augmentation_settings, sampling_settings
 
 
 class WholeCaseDataset(Dataset):
@@ -54,8 +57,13 @@ class PancreasDataModule(L.LightningDataModule):
     Args:
         prepared: the output of :func:`pancreas_mtl.dataset.prepare.prepare_dataset`.
         data_cfg: the ``data`` config (batch_size, iterations_per_epoch, num_workers, sampling, ...).
-        augmentation_cfg: the ``augmentation`` config (conf/augmentation/).
+        augmentation_cfg: the ``augmentation`` config (conf/augmentation/), the run's own: its
+            ``extra_transforms`` are built with Hydra's instantiate.
         seed: mixed into the patch sampler's seed.
+
+    ``data.sampling`` and ``augmentation`` are read as changes to conf/data/folder.yaml's ``sampling``
+    and conf/augmentation/nnunet.yaml (:mod:`pancreas_mtl.dataset.settings`): keys a config given in
+    code leaves out have those files' values.
     """
 
     def __init__(self, prepared: PreparedDataset, data_cfg: Mapping | DictConfig,
@@ -88,15 +96,13 @@ class PancreasDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         patch_size = self.plan.patch_size
-        sampling = self.data_cfg.get("sampling", {})
-        sampler = PatchSampler(
-            self.prepared.cached(self.prepared.split.train), patch_size,
-            region_size=augmentation_region_size(self.augmentation_cfg, patch_size),
-            oversample_foreground=float(sampling.get("oversample_foreground", 1 / 3)),
-            lesion_centred=float(sampling.get("lesion_centred_probability", 0.0)),
-            case_sampling="subtype_balanced" if sampling.get("subtype_balanced") else "uniform")
+        augmentation = augmentation_settings(self.augmentation_cfg)
+        sampling = sampling_settings(self.data_cfg.get("sampling"))
+        region_size = augmentation_region_size(augmentation, patch_size)
+        sampler = PatchSampler(self.prepared.cached(self.prepared.split.train), patch_size, region_size,
+                               **asdict(sampling))
         self.train_dataset = PatchDataset(
-            sampler, build_augmentation(self.augmentation_cfg, patch_size),
+            sampler, build_augmentation(augmentation, patch_size),
             samples_per_epoch=int(self.data_cfg.get("iterations_per_epoch", 250)) * self.batch_size,
             seed=self.seed, batch_size=self.batch_size)
         self.val_dataset = WholeCaseDataset(self.prepared.cached(self.prepared.split.val))

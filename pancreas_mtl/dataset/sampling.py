@@ -3,13 +3,14 @@
 Axis order everywhere is (Z, Y, X). One draw is: a case (uniformly, or subtype-balanced), then a patch
 position. With probability ``oversample_foreground`` (nnU-Net: 1/3) the patch is forced to contain a
 foreground voxel: a label present in the case is chosen (label 2 first with probability
-``lesion_centred``), one of its voxels is drawn from the case's foreground locations and the patch is
-centred on it, clipped so it stays within the allowed range. Otherwise the position is uniform.
+``lesion_centred_probability``), one of its voxels is drawn from the case's foreground locations and the
+patch is centred on it, clipped so it stays within the allowed range. Otherwise the position is uniform.
+The three settings are ``data.sampling``'s keys under the same names (values in conf/data/folder.yaml).
 
 A patch may stick out of a volume smaller than the patch: the volume is then centred in the patch and
 the rest is zero (image) and background (label), as nnU-Net pads. When spatial augmentation is on,
 the sampler reads a larger *region* centred on the patch (see
-:func:`pancreas_mtl.dataset.augmentation.spatial_region_size`), so rotation and scaling have real
+:func:`pancreas_mtl.dataset.augmentation.augmentation_region_size`), so rotation and scaling have real
 context; the spatial transform then returns exactly the patch. Only that region is read from the
 memory-mapped arrays.
 """
@@ -26,11 +27,9 @@ import torch
 from torch.utils.data import Dataset
 
 from pancreas_mtl.data.errors import DataError
-from pancreas_mtl.dataset.augmentation import augmentation_region_size, build_augmentation
 from pancreas_mtl.dataset.cached_case import CachedCase
+from pancreas_mtl.planning.plan import LESION_LABEL
 
-CASE_SAMPLING_MODES = ("uniform", "subtype_balanced")
-LESION_LABEL = 2
 UNKNOWN_SUBTYPE = -1
 
 
@@ -72,20 +71,21 @@ class PatchSampler:
             larger when spatial augmentation needs context. Defaults to ``patch_size``.
             ``region_size - patch_size`` is split evenly; an odd remainder goes to the far side.
         oversample_foreground: probability that a patch is forced to contain foreground (nnU-Net: 1/3).
-        lesion_centred: probability that a forced patch is centred on a lesion voxel (label 2) when the
-            case has one; otherwise the label is drawn uniformly among the labels present.
-        case_sampling: ``"uniform"`` over cases, or ``"subtype_balanced"``: every subtype (unknown
-            subtype counts as one more group) equally likely, then a case uniformly within it.
+        lesion_centred_probability: probability that a forced patch is centred on a lesion voxel (label 2)
+            when the case has one; otherwise the label is drawn uniformly among the labels present.
+        subtype_balanced: False: cases uniformly; True: every subtype (unknown subtype counts as one more
+            group) equally likely, then a case uniformly within it.
+
+    The last three are ``data.sampling``'s keys (:func:`pancreas_mtl.dataset.settings.sampling_settings`)
+    and have no defaults here.
     """
 
     def __init__(self, cases: Sequence[CachedCase], patch_size: Sequence[int], region_size: Sequence[int] | None = None,
-                 oversample_foreground: float = 1 / 3, lesion_centred: float = 0.0,
-                 case_sampling: str = "uniform"):
+                 *, oversample_foreground: float, lesion_centred_probability: float, subtype_balanced: bool):
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
-        if case_sampling not in CASE_SAMPLING_MODES:
-            raise ValueError(f"case_sampling must be one of {CASE_SAMPLING_MODES}, got {case_sampling!r}")
-        for name, p in (("oversample_foreground", oversample_foreground), ("lesion_centred", lesion_centred)):
+        for name, p in (("oversample_foreground", oversample_foreground),
+                        ("lesion_centred_probability", lesion_centred_probability)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} is a probability, got {p}")
         self.cases = list(cases)
@@ -95,8 +95,8 @@ class PatchSampler:
             raise ValueError(f"region_size {self.region_size} must be at least patch_size {self.patch_size}")
         self.region_margin = tuple((r - p) // 2 for r, p in zip(self.region_size, self.patch_size))
         self.oversample_foreground = float(oversample_foreground)
-        self.lesion_centred = float(lesion_centred)
-        self.case_sampling = case_sampling
+        self.lesion_centred_probability = float(lesion_centred_probability)
+        self.subtype_balanced = bool(subtype_balanced)
         for case in self.cases:
             if not case.has_label:
                 raise DataError(case.properties_path, "training patches need a label, but the case has none",
@@ -125,8 +125,8 @@ class PatchSampler:
     # ---- drawing -------------------------------------------------------------------------------------
 
     def draw_case(self, rng: np.random.Generator) -> int:
-        """Index of a case, by the configured case sampling."""
-        if self.case_sampling == "uniform":
+        """Index of a case: uniformly, or subtype-balanced."""
+        if not self.subtype_balanced:
             return int(rng.integers(len(self.cases)))
         groups = list(self.subtype_groups.values())
         group = groups[int(rng.integers(len(groups)))]
@@ -148,7 +148,8 @@ class PatchSampler:
         foreground = self.foreground[case_index]
         if force_foreground and foreground:
             labels = sorted(foreground)
-            if LESION_LABEL in foreground and self.lesion_centred > 0 and rng.random() < self.lesion_centred:
+            if (LESION_LABEL in foreground and self.lesion_centred_probability > 0
+                    and rng.random() < self.lesion_centred_probability):
                 label = LESION_LABEL
             else:
                 label = labels[int(rng.integers(len(labels)))]
@@ -186,7 +187,7 @@ class PatchSampler:
 def _distributed_rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))
+    return int(os.environ.get("RANK", "0"))
 
 
 class PatchDataset(Dataset):
@@ -311,19 +312,3 @@ def collate_patches(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "subtype": torch.tensor([int(item["subtype"]) for item in items], dtype=torch.int64),
             "has_lesion": torch.tensor([bool(item["has_lesion"]) for item in items], dtype=torch.bool),
             "case_id": [item["case_id"] for item in items]}
-
-
-def build_training_dataset(cases: Sequence[CachedCase], patch_size: Sequence[int], augmentation_cfg: Any,
-                           samples_per_epoch: int, oversample_foreground: float = 1 / 3, lesion_centred: float = 0.0,
-                           case_sampling: str = "uniform", seed: int | None = None,
-                           batch_size: int | None = None) -> PatchDataset:
-    """Sampler and augmentation wired together: the sampler reads the region the augmentation needs.
-
-    ``augmentation_cfg`` is an ``augmentation`` config node (conf/augmentation/*.yaml); the other
-    arguments are those of :class:`PatchSampler` and :class:`PatchDataset`.
-    """
-    sampler = PatchSampler(cases, patch_size, augmentation_region_size(augmentation_cfg, patch_size),
-                           oversample_foreground=oversample_foreground, lesion_centred=lesion_centred,
-                           case_sampling=case_sampling)
-    return PatchDataset(sampler, build_augmentation(augmentation_cfg, patch_size), samples_per_epoch=samples_per_epoch,
-                        seed=seed, batch_size=batch_size)

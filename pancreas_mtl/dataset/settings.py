@@ -1,0 +1,150 @@
+"""The training data's settings: ``augmentation`` and ``data.sampling`` checked against dataclass schemas.
+
+The schemas name every key and its type and hold no values: the values live in the YAML files only,
+conf/augmentation/nnunet.yaml (which light.yaml and none.yaml build on with Hydra's defaults list) and
+the ``sampling`` section of conf/data/folder.yaml. A config given in code (a test, a notebook) is read
+the same way, as changes to those files, so a key it leaves out has the file's value. A key that is
+not in the schema, a value of the wrong type, or a key the files lack is an error naming the key.
+Code reads the settings under the config's own names (``settings.spatial.rotation_prob``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import MISSING
+
+from pancreas_mtl.config import config_dir
+
+Schema = TypeVar("Schema")
+
+
+@dataclass
+class SpatialSettings:
+    enabled: bool = MISSING
+    rotation_prob: float = MISSING
+    rotation_range_deg: list[float] = MISSING
+    scaling_prob: float = MISSING
+    scaling_range: list[float] = MISSING
+    elastic_prob: float = MISSING
+    elastic_scale: list[float] = MISSING
+    elastic_magnitude: list[float] = MISSING
+
+
+@dataclass
+class NoiseBlurSettings:
+    enabled: bool = MISSING
+    noise_prob: float = MISSING
+    noise_variance: list[float] = MISSING
+    blur_prob: float = MISSING
+    blur_sigma: list[float] = MISSING
+    blur_prob_per_channel: float = MISSING
+
+
+@dataclass
+class IntensitySettings:
+    enabled: bool = MISSING
+    brightness_prob: float = MISSING
+    brightness_range: list[float] = MISSING
+    contrast_prob: float = MISSING
+    contrast_range: list[float] = MISSING
+    contrast_preserve_range: bool = MISSING
+
+
+@dataclass
+class LowresSettings:
+    enabled: bool = MISSING
+    prob: float = MISSING
+    zoom_range: list[float] = MISSING
+    prob_per_channel: float = MISSING
+
+
+@dataclass
+class GammaSettings:
+    enabled: bool = MISSING
+    prob: float = MISSING
+    inverted_prob: float = MISSING
+    range: list[float] = MISSING
+    retain_stats: bool = MISSING
+
+
+@dataclass
+class MirrorSettings:
+    enabled: bool = MISSING
+    prob: float = MISSING
+    axes: list[int] = MISSING
+
+
+@dataclass
+class AugmentationSettings:
+    """The ``augmentation`` config group (conf/augmentation/nnunet.yaml explains every key)."""
+
+    name: str = MISSING
+    spatial: SpatialSettings = MISSING
+    noise_blur: NoiseBlurSettings = MISSING
+    intensity: IntensitySettings = MISSING
+    lowres: LowresSettings = MISSING
+    gamma: GammaSettings = MISSING
+    mirror: MirrorSettings = MISSING
+    # name -> a node with _target_ (any MONAI dictionary transform), or null to drop one listed earlier
+    extra_transforms: dict[str, Any] = MISSING
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """``data.sampling`` (conf/data/folder.yaml explains every key)."""
+
+    oversample_foreground: float = MISSING
+    lesion_centred_probability: float = MISSING
+    subtype_balanced: bool = MISSING
+
+
+def augmentation_settings(cfg: AugmentationSettings | Mapping | None = None) -> AugmentationSettings:
+    """An ``augmentation`` config (dict or DictConfig; None: nnunet.yaml as it is) as checked settings,
+    read as changes to conf/augmentation/nnunet.yaml. Raises ValueError naming a wrong or missing key."""
+    if isinstance(cfg, AugmentationSettings):
+        return cfg
+    if isinstance(cfg, Mapping) and "defaults" in cfg:
+        raise ValueError("augmentation.defaults: a Hydra defaults list; compose the config with Hydra "
+                         "(e.g. compose(overrides=['+augmentation=light'])) rather than loading the file")
+    return _checked(AugmentationSettings, config_dir() / "augmentation" / "nnunet.yaml", None, cfg, "augmentation")
+
+
+def sampling_settings(cfg: SamplingSettings | Mapping | None = None) -> SamplingSettings:
+    """A ``data.sampling`` config (dict or DictConfig; None: conf/data/folder.yaml's) as checked settings,
+    read as changes to folder.yaml's ``sampling`` section. Raises ValueError naming a wrong or missing key."""
+    if isinstance(cfg, SamplingSettings):
+        return cfg
+    return _checked(SamplingSettings, config_dir() / "data" / "folder.yaml", "sampling", cfg, "data.sampling")
+
+
+def _checked(schema: type[Schema], path: Path, section: str | None, cfg: Mapping | None, where: str) -> Schema:
+    """``schema`` filled from the YAML file at ``path`` (its ``section``), then from ``cfg``."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    base = OmegaConf.load(path)
+    if section is not None:
+        base = base[section]
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), base, cfg or {}))
+    except OmegaConfBaseException as error:
+        message = str(getattr(error, "msg", error)).splitlines()[0]
+        if isinstance(error, ConfigKeyError):
+            message += f"; expected one of {_keys_at(schema, error.full_key)}"
+        raise ValueError(f"{where}.{error.full_key}: {message} (values in {path})") from error
+
+
+def _keys_at(schema: type, full_key: str) -> list[str]:
+    """The keys the schema allows beside ``full_key`` (a dotted path)."""
+    node = schema
+    for part in str(full_key).split(".")[:-1]:
+        field_types = {field.name: field.type for field in fields(node)}
+        nested = globals().get(str(field_types.get(part)))
+        if nested is None or not is_dataclass(nested):
+            break
+        node = nested
+    return sorted(field.name for field in fields(node))
