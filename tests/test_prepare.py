@@ -93,3 +93,18 @@ def test_train_prepare_only_end_to_end(tmp_path):
     assert (runs[0] / ".hydra" / "config.yaml").is_file() and (runs[0] / "fingerprint.json").is_file()
     assert (tmp_path / "data" / "synthetic_tiny" / "train").is_dir()
     assert "first training batch" in result.stdout + result.stderr
+
+
+def test_data_settings_come_from_folder_yaml_and_unknown_keys_are_errors():
+    from omegaconf import OmegaConf
+
+    from pancreas_mtl.dataset.settings import data_settings
+
+    folder = OmegaConf.load(REPO_ROOT / "conf" / "data" / "folder.yaml")
+    settings = data_settings({"root": "/data", "cache_dir": "/cache"})
+    assert (settings.num_workers, settings.iterations_per_epoch) == (folder.num_workers, folder.iterations_per_epoch)
+    assert settings.limits["max_spacing_mm"] == OmegaConf.load(REPO_ROOT / "conf" / "limits" / "default.yaml").max_spacing_mm
+    with pytest.raises(ValueError, match=r"data\.num_worker: .*expected one of \[.*'num_workers'"):
+        data_settings({"root": "/data", "cache_dir": "/cache", "num_worker": 4})  # a typo used to be ignored
+    with pytest.raises(ValueError, match=r"data\.root: .*missing mandatory value"):
+        data_settings({"cache_dir": "/cache"})

@@ -278,7 +278,9 @@ def prepared_dataset(tmp_path: Path, subtypes=(0, 1, 2), val: int = 1, patch=PAT
 
 
 def data_config(**sampling) -> dict:
-    return {"iterations_per_epoch": 2, "num_workers": 0, "pin_memory": False, "sampling": sampling}
+    """A data config written in code: what it leaves out has conf/data/folder.yaml's values."""
+    return {"root": "unused", "cache_dir": "unused", "iterations_per_epoch": 2, "num_workers": 0,
+            "pin_memory": False, "sampling": sampling}
 
 
 def test_data_module_reads_sampling_settings_under_their_config_names(tmp_path):
@@ -297,6 +299,7 @@ def test_sampling_settings_left_out_take_folder_yaml_values(tmp_path, monkeypatc
     assert sampling_settings({"subtype_balanced": True}).oversample_foreground == folder.oversample_foreground
     root = tmp_path / "conf"
     shutil.copytree(CONF / "augmentation", root / "augmentation")
+    shutil.copytree(CONF / "limits", root / "limits")
     (root / "data").mkdir()
     edited = OmegaConf.load(CONF / "data" / "folder.yaml")
     edited.sampling.oversample_foreground = 0.9

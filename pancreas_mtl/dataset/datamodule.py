@@ -17,7 +17,7 @@ from pancreas_mtl.dataset.augmentation import augmentation_region_size, build_au
 from pancreas_mtl.dataset.cached_case import CachedCase
 from pancreas_mtl.dataset.prepare import PreparedDataset
 from pancreas_mtl.dataset.sampling import PatchDataset, PatchSampler, collate_patches
-from pancreas_mtl.dataset.settings import augmentation_settings, sampling_settings
+from pancreas_mtl.dataset.settings import augmentation_settings, data_settings, sampling_settings
 
 
 class WholeCaseDataset(Dataset):
@@ -70,7 +70,7 @@ class PancreasDataModule(L.LightningDataModule):
                  augmentation_cfg: Mapping | DictConfig | None, seed: int = 0):
         super().__init__()
         self.prepared = prepared
-        self.data_cfg = plain(data_cfg)
+        self.data = data_settings(data_cfg)
         self.augmentation_cfg = plain(augmentation_cfg)
         self.seed = seed
         self.train_dataset: PatchDataset | None = None
@@ -82,7 +82,7 @@ class PancreasDataModule(L.LightningDataModule):
 
     @property
     def batch_size(self) -> int:
-        return int(self.data_cfg.get("batch_size") or self.plan.batch_size)
+        return int(self.data.batch_size or self.plan.batch_size)
 
     def subtype_counts(self) -> dict[int, int]:
         """Training cases per subtype (for class weights)."""
@@ -97,13 +97,13 @@ class PancreasDataModule(L.LightningDataModule):
             return
         patch_size = self.plan.patch_size
         augmentation = augmentation_settings(self.augmentation_cfg)
-        sampling = sampling_settings(self.data_cfg.get("sampling"))
+        sampling = sampling_settings(self.data.sampling)
         region_size = augmentation_region_size(augmentation, patch_size)
         sampler = PatchSampler(self.prepared.cached(self.prepared.split.train), patch_size, region_size,
                                **asdict(sampling))
         self.train_dataset = PatchDataset(
             sampler, build_augmentation(augmentation, patch_size),
-            samples_per_epoch=int(self.data_cfg.get("iterations_per_epoch", 250)) * self.batch_size,
+            samples_per_epoch=self.data.iterations_per_epoch * self.batch_size,
             seed=self.seed, batch_size=self.batch_size)
         self.val_dataset = WholeCaseDataset(self.prepared.cached(self.prepared.split.val))
 
@@ -124,18 +124,18 @@ class PancreasDataModule(L.LightningDataModule):
             self.train_dataset.restore_rng_state(state_dict["train_patch_rng"])
 
     def _loader_options(self, workers: int) -> dict[str, Any]:
-        options: dict[str, Any] = {"num_workers": workers, "pin_memory": bool(self.data_cfg.get("pin_memory", True))
-                                   and torch.cuda.is_available()}
+        options: dict[str, Any] = {"num_workers": workers,
+                                   "pin_memory": self.data.pin_memory and torch.cuda.is_available()}
         if workers > 0:
-            options["persistent_workers"] = bool(self.data_cfg.get("persistent_workers", True))
-            options["prefetch_factor"] = int(self.data_cfg.get("prefetch_factor", 2))
+            options["persistent_workers"] = self.data.persistent_workers
+            options["prefetch_factor"] = self.data.prefetch_factor
         return options
 
     def train_dataloader(self) -> DataLoader:
         # No shuffling: items are random already, and their position in the batch decides foreground forcing.
         return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                          collate_fn=collate_patches, **self._loader_options(int(self.data_cfg.get("num_workers", 0))))
+                          collate_fn=collate_patches, **self._loader_options(self.data.num_workers))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset, batch_size=1, shuffle=False, collate_fn=collate_cases,
-                          **self._loader_options(min(1, int(self.data_cfg.get("num_workers", 0)))))
+                          **self._loader_options(min(1, self.data.num_workers)))

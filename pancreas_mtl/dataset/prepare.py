@@ -7,7 +7,7 @@ Each step is reused from disk when its inputs have not changed.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from filelock import FileLock
@@ -18,6 +18,7 @@ from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.data.splits import Split, make_split
 from pancreas_mtl.dataset.cache import build_cache, dataset_cache_root
 from pancreas_mtl.dataset.cached_case import CachedCase
+from pancreas_mtl.dataset.settings import data_settings
 from pancreas_mtl.planning.fingerprint import load_or_compute_fingerprint
 from pancreas_mtl.planning.plan import Fingerprint, Plan
 from pancreas_mtl.planning.planner import plan_experiment
@@ -55,7 +56,7 @@ def data_source(data_cfg) -> str:
     return source
 
 
-def dataset_root(data_cfg) -> Path:
+def dataset_root(data_cfg, *, progress: bool = True) -> Path:
     """The dataset folder a run reads, generating the synthetic set first when the source is synthetic.
 
     ``source=folder``: ``data.root`` must exist; nothing is ever written into it. ``source=synthetic``:
@@ -83,7 +84,7 @@ def dataset_root(data_cfg) -> Path:
         raise ValueError("data.source=synthetic needs data.synthetic.size (a preset in conf/synthetic/)")
     config = synthetic.load_config(settings["size"])
     config.seed = int(settings.get("seed", config.seed))
-    synthetic.generate_dataset(root, config, progress=data_cfg.get("progress", True))
+    synthetic.generate_dataset(root, config, progress=progress)
     return root
 
 
@@ -111,27 +112,25 @@ def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True) -> Prepare
     """Run (or reuse) every step up to the cache for the dataset and planning configs.
 
     Args:
-        data_cfg: the ``data`` config node (root, cache_dir, split, workers, limits, ...; see conf/data/).
+        data_cfg: the ``data`` config node (root, cache_dir, split, workers, limits, ...), read as changes to
+            conf/data/folder.yaml (:func:`~pancreas_mtl.dataset.settings.data_settings`).
         planning_cfg: the ``planning`` config node (a preset from conf/planning/ plus overrides).
     """
-    data_cfg = plain(data_cfg)
+    data = data_settings(data_cfg)
     planning_cfg = plain(planning_cfg)
-    index = discover(dataset_root(data_cfg), num_subtypes=int(data_cfg.get("num_subtypes", 3)))
-    cache_root = dataset_cache_root(data_cfg["cache_dir"], index)
+    index = discover(dataset_root(asdict(data), progress=data.progress), num_subtypes=data.num_subtypes)
+    cache_root = dataset_cache_root(data.cache_dir, index)
     cache_root.mkdir(parents=True, exist_ok=True)
-    workers = int(data_cfg.get("preprocessing_workers", 0))
-    limits = InputLimits.from_config(data_cfg.get("limits"))
+    limits = InputLimits.from_config(data.limits)
     with FileLock(str(cache_root / ".fingerprint.lock")):
         fingerprint = load_or_compute_fingerprint(
-            index, cache_root / "fingerprint.json", num_workers=workers,
-            samples_per_case=int(data_cfg.get("fingerprint_samples_per_case", 10_000)), progress=progress,
-            limits=limits)
+            index, cache_root / "fingerprint.json", num_workers=data.preprocessing_workers,
+            samples_per_case=data.fingerprint_samples_per_case, progress=progress, limits=limits)
     overrides = planning_cfg.pop("overrides", None) or {}
     plan = plan_experiment(fingerprint, planning_cfg, overrides)
-    cached = build_cache(index, plan, cache_root, cases=index.labelled, num_workers=workers, progress=progress,
-                         limits=limits)
-    split = make_split(index, mode=data_cfg.get("split", "auto"), fold=int(data_cfg.get("fold", 0)),
-                       num_folds=int(data_cfg.get("num_folds", 5)), seed=int(data_cfg.get("split_seed", 12345)))
+    cached = build_cache(index, plan, cache_root, cases=index.labelled, num_workers=data.preprocessing_workers,
+                         progress=progress, limits=limits)
+    split = make_split(index, mode=data.split, fold=data.fold, num_folds=data.num_folds, seed=data.split_seed)
     log.info("dataset %s (%s layout): %d labelled case(s), split %s: %d train / %d validation; cache %s",
              index.name, index.layout, len(index.labelled), split.source, len(split.train), len(split.val),
              cache_root / plan.preprocessing_key())

@@ -1,8 +1,8 @@
-"""The training data's settings: ``augmentation`` and ``data.sampling`` checked against dataclass schemas.
+"""The training data's settings: ``data`` and ``augmentation`` checked against dataclass schemas.
 
 The schemas name every key and its type and hold no values: the values live in the YAML files only,
-conf/augmentation/nnunet.yaml (which light.yaml and none.yaml build on with Hydra's defaults list) and
-the ``sampling`` section of conf/data/folder.yaml. A config given in code (a test, a notebook) is read
+conf/augmentation/nnunet.yaml (which light.yaml and none.yaml build on with Hydra's defaults list),
+conf/data/folder.yaml (which synthetic.yaml builds on) and conf/limits/default.yaml. A config given in code (a test, a notebook) is read
 the same way, as changes to those files, so a key it leaves out has the file's value. A key that is
 not in the schema, a value of the wrong type, or a key the files lack is an error naming the key.
 Code reads the settings under the config's own names (``settings.spatial.rotation_prob``).
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Optional, TypeVar
 
 from omegaconf import MISSING
 
@@ -102,6 +102,49 @@ class SamplingSettings:
     subtype_balanced: bool = MISSING
 
 
+@dataclass
+class DataSettings:
+    """The ``data`` config group (conf/data/folder.yaml explains every key). ``synthetic`` is the
+    synthetic source's node (conf/data/synthetic.yaml), absent for a folder."""
+
+    source: str = MISSING
+    root: str = MISSING
+    num_subtypes: int = MISSING
+    split: str = MISSING
+    fold: int = MISSING
+    num_folds: int = MISSING
+    split_seed: int = MISSING
+    cache_dir: str = MISSING
+    preprocessing_workers: int = MISSING
+    fingerprint_samples_per_case: int = MISSING
+    progress: bool = MISSING
+    limits: dict[str, Any] = MISSING
+    batch_size: Optional[int] = MISSING
+    iterations_per_epoch: int = MISSING
+    num_workers: int = MISSING
+    pin_memory: bool = MISSING
+    persistent_workers: bool = MISSING
+    prefetch_factor: int = MISSING
+    sampling: dict[str, Any] = MISSING   # checked by sampling_settings
+    synthetic: Optional[dict[str, Any]] = None
+
+
+def data_settings(cfg: DataSettings | Mapping | None) -> DataSettings:
+    """A ``data`` config (dict or DictConfig) as checked settings, read as changes to conf/data/folder.yaml
+    with conf/limits/default.yaml as its ``limits``; a dict without ``source`` is synthetic when it has a
+    ``synthetic`` node (a config written in code). Raises ValueError naming a wrong or missing key."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, DataSettings):
+        return cfg
+    cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg or {})
+    cfg.setdefault("source", "synthetic" if cfg.get("synthetic") else "folder")
+    base = OmegaConf.load(config_dir() / "data" / "folder.yaml")
+    base.pop("defaults", None)
+    base.limits = OmegaConf.load(config_dir() / "limits" / "default.yaml")
+    return _checked(DataSettings, config_dir() / "data" / "folder.yaml", None, cfg, "data", base=base)
+
+
 def augmentation_settings(cfg: AugmentationSettings | Mapping | None = None) -> AugmentationSettings:
     """An ``augmentation`` config (dict or DictConfig; None: nnunet.yaml as it is) as checked settings,
     read as changes to conf/augmentation/nnunet.yaml. Raises ValueError naming a wrong or missing key."""
@@ -121,12 +164,14 @@ def sampling_settings(cfg: SamplingSettings | Mapping | None = None) -> Sampling
     return _checked(SamplingSettings, config_dir() / "data" / "folder.yaml", "sampling", cfg, "data.sampling")
 
 
-def _checked(schema: type[Schema], path: Path, section: str | None, cfg: Mapping | None, where: str) -> Schema:
-    """``schema`` filled from the YAML file at ``path`` (its ``section``), then from ``cfg``."""
+def _checked(schema: type[Schema], path: Path, section: str | None, cfg: Mapping | None, where: str,
+             base: Any = None) -> Schema:
+    """``schema`` filled from the YAML file at ``path`` (its ``section``; or ``base``, loaded from it), then
+    from ``cfg``."""
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-    base = OmegaConf.load(path)
+    base = OmegaConf.load(path) if base is None else base
     if section is not None:
         base = base[section]
     try:
