@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pancreas_mtl.data.limits import InputLimits
+from pancreas_mtl.inference.checkpoint import expand_checkpoints
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.runner import RunSummary, predict_cases
 from pancreas_mtl.inference.sources import find_cases
@@ -39,7 +40,7 @@ def predict(cfg: DictConfig) -> RunSummary:
     if threads:
         torch.set_num_threads(threads)
     settings = InferenceSettings.from_config(OmegaConf.to_container(cfg.inference, resolve=True))
-    checkpoints = _as_list(cfg.ckpt)
+    checkpoints = expand_checkpoints(_as_list(cfg.ckpt))  # an ensemble.yaml (crossval) lists its folds
     predictor = Predictor.from_checkpoints(checkpoints, settings, device=cfg.device, precision=cfg.precision,
                                            tf32=cfg.tf32, channels_last=cfg.channels_last,
                                            limits=InputLimits.from_config(cfg.limits))

@@ -5,6 +5,8 @@ YAML file under conf/, in Hydra's override syntax as train.py and predict.py tak
     pancreas-mtl convert source=/data/quiz destination=/data/Dataset501_Pancreas
     pancreas-mtl check root=/data/quiz
     pancreas-mtl evaluate pred=/data/pred gt=/data/quiz/validation out=/data/eval
+    pancreas-mtl crossval multirun=outputs/runs/train/multirun/<date>_<time>
+    pancreas-mtl compare runs=[<multirun A>,<multirun B>] out=outputs/compare [ensembles=true]
 
 ``conf/{command}.yaml`` holds every key of a command with its default and its meaning (``pancreas-mtl
 {command} --help`` prints the file); a dataclass here types it. The file is composed with Hydra's
@@ -125,6 +127,42 @@ def run_evaluate(cfg: DictConfig) -> int:
     return 0
 
 
+def _crossval_schema() -> type:
+    from pancreas_mtl.evaluation.crossval import CrossvalConfig
+
+    return CrossvalConfig
+
+
+def run_crossval(cfg: DictConfig) -> int:
+    from pancreas_mtl.evaluation.crossval import run_crossval
+    from pancreas_mtl.evaluation.evaluate import format_summary
+    from pancreas_mtl.files import load_json
+
+    result = run_crossval(cfg)
+    out = Path(result["ensemble"]).parent
+    combined = result["scores"]["combined"]
+    print(format_summary(load_json(out / "evaluation" / "summary.json")))
+    print(f"{len(result['folds'])} folds, {result['num_cases']} out-of-fold case(s), combined score "
+          f"{'n/a' if combined is None else f'{combined:.4f}'}; written to {out}\n"
+          f"fold ensemble: python predict.py ckpt={result['ensemble']} input=... output=...")
+    return 0
+
+
+def _compare_schema() -> type:
+    from pancreas_mtl.evaluation.compare import CompareConfig
+
+    return CompareConfig
+
+
+def run_compare(cfg: DictConfig) -> int:
+    from pancreas_mtl.evaluation.compare import compare, format_ranking
+
+    rows = compare(cfg)
+    print(format_ranking(rows, cfg.metric))
+    print(f"written to {Path(cfg.out) / 'compare.json'} and compare.csv")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     schema: Callable[[], type]          # the dataclass typing conf/{command}.yaml (imported when needed)
@@ -136,6 +174,8 @@ COMMANDS = {
     "convert": Command(lambda: ConvertConfig, run_convert),
     "check": Command(lambda: CheckConfig, run_check),
     "evaluate": Command(_evaluation_schema, run_evaluate),
+    "crossval": Command(_crossval_schema, run_crossval),
+    "compare": Command(_compare_schema, run_compare),
 }
 
 

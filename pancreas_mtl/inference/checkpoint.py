@@ -10,11 +10,12 @@ about 6 s of start-up, which the predictor does not need.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 from pancreas_mtl.models.multitask import MultiTaskNet, build_model
@@ -50,6 +51,30 @@ def _load_error(path: Path, error: Exception) -> str:
     first_line = next((line for line in str(error).splitlines() if line.strip()), "")
     detail = "" if "weights_only" in first_line else f": {first_line}"
     return f"{path}: cannot read the checkpoint ({type(error).__name__}{detail}); is the file complete?"
+
+
+ENSEMBLE_FILE = "ensemble.yaml"  # written by pancreas-mtl crossval: the fold checkpoints of a sweep
+ENSEMBLE_SUFFIXES = (".yaml", ".yml")
+
+
+def expand_checkpoints(paths: Sequence[str | Path]) -> list[str]:
+    """``paths`` with every ensemble file (``checkpoints: [...]``, relative paths from its folder) and every
+    folder holding ``ensemble.yaml`` replaced by the checkpoints it lists; other paths are kept as given."""
+    expanded: list[str] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
+            path = path / ENSEMBLE_FILE
+        if path.suffix.lower() not in ENSEMBLE_SUFFIXES or not path.is_file():
+            expanded.append(str(given))
+            continue
+        content = yaml.safe_load(path.read_text())
+        listed = content.get("checkpoints") if isinstance(content, dict) else None
+        if not isinstance(listed, list) or not listed:
+            raise ValueError(f"{path}: an ensemble file lists its checkpoints as 'checkpoints: [a.ckpt, ...]'; "
+                             f"found {listed!r}")
+        expanded += [str(path.parent / str(item)) for item in listed]  # an absolute item stays absolute
+    return expanded
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, Plan, dict]:

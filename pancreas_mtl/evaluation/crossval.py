@@ -1,0 +1,307 @@
+"""Cross-validation of a k-fold sweep: each fold's held-out cases predicted with its own checkpoint, all
+of them scored together, and the fold ensemble written for predict.py.
+
+    python train.py -m experiment=X data.split=kfold data.fold=0,1,2,3,4
+    pancreas-mtl crossval multirun=outputs/runs/train/multirun/<date>_<time>
+
+The sweep folder holds one job folder per fold (``<n>/.hydra/config.yaml``, ``<n>/checkpoints/last.ckpt``).
+Each job's fold and split settings come from its run config; its held-out cases are recomputed with
+the split function training used (``data.splits.make_split`` over the discovered dataset), never
+guessed. Writes, under ``<multirun>/crossval/``:
+
+    predictions/fold_{k}/   fold k's held-out cases, predicted by fold k's checkpoint (predict.py's folder)
+    out_of_fold/            every case once: links to the fold masks, merged subtype tables
+    evaluation/             the evaluation of out_of_fold/ (per_case.csv, summary.json, plots)
+    ensemble.yaml           the fold checkpoints: ``predict.py ckpt=<multirun>/crossval/ensemble.yaml``
+    crossval.json           folds, cases, checkpoints, preset, and the scores compare ranks by
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pancreas_mtl.data.layout import DatasetIndex, discover
+from pancreas_mtl.data.splits import make_split
+from pancreas_mtl.dataset.prepare import dataset_root
+from pancreas_mtl.evaluation.evaluate import EvaluationConfig, evaluate
+from pancreas_mtl.files import load_json, save_json, write_csv
+from pancreas_mtl.inference.checkpoint import ENSEMBLE_FILE, read_checkpoint
+from pancreas_mtl.inference.output_folder import SUBTYPE_PROBABILITIES, SUBTYPE_RESULTS
+from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
+from pancreas_mtl.inference.runner import predict_cases, read_records
+from pancreas_mtl.inference.sources import find_cases
+
+log = logging.getLogger(__name__)
+
+CROSSVAL_DIR = "crossval"
+SUMMARY_FILE = "crossval.json"
+# the data settings every fold must share: they decide which cases exist and how they are split
+SHARED_DATA_KEYS = ("source", "root", "num_subtypes", "split", "num_folds", "split_seed")
+
+
+@dataclass
+class CrossvalConfig:
+    """The keys of conf/crossval.yaml (``pancreas-mtl crossval --help``)."""
+
+    multirun: str = MISSING
+    out: str | None = MISSING
+    checkpoint: str = MISSING
+    inference: str = MISSING
+    save_probabilities: bool = MISSING
+    device: str = MISSING
+    precision: str = MISSING
+    overwrite: bool = MISSING
+    tolerance_mm: float = MISSING
+    bootstrap: int = MISSING
+    seed: int = MISSING
+    plots: bool = MISSING
+    workers: int = MISSING
+    progress: bool = MISSING
+
+
+@dataclass
+class FoldRun:
+    """One job of the sweep: its folder, fold, checkpoint, data settings and held-out cases."""
+
+    job_dir: Path
+    fold: int
+    checkpoint: Path
+    data: dict
+    held_out: list[str]
+
+
+# --- reading the sweep ------------------------------------------------------------------------------
+
+def job_dirs(multirun: Path) -> list[Path]:
+    """The job folders of a Hydra sweep folder (``<n>/.hydra/config.yaml``), by job number."""
+    if not multirun.is_dir():
+        raise FileNotFoundError(f"multirun folder {multirun} not found")
+    jobs = [p for p in multirun.iterdir() if p.is_dir() and (p / ".hydra" / "config.yaml").is_file()]
+    if not jobs:
+        hint = (" (it is a single run's folder; cross-validation needs the sweep folder "
+                "outputs/runs/<task>/multirun/<date>_<time>/ of train.py -m ... data.fold=0,1,...)"
+                if (multirun / ".hydra" / "config.yaml").is_file() else "")
+        raise ValueError(f"{multirun} is not a multirun folder: no job folder <n>/.hydra/config.yaml in it{hint}")
+    return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def _run_data_config(job_dir: Path, checkpoint: Path) -> dict:
+    """The job's resolved ``data`` config: the checkpoint's (resolved when training ran, so paths do not
+    depend on where this command runs), else the job's .hydra/config.yaml resolved now. The fold must
+    agree between the two (a checkpoint copied from another job is refused)."""
+    saved = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+    if "data" not in saved:
+        raise ValueError(f"{job_dir / '.hydra' / 'config.yaml'}: no data node; not a train.py run")
+    fold = OmegaConf.select(saved, "data.fold")
+    _, _, config = read_checkpoint(checkpoint)
+    data = (config or {}).get("data")
+    if data is None:
+        with_paths = OmegaConf.masked_copy(saved, ["data", "paths"])
+        OmegaConf.update(with_paths, "paths.output_dir", str(job_dir), force_add=True)
+        try:
+            data = OmegaConf.to_container(with_paths, resolve=True)["data"]
+        except OmegaConfBaseException as error:
+            raise ValueError(f"{job_dir / '.hydra' / 'config.yaml'}: cannot resolve its data config "
+                             f"({str(error).splitlines()[0]}), and {checkpoint} stores none") from None
+    elif data.get("fold") != fold:
+        raise ValueError(f"{checkpoint}: the checkpoint was trained on fold {data.get('fold')}, but its job's "
+                         f"config {job_dir / '.hydra' / 'config.yaml'} says data.fold={fold}")
+    return data
+
+
+def _index(data: Mapping) -> DatasetIndex:
+    return discover(dataset_root(data, progress=False), num_subtypes=int(data.get("num_subtypes", 3)))
+
+
+def read_sweep(multirun: str | Path, checkpoint_name: str = "last.ckpt") -> tuple[list[FoldRun], DatasetIndex]:
+    """The fold runs of a k-fold sweep, sorted by fold, and the dataset they split.
+
+    Raises:
+        ValueError: ``multirun`` is not a sweep folder, a job lacks its checkpoint, the jobs disagree on the
+            dataset or split settings, a fold repeats or is missing, or the held-out sets do not partition
+            the labelled cases; each names the folder and what was found.
+    """
+    multirun = Path(multirun).expanduser().resolve()
+    runs, datas = [], []
+    for job in job_dirs(multirun):
+        checkpoint = job / "checkpoints" / checkpoint_name
+        if not checkpoint.is_file():
+            raise ValueError(f"job {job} has no checkpoint {checkpoint.relative_to(job)} (did it finish? "
+                             "checkpoint=<name> picks another file in checkpoints/)")
+        datas.append((job, checkpoint, _run_data_config(job, checkpoint)))
+    first_job, _, first = datas[0]
+    for job, _, data in datas[1:]:
+        differing = [f"data.{key}: {first.get(key)!r} in {first_job.name}, {data.get(key)!r} in {job.name}"
+                     for key in SHARED_DATA_KEYS if data.get(key) != first.get(key)]
+        if differing:
+            raise ValueError(f"{multirun}: the jobs disagree on the dataset or its split, so their folds do not "
+                             "belong to one cross-validation:\n  " + "\n  ".join(differing))
+    index = _index(first)
+    for job, checkpoint, data in datas:
+        split = make_split(index, mode=data.get("split", "auto"), fold=int(data["fold"]),
+                           num_folds=int(data.get("num_folds", 5)), seed=int(data.get("split_seed", 12345)))
+        if split.source == "validation folder":
+            raise ValueError(f"job {job}: its split is the dataset's validation folder (data.split="
+                             f"{data.get('split')!r}), one held-out set rather than folds; cross-validation "
+                             "needs data.split=kfold (or an nnU-Net splits_final.json)")
+        runs.append(FoldRun(job, int(data["fold"]), checkpoint, data, list(split.val)))
+    _check_folds(multirun, runs, index)
+    return sorted(runs, key=lambda run: run.fold), index
+
+
+def _check_folds(multirun: Path, runs: Sequence[FoldRun], index: DatasetIndex) -> None:
+    counts = Counter(run.fold for run in runs)
+    repeated = {fold: [run.job_dir.name for run in runs if run.fold == fold] for fold, n in counts.items() if n > 1}
+    if repeated:
+        raise ValueError(f"{multirun}: fold(s) trained more than once: " + "; ".join(
+            f"fold {fold} in jobs {', '.join(jobs)}" for fold, jobs in sorted(repeated.items())))
+    num_folds = len(index.splits) if index.splits and runs[0].data.get("split") != "kfold" \
+        else int(runs[0].data.get("num_folds", 5))
+    missing = sorted(set(range(num_folds)) - set(counts))
+    if missing:
+        raise ValueError(f"{multirun}: fold(s) {missing} of {num_folds} missing (found {sorted(counts)}); "
+                         f"train them into the sweep, e.g. train.py -m ... data.fold={','.join(map(str, missing))}")
+    seen = Counter(case for run in runs for case in run.held_out)
+    twice = sorted(case for case, n in seen.items() if n > 1)
+    unseen = sorted({case.case_id for case in index.labelled} - set(seen))
+    if twice or unseen:
+        raise ValueError(f"{multirun}: the held-out sets do not partition the labelled cases (held out twice: "
+                         f"{twice[:10]}, never: {unseen[:10]})")
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+def inference_preset(name: str) -> InferenceSettings:
+    """A preset of conf/inference/ composed as predict.py composes ``inference=<name>``."""
+    from hydra import compose, initialize_config_dir
+
+    from pancreas_mtl.config import config_dir
+
+    if not (config_dir() / "inference" / f"{name}.yaml").is_file():
+        known = sorted(p.stem for p in (config_dir() / "inference").glob("*.yaml"))
+        raise ValueError(f"unknown inference preset {name!r}; conf/inference/ has {', '.join(known)}")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        composed = compose(config_name=f"inference/{name}")
+    return InferenceSettings.from_config(OmegaConf.to_container(composed.inference, resolve=True))
+
+
+def crossval_dir(folder: str | Path) -> Path:
+    """The crossval folder of a sweep folder, or the folder itself when it is one."""
+    folder = Path(folder).expanduser()
+    return folder if (folder / SUMMARY_FILE).is_file() or folder.name == CROSSVAL_DIR else folder / CROSSVAL_DIR
+
+
+def merge_out_of_fold(fold_dirs: Sequence[Path], out: Path) -> Path:
+    """``out``: a relative link to every fold's mask (and probabilities) plus the subtype tables of all
+    folds, so that one evaluation scores every case. ``out`` is this command's own folder; the files it
+    held before are replaced."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        if old.is_symlink() or old.name in (SUBTYPE_RESULTS, SUBTYPE_PROBABILITIES):
+            old.unlink()
+    results, probabilities = [], []
+    for fold_dir in fold_dirs:
+        for record in read_records(fold_dir):
+            for name in record.get("files", [record["mask"]]):
+                if (fold_dir / name).is_file():
+                    os.symlink(os.path.relpath(fold_dir / name, out), out / name)
+            if record.get("subtype_probabilities"):
+                results.append((record["mask"], record["subtype"]))
+                probabilities.append((record["mask"], *(f"{p:.6f}" for p in record["subtype_probabilities"])))
+    if results:
+        write_csv(out / SUBTYPE_RESULTS, ["Names", "Subtype"], sorted(results))
+    if probabilities:
+        width = len(probabilities[0]) - 1
+        write_csv(out / SUBTYPE_PROBABILITIES, ["Names", *(f"p{k}" for k in range(width))], sorted(probabilities))
+    return out
+
+
+def write_ensemble(path: Path, runs: Sequence[FoldRun]) -> Path:
+    """ensemble.yaml: the fold checkpoints (absolute paths), read by predict.py's ``ckpt=``."""
+    text = ("# The fold ensemble of a cross-validated sweep: predict.py ckpt=<this file> averages the folds.\n"
+            + yaml.safe_dump({"checkpoints": [str(run.checkpoint) for run in runs],
+                              "folds": [run.fold for run in runs]}, sort_keys=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _finite(value) -> float | None:
+    """A score as JSON keeps it: None where it is undefined (missing or NaN)."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def headline_scores(summary: Mapping) -> dict[str, float | None]:
+    """The scores compare ranks by, from an evaluation summary; ``combined`` is the mean of whole-pancreas
+    Dice, lesion Dice and macro F1 (the segmentation scores alone without a classification head)."""
+    segmentation = summary.get("segmentation", {})
+    classification = summary.get("classification", {})
+    scores: dict[str, float | None] = {name: _finite(value.get("mean")) for name, value in segmentation.items()}
+    for key in ("macro_f1", "macro_auroc", "balanced_accuracy", "accuracy"):
+        scores[key] = _finite(classification.get(key))
+    parts = [scores.get("whole_pancreas_dice"), scores.get("lesion_dice"), scores.get("macro_f1")]
+    parts = [p for p in parts if p is not None]
+    scores["combined"] = sum(parts) / len(parts) if parts else None
+    return scores
+
+
+def run_crossval(cfg) -> dict:
+    """Predict every fold's held-out cases, evaluate them together, write the ensemble; returns the
+    contents of crossval.json."""
+    cfg = OmegaConf.merge(OmegaConf.structured(CrossvalConfig), cfg)
+    multirun = Path(cfg.multirun).expanduser().resolve()
+    runs, index = read_sweep(multirun, cfg.checkpoint)
+    out = Path(cfg.out).expanduser().resolve() if cfg.out else multirun / CROSSVAL_DIR
+    settings = inference_preset(cfg.inference)
+    cases, problems = find_cases(index.root)
+    by_id = {case.case_id: case for case in cases}
+    fold_dirs, failed = [], {}
+    for run in runs:
+        log.info("fold %d (job %s): %d held-out case(s) with %s", run.fold, run.job_dir.name, len(run.held_out),
+                 run.checkpoint)
+        predictor = Predictor.from_checkpoints([run.checkpoint], settings, device=cfg.device, precision=cfg.precision)
+        fold_dir = out / "predictions" / f"fold_{run.fold}"
+        summary = predict_cases(predictor, [by_id[c] for c in run.held_out if c in by_id], fold_dir,
+                                problems={c: problems[c] for c in run.held_out if c in problems},
+                                overwrite=cfg.overwrite, save_probabilities=cfg.save_probabilities,
+                                progress=cfg.progress,
+                                run_info={"checkpoints": [str(run.checkpoint)], "inference": settings.name,
+                                          "fold": run.fold})
+        failed.update(summary.failed)
+        fold_dirs.append(fold_dir)
+    if failed:
+        raise ValueError(f"{len(failed)} case(s) could not be predicted, so the cross-validation is incomplete:\n  "
+                         + "\n  ".join(f"{case}: {reason}" for case, reason in sorted(failed.items())))
+    out_of_fold = merge_out_of_fold(fold_dirs, out / "out_of_fold")
+    evaluation = evaluate(EvaluationConfig(
+        pred=str(out_of_fold), gt=str(index.root), out=str(out / "evaluation"), tolerance_mm=cfg.tolerance_mm,
+        bootstrap=cfg.bootstrap, seed=cfg.seed, plots=cfg.plots, num_subtypes=int(runs[0].data.get("num_subtypes", 3)),
+        workers=cfg.workers, progress=cfg.progress))
+    ensemble = write_ensemble(out / ENSEMBLE_FILE, runs)
+    result = {"multirun": str(multirun), "dataset": str(index.root), "inference": settings.name,
+              "save_probabilities": bool(cfg.save_probabilities), "num_cases": len(evaluation.rows),
+              "folds": [{"fold": run.fold, "job": run.job_dir.name, "checkpoint": str(run.checkpoint),
+                         "held_out": run.held_out} for run in runs],
+              "split": {key: runs[0].data.get(key) for key in SHARED_DATA_KEYS},
+              "ensemble": str(ensemble), "scores": headline_scores(evaluation.summary)}
+    save_json(result, out / SUMMARY_FILE)
+    return result
+
+
+def read_crossval(folder: str | Path) -> dict:
+    """crossval.json of a crossval folder or of a sweep folder cross-validated before."""
+    path = crossval_dir(folder) / SUMMARY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CROSSVAL_DIR}/{SUMMARY_FILE}; run pancreas-mtl crossval "
+                                f"multirun={folder} first")
+    return load_json(path)
