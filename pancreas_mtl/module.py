@@ -79,7 +79,9 @@ class MultiTaskModule(L.LightningModule):
         save_overlays: also write the overlays under ``<run folder>/overlays``.
         nonfinite_loss: what a NaN/inf training loss does: ``skip`` the batch (training_step returns None:
             no backward, the optimizer steps with no gradients so weights and momenta stay as they were,
-            the lr schedule moves on; one device only) or ``stop`` the run with an error naming the cases.
+            the lr schedule moves on; under DDP a zero loss whose gradients are dropped) or ``stop`` the
+            run with an error naming the cases. Under DDP the decision is all-reduced: when any rank's
+            loss is non-finite, every rank skips (or stops at) that step.
         compile: ``torch.compile`` the backbone and head in place (state-dict keys unchanged).
         compile_kwargs: passed to ``nn.Module.compile`` (mode, dynamic, ...).
         channels_last: channels-last 3D weights and inputs (faster convolutions on recent GPUs).
@@ -114,6 +116,7 @@ class MultiTaskModule(L.LightningModule):
         self.validation = settings
         self.lesion_channel = int(self.plan.labels.get("lesion", LESION_LABEL))
         self.nonfinite_steps = 0
+        self._drop_gradients = False
         self.last_validation: dict[str, Any] = {}
         self._val_cases: list[dict[str, Any]] = []
         self._model_configured = False
@@ -128,9 +131,6 @@ class MultiTaskModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if torch.cuda.is_available():
             set_tf32(self.hparams.tf32)
-        if self.hparams.nonfinite_loss == "skip" and self.trainer.world_size > 1:
-            raise ValueError("module.nonfinite_loss=skip returns None from training_step, which Lightning does "
-                             f"not support on {self.trainer.world_size} devices; use module.nonfinite_loss=stop")
 
     def configure_model(self) -> None:
         if self._model_configured:
@@ -174,7 +174,12 @@ class MultiTaskModule(L.LightningModule):
             torch.manual_seed(self.step_seed())
             seg_logits, class_logits = self(batch["image"], batch["label"] == self.lesion_channel)
         terms = self.loss(seg_logits, class_logits, batch["label"], batch.get("subtype"))
-        if not torch.isfinite(terms["loss"]):  # one device sync per step; logging needs one anyway
+        finite = bool(torch.isfinite(terms["loss"]))  # one device sync per step; logging needs one anyway
+        # Every process must take the same branch: under DDP a rank that skips the backward pass while
+        # the others run it leaves them waiting for its gradients. One all-reduce of a flag per step.
+        if self.trainer.world_size > 1:
+            finite = not self.trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        if not finite:
             return self._nonfinite_loss(terms, batch, batch_idx)
         batch_size = batch["image"].shape[0]
         self.log("train/loss", terms["loss"].detach(), prog_bar=True, on_step=True, on_epoch=True,
@@ -183,16 +188,32 @@ class MultiTaskModule(L.LightningModule):
                       on_step=True, on_epoch=True, batch_size=batch_size)
         return terms["loss"]
 
-    def _nonfinite_loss(self, terms: dict[str, Tensor], batch: dict[str, Any], batch_idx: int) -> None:
+    def _nonfinite_loss(self, terms: dict[str, Tensor], batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         values = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in terms.items())
         where = (f"non-finite training loss at epoch {self.current_epoch}, global step {self.global_step}, "
                  f"batch {batch_idx}, cases {list(batch.get('case_id', []))}: {values}")
+        world_size = self._trainer.world_size if self._trainer is not None else 1  # 1 outside a Trainer
+        if world_size > 1:
+            where = f"rank {self.global_rank}: " + where
+            if torch.isfinite(terms["loss"]):
+                where += " (finite here; another rank's loss was not, and all ranks take the same step)"
         if self.hparams.nonfinite_loss == "stop":
             raise FloatingPointError(f"{where}. module.nonfinite_loss=stop ends the run; "
                                      "module.nonfinite_loss=skip drops such batches instead")
         self.nonfinite_steps += 1
         log.warning("%s; batch skipped (module.nonfinite_loss=skip, %d so far)", where, self.nonfinite_steps)
-        return None
+        if world_size <= 1:
+            return None
+        # Lightning refuses None under DDP, and DDP expects a gradient for every weight: a zero loss over
+        # the weights (not the non-finite one: NaN * 0 is NaN) gives zero gradients to all-reduce, which
+        # on_before_optimizer_step then removes, so the optimizer leaves weights and momenta as they were.
+        self._drop_gradients = True
+        return sum((parameter * 0).sum() for parameter in self.parameters() if parameter.requires_grad)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._drop_gradients:
+            optimizer.zero_grad(set_to_none=True)  # torch's optimizers skip weights without a gradient
+            self._drop_gradients = False
 
     # --- validation ---------------------------------------------------------------------------------
 
@@ -223,23 +244,27 @@ class MultiTaskModule(L.LightningModule):
         if batch_idx < int(self.hparams.num_overlays) and not self.trainer.sanity_checking:
             self._overlay(batch["image"][0, 0].float().cpu().numpy(), true, pred, batch["case_id"][0], batch_idx)
 
-    def _gathered(self, values: Tensor) -> Tensor:
-        """Per-case values (N, ...) of every device; Lightning's distributed sampler gives each the same N."""
-        if self.trainer.world_size <= 1:
-            return values
-        return self.all_gather(values.to(self.device)).flatten(0, 1).cpu()
+    def _gathered(self, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The per-case results of every process, each case once, in case-id order (so the metrics do not
+        depend on the number of processes). Lightning's distributed sampler pads the validation set with
+        repeated cases so every rank gets as many: the repeats are dropped here."""
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            per_rank: list[list[dict[str, Any]] | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(per_rank, cases)
+            cases = [case for rank_cases in per_rank for case in rank_cases or []]
+        unique = {case["case_id"]: case for case in reversed(cases)}  # the first of repeats
+        return [unique[case_id] for case_id in sorted(unique)]
 
     def on_validation_epoch_end(self) -> None:
-        cases, self._val_cases = self._val_cases, []
+        cases, self._val_cases = self._gathered(self._val_cases), []
         if not cases:
             return
         dice = torch.tensor([[c["dice_pancreas"], c["dice_lesion"]] for c in cases], dtype=torch.float64)
-        dice = self._gathered(dice)
         metrics = {"dice_pancreas": float(dice[:, 0].mean()), "dice_lesion": float(dice[:, 1].mean())}
         confusion = None
         if cases[0]["probabilities"] is not None:
-            probabilities = self._gathered(torch.stack([c["probabilities"] for c in cases]))
-            subtypes = self._gathered(torch.tensor([c["subtype"] for c in cases]))
+            probabilities = torch.stack([c["probabilities"] for c in cases])
+            subtypes = torch.tensor([c["subtype"] for c in cases])
             scores_tracker = ClassificationMetrics(num_classes=probabilities.shape[1])
             scores_tracker.update(probabilities, subtypes)
             scores = scores_tracker.compute()
@@ -248,6 +273,7 @@ class MultiTaskModule(L.LightningModule):
             metrics.update({f"auroc_{k}": scores[f"auroc_{k}"] for k in range(probabilities.shape[1])})
             confusion = scores_tracker.confusion_matrix()
         metrics["combined"] = self.combined_metric(metrics)
+        # the same values on every rank (all computed from the gathered cases): no sync needed
         self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=1)
         self.last_validation = {"metrics": metrics, "confusion_matrix": confusion,
                                 "cases": [{k: v for k, v in c.items() if k != "probabilities"} for c in cases]}
@@ -309,6 +335,28 @@ class MultiTaskModule(L.LightningModule):
             "here; resume with the checkpoint's own plan and model config (its run folder's .hydra/config.yaml)."
             + ("\n this run vs the checkpoint:\n  " + "\n  ".join(differences) if differences else "")
             + "\n weights:\n  " + "\n  ".join(mismatch))
+
+
+class LastCheckpoint(L.Callback):
+    """``last.ckpt`` (the full training state, for resuming) at the end of every ``every_n_epochs``-th
+    training epoch, validated or not.
+
+    Lightning's ModelCheckpoint with ``save_top_k=0, save_last=True`` (2.6) writes ``last.ckpt`` only in a
+    step where it also saved a top-k checkpoint, so it wrote none before the end of training and a killed
+    run had nothing to resume from. ``trainer.save_checkpoint`` goes through the run's checkpoint IO (atomic
+    here) and writes on rank 0 only.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_epochs: int = 1):
+        if int(every_n_epochs) < 1:
+            raise ValueError(f"last_checkpoint.every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_epochs = int(every_n_epochs)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        trainer.save_checkpoint(self.path)
 
 
 def step_checkpoint(dirpath: str | Path, every_n_train_steps: int = 0) -> ModelCheckpoint | None:

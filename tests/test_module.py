@@ -449,3 +449,25 @@ def test_the_loss_takes_the_plans_lesion_label(tiny_dataset):
     swapped = dataclasses.replace(prepared.plan, labels={"background": 0, "lesion": 1, "pancreas": 2})
     module = build_module(run_config(), swapped, datamodule_for(tiny_dataset).subtype_counts())
     assert module.loss.lesion_label == 1 == module.lesion_channel
+
+
+class _LastCheckpointProbe(Callback):
+    """At the start of each training epoch after the first: the global step stored in last.ckpt."""
+
+    def __init__(self, path: Path):
+        self.path, self.seen = path, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch > 0:
+            self.seen.append(torch.load(self.path, weights_only=True)["global_step"] if self.path.is_file() else None)
+
+
+def test_last_checkpoint_is_written_after_every_epoch_without_validation(tiny_dataset, tmp_path):
+    # Lightning's ModelCheckpoint(save_top_k=0, save_last=True) wrote last.ckpt only at the end of training
+    callbacks_cfg = OmegaConf.load(CONF / "callbacks/default.yaml")
+    callbacks_cfg.last_checkpoint.dirpath = str(tmp_path / "checkpoints")
+    probe = _LastCheckpointProbe(tmp_path / "checkpoints" / "last.ckpt")
+    trainer = cpu_trainer(tmp_path, max_epochs=3, callbacks=[instantiate(callbacks_cfg.last_checkpoint), probe],
+                          enable_checkpointing=True, check_val_every_n_epoch=100, num_sanity_val_steps=0)
+    trainer.fit(make_module(tiny_dataset), datamodule=datamodule_for(tiny_dataset))
+    assert probe.seen == [2, 4]  # two optimizer steps per epoch

@@ -1,7 +1,16 @@
-"""The LightningDataModule: random augmented patches for training, whole cases for validation."""
+"""The LightningDataModule: random augmented patches for training, whole cases for validation.
+
+Under DDP (``trainer=ddp``) the semantics are nnU-Net's: ``data.batch_size`` (null: the plan's) is the
+global batch, split evenly over the processes, and an epoch stays ``data.iterations_per_epoch`` optimizer
+steps. Every process draws its own patches (its own random stream, seeded with its rank) by the same
+rules, so each local batch has nnU-Net's share of forced-foreground patches and the subtype-balanced
+draw is balanced on every rank. Validation cases are split over the processes by Lightning's
+distributed sampler; the module counts each case once.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
@@ -10,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from pancreas_mtl.config import plain
 from pancreas_mtl.dataset.augmentation import augmentation_region_size, build_augmentation
@@ -18,6 +27,8 @@ from pancreas_mtl.dataset.cached_case import CachedCase
 from pancreas_mtl.dataset.prepare import PreparedDataset
 from pancreas_mtl.dataset.sampling import PatchDataset, PatchSampler, collate_patches
 from pancreas_mtl.dataset.settings import augmentation_settings, data_settings, sampling_settings
+
+log = logging.getLogger(__name__)
 
 
 class WholeCaseDataset(Dataset):
@@ -75,14 +86,33 @@ class PancreasDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_dataset: PatchDataset | None = None
         self.val_dataset: WholeCaseDataset | None = None
+        self._sampler: PatchSampler | None = None
 
     @property
     def plan(self):
         return self.prepared.plan
 
     @property
-    def batch_size(self) -> int:
+    def global_batch_size(self) -> int:
+        """Patches per optimizer step over all processes: ``data.batch_size``, or the plan's."""
         return int(self.data.batch_size or self.plan.batch_size)
+
+    @property
+    def world_size(self) -> int:
+        """Processes training together (1 until a Trainer is attached)."""
+        trainer = self.trainer
+        return int(trainer.world_size) if trainer is not None else 1
+
+    @property
+    def batch_size(self) -> int:
+        """Patches per step on this process: the global batch split evenly over the processes."""
+        global_batch, world_size = self.global_batch_size, self.world_size
+        if global_batch % world_size:
+            raise ValueError(
+                f"the global batch of {global_batch} patches (data.batch_size, null: the plan's) does not split "
+                f"evenly over {world_size} processes (devices x nodes); set data.batch_size to a multiple of "
+                f"{world_size}, e.g. {world_size * max(1, round(global_batch / world_size))}")
+        return global_batch // world_size
 
     def subtype_counts(self) -> dict[int, int]:
         """Training cases per subtype (for class weights)."""
@@ -93,16 +123,17 @@ class PancreasDataModule(L.LightningDataModule):
         return dict(sorted(counts.items()))
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
+        # Built again when the world size is known to differ (train.py sets up before the Trainer exists).
+        if self.train_dataset is not None and self.train_dataset.batch_size == self.batch_size:
             return
         patch_size = self.plan.patch_size
         augmentation = augmentation_settings(self.augmentation_cfg)
-        sampling = sampling_settings(self.data.sampling)
-        region_size = augmentation_region_size(augmentation, patch_size)
-        sampler = PatchSampler(self.prepared.cached(self.prepared.split.train), patch_size, region_size,
-                               **asdict(sampling))
+        if self._sampler is None:
+            region_size = augmentation_region_size(augmentation, patch_size)
+            self._sampler = PatchSampler(self.prepared.cached(self.prepared.split.train), patch_size, region_size,
+                                         **asdict(sampling_settings(self.data.sampling)))
         self.train_dataset = PatchDataset(
-            sampler, build_augmentation(augmentation, patch_size),
+            self._sampler, build_augmentation(augmentation, patch_size),
             samples_per_epoch=self.data.iterations_per_epoch * self.batch_size,
             seed=self.seed, batch_size=self.batch_size)
         self.val_dataset = WholeCaseDataset(self.prepared.cached(self.prepared.split.val))
@@ -111,17 +142,32 @@ class PancreasDataModule(L.LightningDataModule):
         """Saved in every checkpoint: the patch sampler's random state after the batches trained so far,
         so a run resumed from any checkpoint, mid-epoch too, draws the patches the interrupted run would
         have. Only with ``num_workers=0``; with workers (which draw in their own processes) a resumed run
-        draws fresh patches."""
+        draws fresh patches. Under DDP every process's state is gathered (``train_patch_rng_by_rank``):
+        Lightning calls this on every rank but only rank 0's dictionary reaches the file."""
         if self.train_dataset is None or self.trainer is None:
             return {}
         batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
         state = self.train_dataset.rng_state(batches * self.batch_size)
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[dict | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+            return {} if any(s is None for s in states) else {"train_patch_rng_by_rank": states}
         return {} if state is None else {"train_patch_rng": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("train_patch_rng") is not None:
-            self.setup("fit")
-            self.train_dataset.restore_rng_state(state_dict["train_patch_rng"])
+        """Each process continues its own stream; a checkpoint of another world size gives fresh draws."""
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        by_rank = state_dict.get("train_patch_rng_by_rank")
+        if by_rank is None and state_dict.get("train_patch_rng") is not None:
+            by_rank = [state_dict["train_patch_rng"]]
+        if by_rank is None:
+            return
+        if len(by_rank) != self.world_size:
+            log.warning("the checkpoint's patch streams are of %d processes, this run has %d: the patches after "
+                        "the resume are fresh draws", len(by_rank), self.world_size)
+            return
+        self.setup("fit")
+        self.train_dataset.restore_rng_state(by_rank[rank])
 
     def _loader_options(self, workers: int) -> dict[str, Any]:
         options: dict[str, Any] = {"num_workers": workers,
@@ -133,8 +179,13 @@ class PancreasDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # No shuffling: items are random already, and their position in the batch decides foreground forcing.
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=False, drop_last=True,
-                          collate_fn=collate_patches, **self._loader_options(self.data.num_workers))
+        # Under DDP every rank reads all its own dataset's indices in order: a one-replica DistributedSampler
+        # keeps Lightning from interleaving them over the ranks (rank r: r, r + W, ...), which would shorten
+        # the epoch and put every item of a rank at the same position in its batch.
+        sampler = (DistributedSampler(self.train_dataset, num_replicas=1, rank=0, shuffle=False)
+                   if self.world_size > 1 else None)
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
+                          drop_last=True, collate_fn=collate_patches, **self._loader_options(self.data.num_workers))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset, batch_size=1, shuffle=False, collate_fn=collate_cases,

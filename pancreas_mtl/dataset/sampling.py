@@ -207,8 +207,10 @@ class PatchDataset(Dataset):
         samples_per_epoch: the dataset length, e.g. iterations per epoch times batch size (nnU-Net 250 x 2).
         seed: mixed into every process's seed (None: torch's seed alone decides).
         batch_size: when given, foreground forcing follows nnU-Net's rule for the item's position in its
-            batch (the last ``round(batch_size * oversample_foreground)`` items of each batch are forced:
-            one of two at batch size 2) instead of a coin flip; needs a DataLoader without shuffling.
+            batch (items from ``round(batch_size * (1 - oversample_foreground))`` on are forced: one of
+            two at batch size 2, one of three at 3) instead of a coin flip; needs a DataLoader that reads
+            the indices in order (under DDP each rank reads its own dataset, this batch size being the
+            rank's share of the global batch). Where the rule forces none (a batch of one), a coin flip.
 
     Items: ``image`` (C, Z, Y, X) float32, ``label`` (1, Z, Y, X) uint8, ``subtype`` int (-1 unknown),
     ``case_id`` str, ``has_lesion`` bool (the final patch holds label 2).
@@ -275,10 +277,11 @@ class PatchDataset(Dataset):
 
     def _force_foreground(self, index: int, rng: np.random.Generator) -> bool:
         p = self.sampler.oversample_foreground
-        if self.batch_size is None:
+        first_forced = None if self.batch_size is None else round(self.batch_size * (1 - p))
+        # a batch too small for the rule to force any patch (one patch per DDP rank) flips a coin instead
+        if first_forced is None or (first_forced >= self.batch_size and p > 0):
             return bool(rng.random() < p)
-        position = index % self.batch_size
-        return position >= round(self.batch_size * (1 - p))
+        return index % self.batch_size >= first_forced
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.samples_per_epoch:
