@@ -3,22 +3,25 @@
 Composes conf/train.yaml, prepares the dataset (discovery, checks, fingerprint, plan, preprocessing
 cache), builds the network, loss, LightningModule, loggers, callbacks and trainer, and fits. The run
 folder (Hydra's output dir) keeps the resolved config, the plan, the fingerprint, the checkpoints
-(which carry the plan and config too) and the logs. Returns ``optimized_metric`` for sweeps.
+(which carry the plan and config too) and the logs. Returns the best ``optimized_metric`` for sweeps.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from pancreas_mtl.dataset.datamodule import PancreasDataModule
-from pancreas_mtl.dataset.prepare import prepare_dataset
+from pancreas_mtl.dataset.prepare import prepare_dataset, prepare_shard
 from pancreas_mtl.devices import set_tf32
 from pancreas_mtl.files import save_json
 from pancreas_mtl.inference.checkpoint import read_checkpoint
@@ -34,10 +37,19 @@ def prepare(cfg: DictConfig) -> PancreasDataModule:
     """Dataset preparation and the data module; the plan and fingerprint are copied into the run folder."""
     prepared = prepare_dataset(cfg.data, cfg.planning, progress=cfg.data.progress)
     run_dir = Path(cfg.paths.output_dir)
-    save_json(prepared.plan.to_dict(), run_dir / "plan.json")
-    shutil.copy2(prepared.cache_root / "fingerprint.json", run_dir / "fingerprint.json")
+    if is_first_process():  # DDP: run files from rank 0 only
+        save_json(prepared.plan.to_dict(), run_dir / "plan.json")
+        shutil.copy2(prepared.cache_root / "fingerprint.json", run_dir / "fingerprint.json")
     log.info("plan (%s preset):\n%s", prepared.plan.preset, describe_plan(prepared.plan))
     return PancreasDataModule(prepared, cfg.data, cfg.augmentation, seed=cfg.seed)
+
+
+# --- DDP (trainer=ddp): Lightning starts ranks 1.. by running this script again, with LOCAL_RANK set ---
+def is_first_process() -> bool:
+    """Rank 0 of the run, known before the Trainer exists from the launchers' environment variables
+    (LOCAL_RANK from Lightning's launcher, RANK from torchrun, SLURM_PROCID; NODE_RANK across nodes)."""
+    return rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+# --- end DDP ---
 
 
 def check_one_batch(datamodule: PancreasDataModule) -> None:
@@ -60,11 +72,51 @@ def build_callbacks(cfg: DictConfig, with_logger: bool) -> list:
     return callbacks
 
 
+# --- clusters: SLURM requeue and auto-resume (docs/scaling.md) -----------------------------------------
+
+def resume_checkpoint(ckpt_path: str | None, run_dir: str | Path) -> str | None:
+    """The checkpoint ``trainer.fit`` resumes from: ``ckpt_path`` as given, or for ``auto`` the newest of
+    the run folder's ``checkpoints/last.ckpt`` and ``hpc_ckpt_N.ckpt`` (what Lightning saves on SLURM's
+    requeue signal), None (a fresh start) when there is neither. A requeued SLURM job re-runs the same
+    Hydra job in the same run folder, so ``auto`` picks up where it stopped."""
+    if ckpt_path != "auto":
+        return ckpt_path or None
+    run_dir = Path(run_dir)
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    found = [path for path in candidates if path.is_file()]
+    if not found:
+        return None
+    newest = max(found, key=lambda path: path.stat().st_mtime_ns)
+    log.info("ckpt_path=auto: resuming from %s", newest)
+    return str(newest)
+
+
+def cluster_plugins(slurm_cfg: DictConfig | None) -> list:
+    """Lightning's SLURM environment with ``slurm.auto_requeue`` on ``slurm.requeue_signal`` when this
+    process is a SLURM task; none elsewhere, and none under torchrun (its own environment then applies)."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if not SLURMEnvironment.detect() or TorchElasticEnvironment.detect():
+        return []
+    slurm_cfg = slurm_cfg or {}
+    return [SLURMEnvironment(auto_requeue=bool(slurm_cfg.get("auto_requeue", True)),
+                             requeue_signal=getattr(signal, str(slurm_cfg.get("requeue_signal", "SIGUSR1"))))]
+
+
+# -------------------------------------------------------------------------------------------------------
+
 def train(cfg: DictConfig) -> float | None:
-    """The whole run for a composed config; returns ``cfg.optimized_metric`` (None if not logged)."""
+    """The whole run for a composed config; returns the best ``cfg.optimized_metric`` (None if not logged)."""
     L.seed_everything(cfg.seed, workers=True)
     log.info("run folder %s", cfg.paths.output_dir)
-    write_run_info(Path(cfg.paths.output_dir))
+    if is_first_process():  # DDP: run files from rank 0 only
+        write_run_info(Path(cfg.paths.output_dir))
+    if cfg.data.get("shard"):  # --- preprocessing shard: this share of the cache only (docs/scaling.md) ---
+        if not cfg.prepare_only:
+            raise ValueError(f"data.shard={cfg.data.shard} preprocesses one share of the cases and cannot train: "
+                             "add prepare_only=true, or leave data.shard unset")
+        prepare_shard(cfg.data, cfg.planning, progress=cfg.data.progress)
+        return None
     datamodule = prepare(cfg)
     if cfg.prepare_only:
         check_one_batch(datamodule)
@@ -75,8 +127,8 @@ def train(cfg: DictConfig) -> float | None:
     loggers = build_loggers(cfg.get("logger"), cfg.paths.output_dir, config=OmegaConf.to_container(cfg, resolve=True))
     set_tf32(cfg.module.get("tf32"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg, bool(loggers)),
-                          plugins=[AtomicCheckpointIO()])
-    ckpt_path = cfg.get("ckpt_path")
+                          plugins=[AtomicCheckpointIO(), *cluster_plugins(cfg.get("slurm"))])
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
     if ckpt_path:
         read_checkpoint(ckpt_path)  # a truncated or foreign file, or one carrying code, fails here with its path
     try:
@@ -86,10 +138,22 @@ def train(cfg: DictConfig) -> float | None:
             import wandb
 
             wandb.finish()
-    metric = trainer.callback_metrics.get(cfg.optimized_metric)
-    log.info("finished: %s = %s; checkpoints in %s", cfg.optimized_metric,
-             None if metric is None else f"{float(metric):.4f}", Path(cfg.paths.output_dir) / "checkpoints")
-    return None if metric is None else float(metric)
+    metric = best_metric(trainer, cfg.optimized_metric)
+    log.info("finished: best %s = %s; checkpoints in %s", cfg.optimized_metric,
+             None if metric is None else f"{metric:.4f}", Path(cfg.paths.output_dir) / "checkpoints")
+    return metric
+
+
+# --- best metric of the run (tune.py optimises it) ---
+def best_metric(trainer: L.Trainer, name: str) -> float | None:
+    """The best ``name`` of the run, as the ModelCheckpoint monitoring it scored it (its ``mode``);
+    the last logged value where no checkpoint callback monitors it (fast_dev_run, callbacks off)."""
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "monitor", None) == name and callback.best_model_score is not None:
+            return float(callback.best_model_score)
+    last = trainer.callback_metrics.get(name)
+    return None if last is None else float(last)
+# --- end best metric ---
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pancreas_mtl.conf", config_name="train")

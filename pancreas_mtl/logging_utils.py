@@ -2,7 +2,8 @@
 
 ``build_loggers(cfg.logger, output_dir, config)`` instantiates every logger of the group; a W&B logger
 goes offline by itself when no credentials are found (``wandb.init`` fails at once without an API key,
-offline mode needs no network; ``wandb sync`` uploads the run later). Validation overlays are drawn
+offline mode needs no network; ``wandb sync`` uploads the run later), and takes its group and name from
+the Hydra sweep it runs in (:func:`wandb_run_identity`). Validation overlays are drawn
 as numpy arrays, written as PNG files with Pillow (which matplotlib, a dependency, installs) and handed
 to TensorBoard or W&B where those are in use. Nothing here may stop a training run: image and
 table logging catch their errors and warn once.
@@ -68,6 +69,54 @@ def resolve_wandb_offline(requested: bool | str | None) -> bool:
     return True
 
 
+def _swept_keys(hydra_cfg: Mapping) -> set[str] | None:
+    """Keys a multirun varies: the sweep overrides of its command line (``<sweep dir>/multirun.yaml``,
+    which Hydra's basic sweeper writes) and a search sweeper's ``params``; None when neither is found."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    keys: set[str] = set()
+    found = False
+    master = Path(str(hydra_cfg["sweep"]["dir"])) / "multirun.yaml"
+    if master.is_file():
+        found = True
+        task = OmegaConf.load(master).hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides(list(task))
+        keys |= {override.get_key_element().lstrip("+~") for override in parsed if override.is_sweep_override()}
+    params = (hydra_cfg.get("sweeper") or {}).get("params")
+    if params:
+        found = True
+        keys |= set(params)
+    return keys if found else None
+
+
+def wandb_run_identity(hydra_cfg: Mapping | None, task_name: str) -> dict[str, str | None]:
+    """The W&B ``name`` and ``group`` of a run from its Hydra config (``HydraConfig.get()``; None outside Hydra).
+
+    In a multirun (a grid, a fold set, a search sweeper's trials) every job shares the group
+    ``{task_name}_{sweep folder name}`` and is named from the overrides that vary between the jobs
+    (``data.fold=1,seed=2``; all of the job's overrides when the swept keys cannot be found). A single
+    run is named ``task_name`` and has no group.
+    """
+    if hydra_cfg is None or str(hydra_cfg.get("mode")).rsplit(".", 1)[-1] != "MULTIRUN":  # RunMode.MULTIRUN
+        return {"name": task_name, "group": None}
+    group = f"{task_name}_{Path(str(hydra_cfg['sweep']['dir'])).name}"
+    overrides = list(hydra_cfg["overrides"]["task"])
+    swept = _swept_keys(hydra_cfg)
+    if swept is not None:
+        overrides = [override for override in overrides if override.split("=", 1)[0].lstrip("+~") in swept]
+    separators = hydra_cfg["job"]["config"]["override_dirname"]
+    kv_sep, item_sep = str(separators["kv_sep"]), str(separators["item_sep"])
+    name = item_sep.join(override.replace("=", kv_sep, 1) for override in sorted(overrides))
+    return {"name": name or f"{task_name}_{hydra_cfg['job']['num']}", "group": group}
+
+
+def _hydra_config() -> Mapping | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
 def _target(entry: Mapping) -> str:
     return str(entry.get("_target_") or "")
 
@@ -89,7 +138,8 @@ def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Ma
         config: the resolved run config (plain containers), stored as the run's hyperparameters (the
             W&B run config, CSV hparams.yaml, TensorBoard hparams).
 
-    A W&B entry's ``offline: auto`` is decided by :func:`resolve_wandb_offline`.
+    A W&B entry's ``offline: auto`` is decided by :func:`resolve_wandb_offline`; its ``name`` and ``group``,
+    when null, come from :func:`wandb_run_identity` (the Hydra sweep the run is part of).
     """
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
@@ -109,6 +159,8 @@ def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Ma
         wandb_config: dict[str, Any] = {}
         if target.endswith("WandbLogger"):
             overrides["offline"] = resolve_wandb_offline(entry.get("offline", "auto"))
+            identity = wandb_run_identity(_hydra_config(), str((config or {}).get("task_name") or "train"))
+            overrides.update({key: value for key, value in identity.items() if entry.get(key) is None})
             if config is not None:
                 wandb_config["config"] = dict(config)  # goes to wandb.init(config=...)
         elif target.endswith("TensorBoardLogger"):

@@ -108,15 +108,25 @@ def check_synthetic_root(data_cfg) -> Path:
     return root
 
 
-def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True) -> PreparedDataset:
-    """Run (or reuse) every step up to the cache for the dataset and planning configs.
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """``data.shard`` as (i, n), i in [0, n): ``"2/8"`` is the third of eight shares; None when unset."""
+    if shard in (None, ""):
+        return None
+    text = str(shard)
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise ValueError(f"data.shard={text!r}: expected i/n with 0 <= i < n "
+                         "(data.shard=0/4 ... data.shard=3/4 split the cases into four)")
+    return index, count
 
-    Args:
-        data_cfg: the ``data`` config node (root, cache_dir, split, workers, limits, ...), read as changes to
-            conf/data/folder.yaml (:func:`~pancreas_mtl.dataset.settings.data_settings`).
-        planning_cfg: the ``planning`` config node (a preset from conf/planning/ plus overrides).
-    """
-    data = data_settings(data_cfg)
+
+def _plan_dataset(data, planning_cfg,
+                  progress: bool) -> tuple[DatasetIndex, Path, Fingerprint, Plan, InputLimits]:
+    """Discovery, the fingerprint (computed once, under the cache's lock, by whichever process comes first;
+    every other process, shards included, waits and reads it) and the plan, identical for every process."""
     planning_cfg = plain(planning_cfg)
     index = discover(dataset_root(asdict(data), progress=data.progress), num_subtypes=data.num_subtypes)
     cache_root = dataset_cache_root(data.cache_dir, index)
@@ -128,6 +138,22 @@ def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True) -> Prepare
             samples_per_case=data.fingerprint_samples_per_case, progress=progress, limits=limits)
     overrides = planning_cfg.pop("overrides", None) or {}
     plan = plan_experiment(fingerprint, planning_cfg, overrides)
+    return index, cache_root, fingerprint, plan, limits
+
+
+def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True) -> PreparedDataset:
+    """Run (or reuse) every step up to the cache for the dataset and planning configs.
+
+    Args:
+        data_cfg: the ``data`` config node (root, cache_dir, split, workers, limits, ...), read as changes to
+            conf/data/folder.yaml (:func:`~pancreas_mtl.dataset.settings.data_settings`).
+        planning_cfg: the ``planning`` config node (a preset from conf/planning/ plus overrides).
+    """
+    data = data_settings(data_cfg)
+    if data.shard:
+        raise ValueError(f"data.shard={data.shard} preprocesses one share of the cases (prepare_shard); "
+                         "a run that needs the whole dataset leaves data.shard unset")
+    index, cache_root, fingerprint, plan, limits = _plan_dataset(data, planning_cfg, progress)
     cached = build_cache(index, plan, cache_root, cases=index.labelled, num_workers=data.preprocessing_workers,
                          progress=progress, limits=limits)
     split = make_split(index, mode=data.split, fold=data.fold, num_folds=data.num_folds, seed=data.split_seed)
@@ -136,3 +162,24 @@ def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True) -> Prepare
              cache_root / plan.preprocessing_key())
     return PreparedDataset(index=index, fingerprint=fingerprint, plan=plan, cache_root=cache_root,
                            cases={entry.case_id: entry for entry in cached}, split=split)
+
+
+def prepare_shard(data_cfg, planning_cfg, *, progress: bool = True) -> list[CachedCase]:
+    """Preprocess one share of the labelled cases into the shared cache: ``data.shard=i/n`` takes every n-th
+    case from the i-th, in index order. Jobs for 0/n ... (n-1)/n together fill the cache that
+    :func:`prepare_dataset` then reuses; they may run at once (the fingerprint is computed once under the
+    cache's lock, entries are written atomically and a case belongs to one shard only).
+
+    ``python train.py prepare_only=true data.shard=i/n``; returns this shard's cached cases.
+    """
+    data = data_settings(data_cfg)
+    shard = parse_shard(data.shard)
+    if shard is None:
+        raise ValueError("prepare_shard needs data.shard=i/n")
+    index, cache_root, _, plan, limits = _plan_dataset(data, planning_cfg, progress)
+    cases = index.labelled[shard[0]::shard[1]]
+    cached = build_cache(index, plan, cache_root, cases=cases, num_workers=data.preprocessing_workers,
+                         progress=progress, limits=limits)
+    log.info("dataset %s, shard %d/%d: %d of %d labelled case(s) cached in %s", index.name, *shard, len(cached),
+             len(index.labelled), cache_root / plan.preprocessing_key())
+    return cached

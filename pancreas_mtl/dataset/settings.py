@@ -118,6 +118,7 @@ class DataSettings:
     preprocessing_workers: int = MISSING
     fingerprint_samples_per_case: int = MISSING
     progress: bool = MISSING
+    shard: Optional[str] = MISSING
     limits: dict[str, Any] = MISSING
     batch_size: Optional[int] = MISSING
     iterations_per_epoch: int = MISSING
