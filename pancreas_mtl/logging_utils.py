@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import netrc
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
 
 from pancreas_mtl.files import atomic_path
 from pancreas_mtl.planning.plan import LESION_LABEL
+from pancreas_mtl.tracking import resolve_wandb_offline
 
 log = logging.getLogger(__name__)
 
-WANDB_OFFLINE_MODES = ("offline", "dryrun", "disabled")
 _warned: set[str] = set()
 
 
@@ -39,35 +36,6 @@ def _warn_once(key: str, message: str) -> None:
 
 
 # --- loggers ----------------------------------------------------------------------------------------
-
-def wandb_credentials_available() -> bool:
-    """Whether ``wandb.init`` can authenticate: ``WANDB_API_KEY`` or an identity token file is set, or the
-    netrc file (``NETRC``, else ``~/.netrc``) has an entry for the W&B host (what ``wandb login`` writes)."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-    try:
-        return netrc.netrc(path).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def resolve_wandb_offline(requested: bool | str | None) -> bool:
-    """The W&B logger's ``offline`` flag: an explicit true/false is kept; ``auto`` (or null) is offline
-    when ``WANDB_MODE`` says so or when no credentials are found, online otherwise."""
-    if isinstance(requested, bool):
-        return requested
-    if requested not in (None, "auto"):
-        raise ValueError(f"logger offline must be true, false or auto, got {requested!r}")
-    if os.environ.get("WANDB_MODE", "").lower() in WANDB_OFFLINE_MODES:
-        return True
-    if wandb_credentials_available():
-        return False
-    log.warning("W&B: no API key (WANDB_API_KEY unset, no `wandb login`); logging offline. "
-                "Upload later with `wandb sync <run folder>/wandb/offline-run-*`")
-    return True
-
 
 def _swept_keys(hydra_cfg: Mapping) -> set[str] | None:
     """Keys a multirun varies: the sweep overrides of its command line (``<sweep dir>/multirun.yaml``,

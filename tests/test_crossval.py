@@ -202,3 +202,16 @@ def test_crossval_of_a_trained_two_fold_sweep(tmp_path):
     labelled = discover(result["dataset"]).labelled
     assert result["num_cases"] == len(labelled) == sum(len(fold["held_out"]) for fold in result["folds"])
     assert (sweep / "crossval" / "evaluation" / "summary.json").is_file()
+
+
+def test_crossval_logs_its_summary_as_a_wandb_run_of_the_sweeps_group(swept, monkeypatch, tmp_path):
+    a, _ = swept
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "crossval"
+    assert main(["crossval", f"multirun={a}", f"out={out}", "device=cpu", "wandb=true", *QUIET]) == 0
+    [run_file] = list((out / "wandb").glob("offline-run-*/*.wandb"))
+    blob = run_file.read_bytes()  # the offline run's records (protobuf: strings stay readable)
+    # job_type and name "crossval", the group of the sweep's training runs, the scores and the per-case table
+    for expected in (b"crossval", f"train_{a.name}".encode(), b"crossval/combined", b"per_case"):
+        assert expected in blob, expected

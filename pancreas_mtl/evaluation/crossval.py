@@ -40,6 +40,7 @@ from pancreas_mtl.inference.output_folder import SUBTYPE_PROBABILITIES, SUBTYPE_
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.runner import predict_cases, read_records
 from pancreas_mtl.inference.sources import find_cases
+from pancreas_mtl.tracking import log_summary_run
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class CrossvalConfig:
     plots: bool = MISSING
     workers: int = MISSING
     progress: bool = MISSING
+    wandb: bool = MISSING
+    wandb_project: str = MISSING
 
 
 @dataclass
@@ -295,7 +298,23 @@ def run_crossval(cfg) -> dict:
               "split": {key: runs[0].data.get(key) for key in SHARED_DATA_KEYS},
               "ensemble": str(ensemble), "scores": headline_scores(evaluation.summary)}
     save_json(result, out / SUMMARY_FILE)
+    if cfg.wandb:
+        log_crossval_run(out, multirun, result, evaluation.rows, cfg.wandb_project)
     return result
+
+
+def log_crossval_run(out: Path, multirun: Path, result: Mapping, rows: Sequence[Mapping], project: str) -> Path:
+    """The cross-validated summary as a W&B run of its own (job_type crossval) in the sweep's group, the
+    group its training jobs logged to (``{task_name}_{sweep folder}``); the per-case table beside it."""
+    job_config = yaml.safe_load((job_dirs(multirun)[0] / ".hydra" / "config.yaml").read_text()) or {}
+    group = f"{job_config.get('task_name', 'train')}_{multirun.name}"
+    columns = sorted({key for row in rows for key in row})
+    table = (columns, [[row.get(key) for key in columns] for row in rows])
+    config = {"multirun": str(multirun), "inference": result["inference"], "num_cases": result["num_cases"],
+              "folds": [fold["fold"] for fold in result["folds"]]}
+    return log_summary_run(out, project=project, group=group, name="crossval", job_type="crossval", config=config,
+                           summary={f"crossval/{key}": value for key, value in result["scores"].items()},
+                           table=table)
 
 
 def read_crossval(folder: str | Path) -> dict:
