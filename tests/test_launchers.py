@@ -3,6 +3,7 @@ preprocessing shards, and the W&B group / name / job_type of the runs of one swe
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -211,11 +212,17 @@ BASE = ["experiment=cpu_demo", "data.synthetic.size=tiny", "debug=fdr", "logger=
         "data.progress=false", "callbacks.rich_progress_bar=null", "callbacks.rich_model_summary=null"]
 
 
-def multirun(tmp_path, *overrides):
+# a short real training (fast_dev_run writes no checkpoint to cross-validate)
+TRAIN = [*(o for o in BASE if o != "debug=fdr"), "data.num_workers=0", "data.persistent_workers=false",
+         "trainer.max_epochs=1", "data.iterations_per_epoch=2", "trainer.check_val_every_n_epoch=1",
+         "trainer.num_sanity_val_steps=0", "trainer.precision=32-true"]
+
+
+def multirun(tmp_path, *overrides, base=BASE, task="debug"):
     """Run ``train.py -m hydra/launcher=local`` and return its new sweep folder."""
-    sweeps = tmp_path / "runs" / "debug" / "multirun"
+    sweeps = tmp_path / "runs" / task / "multirun"
     before = set(sweeps.iterdir()) if sweeps.is_dir() else set()
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=local", *BASE,
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "-m", "hydra/launcher=local", *base,
                f"paths.output_root={tmp_path}", *overrides]
     result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -237,13 +244,27 @@ def test_shards_then_two_fold_multirun_through_submitit_local(tmp_path):
     written = {path: path.stat().st_mtime_ns for path in entries}
     assert len(list(shard_sweep.glob(".submitit/*/*_result.pkl"))) == 2
 
-    sweep = multirun(tmp_path, "data.split=kfold", "data.num_folds=2", "data.fold=0,1")
+    sweep = multirun(tmp_path, "data.split=kfold", "data.num_folds=2", "data.fold=0,1", base=TRAIN, task="cpu_demo")
     jobs = sorted(path for path in sweep.iterdir() if path.is_dir() and not path.name.startswith("."))
     assert [job.name for job in jobs] == ["0", "1"]
     for fold, job in enumerate(jobs):
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         assert (config["data"]["split"], config["data"]["fold"]) == ("kfold", fold)
-        for name in ("plan.json", "fingerprint.json", "run_info.json", "debug.log"):
+        for name in ("plan.json", "fingerprint.json", "run_info.json", "cpu_demo.log", "checkpoints/last.ckpt"):
             assert (job / name).is_file(), job / name
     assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # two submitit jobs, each its own process
     assert {path: path.stat().st_mtime_ns for path in entries} == written  # the shards' entries were reused
+
+    # the fold set cross-validated in one command, and its ensemble predicts with predict.py
+    from pancreas_mtl.cli import main as cli_main
+    from tests.predict_helpers import run_predict, write_cases
+
+    assert cli_main(["crossval", f"multirun={sweep}", "device=cpu", "bootstrap=20", "plots=false",
+                     "progress=false"]) == 0
+    result = json.loads((sweep / "crossval" / "crossval.json").read_text())
+    assert [fold["fold"] for fold in result["folds"]] == [0, 1] and result["num_cases"] > 0
+    assert (sweep / "crossval" / "evaluation" / "summary.json").is_file()
+    names = write_cases(tmp_path / "new_cases", count=1)
+    summary = run_predict([f"ckpt={sweep / 'crossval' / 'ensemble.yaml'}", f"input={tmp_path / 'new_cases'}",
+                           f"output={tmp_path / 'new_predictions'}"])
+    assert summary.predicted == names and summary.exit_code == 0
