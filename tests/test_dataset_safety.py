@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,28 @@ def test_a_python_config_without_source(tmp_path, distributed_dataset, recorded_
     assert recorded_generator == [fresh]
     with pytest.raises(ValueError, match="data.source"):
         dataset_root({"root": str(fresh), "source": "nnunet"})
+
+
+GENERATE_SCRIPT = """
+import sys
+from pancreas_mtl.dataset.prepare import dataset_root
+print(dataset_root({"root": sys.argv[1], "synthetic": {"size": "tiny", "seed": 0}}, progress=False))
+"""
+
+
+@pytest.mark.slow
+def test_jobs_starting_together_generate_the_synthetic_set_once(tmp_path):
+    # the jobs of a multirun (folds, preprocessing shards) all find the set missing at their start
+    import subprocess
+    import sys
+
+    from pancreas_mtl.synthetic.generator import MARKER_FILE
+
+    root = tmp_path / "data" / "synthetic_tiny"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    jobs = [subprocess.Popen([sys.executable, "-c", GENERATE_SCRIPT, str(root)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [job.communicate(timeout=300) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), [err[-2000:] for _, err in results]
+    marker = json.loads((root / MARKER_FILE).read_text())
+    assert marker["complete"] and all((root / name).is_file() for name in marker["files"])
