@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -105,3 +106,18 @@ def test_atomic_write_raises_the_write_error_not_the_clean_up_error(tmp_path, mo
     with pytest.raises(ZeroDivisionError):
         with atomic_path(tmp_path / "file.txt"):
             raise ZeroDivisionError
+
+
+def test_a_record_listing_other_files_never_gets_them_removed(tmp_path, cases):
+    folder, names = cases
+    first = save_checkpoint(tmp_path / "a.ckpt", tiny_plan(), class_bias=[3.0, 0.0, 0.0])
+    second = save_checkpoint(tmp_path / "b.ckpt", tiny_plan(), class_bias=[0.0, 0.0, 3.0])
+    out = tmp_path / "pred"
+    run_predict(_args(first, folder, out))
+    (out / "notes.txt").write_text("kept")
+    record = out / ".records" / f"{names[0]}.json"
+    edited = json.loads(record.read_text())
+    edited["files"] = [f"{names[0]}.nii.gz", "notes.txt", "../a.ckpt"]
+    record.write_text(json.dumps(edited))
+    run_predict(_args(second, folder, out, "overwrite=true"))  # removes the earlier model's files
+    assert (out / "notes.txt").read_text() == "kept" and first.is_file()

@@ -73,9 +73,11 @@ def case_records(output_dir: str | Path) -> dict[str, dict]:
 
 
 def written_files(output_dir: Path, case_id: str, record: Mapping) -> list[Path]:
-    """The files a case record says this tool wrote (the mask, and the probabilities when saved)."""
-    names = record.get("files") or [record.get("mask") or mask_name(case_id), probabilities_name(case_id)]
-    return [output_dir / name for name in names if name and "/" not in name and name not in ("..", ".")]
+    """The files a case record says this tool wrote: its mask, and its probabilities when saved. Only those
+    two names count, whatever else a (damaged or edited) record lists, so nothing else is ever removed."""
+    own = (mask_name(case_id), probabilities_name(case_id))
+    names = record.get("files") or list(own)
+    return [output_dir / name for name in own if name in names]
 
 
 def is_finished(output_dir: Path, case_id: str, save_probabilities: bool) -> bool:
