@@ -20,13 +20,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from pancreas_mtl.checkpointing import AtomicCheckpointIO
 from pancreas_mtl.dataset.datamodule import PancreasDataModule
 from pancreas_mtl.dataset.prepare import prepare_dataset, prepare_shard
 from pancreas_mtl.devices import set_tf32
 from pancreas_mtl.files import save_json
 from pancreas_mtl.inference.checkpoint import read_checkpoint
 from pancreas_mtl.logging_utils import build_loggers
-from pancreas_mtl.module import AtomicCheckpointIO, build_module
+from pancreas_mtl.module import build_module
 from pancreas_mtl.planning.planner import describe_plan
 from pancreas_mtl.run_info import write_run_info
 

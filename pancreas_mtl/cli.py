@@ -80,7 +80,7 @@ def run_generate(cfg: DictConfig) -> int:
 
 
 def run_convert(cfg: DictConfig) -> int:
-    from pancreas_mtl.data.layout import convert_to_nnunet
+    from pancreas_mtl.data.convert import convert_to_nnunet
 
     index = convert_to_nnunet(cfg.source, cfg.destination, dataset_name=cfg.name, link=cfg.link,
                               overwrite=cfg.overwrite)

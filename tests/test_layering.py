@@ -24,7 +24,7 @@ LAYERS = [
     ("models and losses", {"models", "losses", "optim"}),
     ("inference", {"inference"}),
     ("evaluation", {"evaluation"}),
-    ("training", {"module", "logging_utils"}),
+    ("training", {"module", "logging_utils", "checkpointing"}),
 ]
 ENTRY_POINTS = {"cli", "evaluate", "__init__"}
 

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from pancreas_mtl.checkpointing import AtomicCheckpointIO, step_checkpoint
 from pancreas_mtl.data.checks import load_case
 from pancreas_mtl.data.errors import DataError
 from pancreas_mtl.data.io import read_volume, write_nifti
@@ -35,7 +36,7 @@ from pancreas_mtl.inference.runner import predict_cases
 from pancreas_mtl.inference.sliding_window import OutOfMemoryError, _Stitcher, predict_windows
 from pancreas_mtl.inference.sources import find_cases
 from pancreas_mtl.models.multitask import build_model
-from pancreas_mtl.module import AtomicCheckpointIO, build_module, step_checkpoint
+from pancreas_mtl.module import build_module
 from pancreas_mtl.planning.fingerprint import compute_fingerprint
 from tests.conftest import lps_affine, make_case_arrays
 from tests.predict_helpers import CONF, Pointwise, save_checkpoint, tiny_plan

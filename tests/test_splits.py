@@ -2,7 +2,8 @@
 
 import pytest
 
-from pancreas_mtl.data.layout import Case, DatasetIndex, convert_to_nnunet, discover
+from pancreas_mtl.data.convert import convert_to_nnunet
+from pancreas_mtl.data.layout import Case, DatasetIndex, discover
 from pancreas_mtl.data.splits import make_split, stratified_folds
 
 
