@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pancreas_mtl.models import LesionAttentionHead, MultiTaskNet, UNetOutput
-from pancreas_mtl.models.heads import jitter_mask, lesion_image_statistics, lesion_regions
+from pancreas_mtl.models.pooling import jitter_mask, lesion_image_statistics, lesion_regions
 from tests.test_models import PATCH, tiny_net
 
 

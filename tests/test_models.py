@@ -258,7 +258,7 @@ def compose_model(*overrides: str):
         return compose(config_name="default", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("head", ["none", *HEADS])
+@pytest.mark.parametrize("head", ["none", *HEADS, "multistage_paper"])
 def test_build_model_from_every_head_config(head, image):
     cfg = compose_model(f"head={head}")
     model = build_model(cfg, tiny_plan())
@@ -266,7 +266,9 @@ def test_build_model_from_every_head_config(head, image):
     if head == "none":
         assert model.head is None
         return
-    assert type(model.head) is HEADS[head]
+    assert type(model.head) is HEADS.get(head, MultiStageHead)
+    # PANDA's own head pools the whole patch; ours pool where the network sees the lesion
+    assert model.head.region_guide.region == ("patch" if head == "multistage_paper" else "lesion")
     assert model.head.decoder_channels == model.backbone.decoder_channels
     seg, logits = model(image)
     assert logits.shape == (2, 3) and len(seg) == 3

@@ -8,6 +8,13 @@ segmentation logits highest resolution first). ``decoder_channels`` are the chan
 (``loss_kind``: "ce" for softmax cross-entropy, "bce" for one-vs-rest binary cross-entropy) and turns
 logits into class probabilities with ``probabilities``. Segmentation only is no head at all (None).
 
+Where the PANDA-family heads (single stage, multi-stage, one-vs-rest) pool is their ``region``:
+``patch`` pools the whole patch (PANDA's global pooling), ``lesion`` pools where the network predicts
+the lesion, ``pancreas`` where it predicts pancreas or lesion (:class:`RegionGuide`; in training a share
+of the samples follow the true mask instead). A lesion is a few percent of a patch's voxels, and a
+global maximum over features trained for segmentation mostly reports the organ's boundaries, not the
+lesion's texture: pooled over the patch, these heads stay at chance on the synthetic set.
+
 Adding a head: one class here with that constructor and call, plus ``conf/model/head/<name>.yaml``.
 """
 
@@ -20,72 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pancreas_mtl.models.pooling import (
+    IMAGE_STATISTICS,
+    POOLINGS,
+    RegionGuide,
+    global_pool,
+    lesion_image_statistics,
+    lesion_regions,
+    region_pool,
+)
 from pancreas_mtl.models.resenc_unet import UNetOutput
 from pancreas_mtl.planning.plan import LESION_LABEL
 
-POOLINGS = ("max", "avg", "avgmax")
 LESION_POOLINGS = ("mean", "meanmax", "regions")
-
-
-def global_pool(features: Tensor, pool: str) -> Tensor:
-    """features (B, C, Z, Y, X) -> (B, C) by global max, average, or their mean ("avgmax")."""
-    flat = features.flatten(2)
-    if pool == "max":
-        return flat.amax(dim=2)
-    if pool == "avg":
-        return flat.mean(dim=2)
-    return 0.5 * (flat.amax(dim=2) + flat.mean(dim=2))
-
-
-def lesion_regions(lesion: Tensor) -> Tensor:
-    """A lesion map (B, 1, Z, Y, X) in [0, 1] -> (B, 3, Z, Y, X): its core (eroded by one voxel), its
-    rim (the lesion less the core) and the ring of one voxel around it (dilation less the lesion).
-    Erosion and dilation are 3 x 3 x 3 min and max filters, so soft maps stay soft."""
-    dilated = F.max_pool3d(lesion, kernel_size=3, stride=1, padding=1)
-    core = -F.max_pool3d(-lesion, kernel_size=3, stride=1, padding=1)
-    return torch.cat([core, (lesion - core).clamp_min(0.0), (dilated - lesion).clamp_min(0.0)], dim=1)
-
-
-def jitter_mask(mask: Tensor, voxels: int) -> Tensor:
-    """mask (B, 1, Z, Y, X) in [0, 1] -> each sample eroded, kept or dilated (equal chance) by
-    ``voxels`` voxels (cubic max / min filters)."""
-    if voxels <= 0:
-        return mask
-    size = 2 * voxels + 1
-    dilated = F.max_pool3d(mask, kernel_size=size, stride=1, padding=voxels)
-    eroded = -F.max_pool3d(-mask, kernel_size=size, stride=1, padding=voxels)
-    choice = torch.randint(0, 3, (mask.shape[0], 1, 1, 1, 1), device=mask.device)
-    return torch.where(choice == 0, eroded, torch.where(choice == 1, mask, dilated))
-
-
-IMAGE_STATISTICS = 7  # per input channel, see lesion_image_statistics
-
-
-def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
-    """values (B, C, N), weights (B, N) >= 0 -> (B, C); uniform where the weights sum to ~0."""
-    total = weights.sum(dim=1, keepdim=True)
-    weights = torch.where(total > 1e-6, weights / total.clamp_min(1e-6), torch.full_like(weights, 1 / weights.shape[1]))
-    return torch.einsum("bn,bcn->bc", weights, values)
-
-
-def lesion_image_statistics(image: Tensor, lesion: Tensor) -> Tensor:
-    """The input under a lesion map, as a radiologist reads it: image (B, C, Z, Y, X) and lesion map
-    (B, 1, Z, Y, X) in [0, 1] -> (B, 7 * C) float32, per channel: the lesion's mean and standard
-    deviation, core minus rim (an enhancing wall), lesion minus the ring around it (attenuation against
-    the neighbouring tissue), and the mean gradient magnitude (per voxel) over the lesion, its core and
-    its rim (septa and texture versus a smooth interior). Regions as in ``lesion_regions``."""
-    image = image.float()
-    batch, channels = image.shape[:2]
-    core, rim, ring = lesion_regions(lesion.float()).flatten(2).unbind(dim=1)   # each (B, N)
-    whole = lesion.float().flatten(1)
-    gradient = torch.stack(torch.gradient(image, dim=(2, 3, 4)), dim=0).pow(2).sum(dim=0).sqrt().flatten(2)
-    values = image.flatten(2)
-    mean = _weighted_mean(values, whole)
-    spread = (_weighted_mean(values.pow(2), whole) - mean.pow(2)).clamp_min(0.0).add(1e-6).sqrt()
-    features = [mean, spread, _weighted_mean(values, core) - _weighted_mean(values, rim),
-                mean - _weighted_mean(values, ring), _weighted_mean(gradient, whole),
-                _weighted_mean(gradient, core), _weighted_mean(gradient, rim)]
-    return torch.stack(features, dim=2).reshape(batch, channels * IMAGE_STATISTICS)
+STATISTICS_FEATURES = 64  # width of the image statistics' projection in the PANDA-family heads
 
 
 def _check_pool(pool: str) -> str:
@@ -130,7 +85,47 @@ class ClassificationHead(nn.Module):
         return logits.float().softmax(dim=-1)
 
 
-class SingleStageHead(ClassificationHead):
+class GuidedHead(ClassificationHead):
+    """Base of the PANDA-family heads: pools over a :class:`RegionGuide`'s region, and optionally describes
+    the input image under it (``lesion_image_statistics``, projected to ``statistics_features``) next to
+    the pooled decoder features.
+
+    Args:
+        decoder_channels, num_subtypes: see ``ClassificationHead``.
+        region, lesion_channel, truth_guidance, truth_jitter: see :class:`RegionGuide`.
+        image_statistics: also describe the input image under the region (not with region "patch").
+        statistics_features: width of the image statistics' projection.
+        input_channels: channels of the input image (from the plan).
+    """
+
+    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, region: str = "patch",
+                 lesion_channel: int = LESION_LABEL, truth_guidance: float = 0.0, truth_jitter: int = 0,
+                 image_statistics: bool = False, statistics_features: int = 64, input_channels: int = 1):
+        super().__init__(decoder_channels, num_subtypes)
+        self.region_guide = RegionGuide(region, lesion_channel, truth_guidance, truth_jitter)
+        if image_statistics and region == "patch":
+            raise ValueError("image_statistics describe the image under a region: set region to lesion or pancreas")
+        self.uses_lesion_mask = self.region_guide.uses_lesion_mask
+        self.uses_image = bool(image_statistics)
+        self.image_project = (nn.Linear(IMAGE_STATISTICS * int(input_channels), statistics_features)
+                              if self.uses_image else None)
+        self.statistics_features = statistics_features if self.uses_image else 0
+
+    def pool(self, features: Tensor, guide: Tensor | None, pool: str) -> Tensor:
+        """features (B, C, z, y, x) -> (B, C) over the guide's region (the whole patch without one)."""
+        return global_pool(features, pool) if guide is None else region_pool(features, guide, pool)
+
+    def with_statistics(self, pooled: Tensor, guide: Tensor | None, image: Tensor | None) -> Tensor:
+        """``pooled`` (B, F) joined by the projected image statistics under ``guide`` when configured."""
+        if not self.uses_image:
+            return pooled
+        if image is None:
+            raise ValueError("this head describes the input image (image_statistics: true); pass image=")
+        statistics = lesion_image_statistics(image, guide).to(pooled.dtype)
+        return torch.cat([pooled, F.leaky_relu(self.image_project(statistics), 1e-2)], dim=1)
+
+
+class SingleStageHead(GuidedHead):
     """Global pooling on one decoder stage (default the last, full resolution) and a classifier.
 
     Args:
@@ -139,22 +134,33 @@ class SingleStageHead(ClassificationHead):
         pool: "max" (PANDA), "avg" or "avgmax".
         hidden: hidden units of the classifier, 0 for a single linear layer.
         dropout: dropout before each linear layer of the classifier.
+        region, lesion_channel, truth_guidance, truth_jitter, image_statistics, input_channels: where
+            to pool and what else to read (:class:`GuidedHead`); the defaults are PANDA's whole patch.
     """
 
     def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage: int = -1, pool: str = "max",
-                 hidden: int = 0, dropout: float = 0.0):
-        super().__init__(decoder_channels, num_subtypes)
+                 hidden: int = 0, dropout: float = 0.0, region: str = "patch", lesion_channel: int = LESION_LABEL,
+                 truth_guidance: float = 0.0, truth_jitter: int = 0, image_statistics: bool = False,
+                 input_channels: int = 1):
+        super().__init__(decoder_channels, num_subtypes, region=region, lesion_channel=lesion_channel,
+                         truth_guidance=truth_guidance, truth_jitter=truth_jitter,
+                         image_statistics=image_statistics, statistics_features=STATISTICS_FEATURES,
+                         input_channels=input_channels)
         self.stage = range(len(self.decoder_channels))[stage]  # IndexError names a bad index
-        self.pool = _check_pool(pool)
-        self.classifier = classifier_mlp(self.decoder_channels[self.stage], num_subtypes, hidden, dropout)
+        self.pool_kind = _check_pool(pool)
+        self.classifier = classifier_mlp(self.decoder_channels[self.stage] + self.statistics_features,
+                                         num_subtypes, hidden, dropout)
 
-    def forward(self, unet: UNetOutput) -> Tensor:
-        """unet: the backbone's output -> class logits (B, num_subtypes)."""
-        return self.classifier(global_pool(unet.decoder_features[self.stage], self.pool))
+    def forward(self, unet: UNetOutput, lesion_mask: Tensor | None = None, image: Tensor | None = None) -> Tensor:
+        """unet: the backbone's output [, the true lesion in training, the input image] -> class logits (B, K)."""
+        guide = self.region_guide(unet.seg_logits[0], lesion_mask)
+        pooled = self.pool(unet.decoder_features[self.stage], guide, self.pool_kind)
+        return self.classifier(self.with_statistics(pooled, guide, image))
 
 
 class StagePooling(nn.Module):
-    """Global pooling plus Linear -> LeakyReLU on every decoder stage; returns (B, n_stages, features)."""
+    """Pooling (global, or over a guide's region) plus Linear -> LeakyReLU on every decoder stage; returns
+    (B, n_stages, features)."""
 
     def __init__(self, decoder_channels: Sequence[int], stage_features: int, pool: str = "max"):
         super().__init__()
@@ -162,12 +168,13 @@ class StagePooling(nn.Module):
         self.project = nn.ModuleList([nn.Linear(c, stage_features) for c in decoder_channels])
         self.act = nn.LeakyReLU(1e-2)
 
-    def forward(self, decoder_features: Sequence[Tensor]) -> Tensor:
-        return torch.stack([self.act(project(global_pool(f, self.pool)))
-                            for project, f in zip(self.project, decoder_features)], dim=1)
+    def forward(self, decoder_features: Sequence[Tensor], guide: Tensor | None = None) -> Tensor:
+        pooled = [global_pool(f, self.pool) if guide is None else region_pool(f, guide, self.pool)
+                  for f in decoder_features]
+        return torch.stack([self.act(project(p)) for project, p in zip(self.project, pooled)], dim=1)
 
 
-class MultiStageHead(ClassificationHead):
+class MultiStageHead(GuidedHead):
     """PANDA's multi-stage head: global max pool + linear on every decoder stage, concatenated, then
     a classifier MLP (REFERENCE section 3; trained with 0.3 x cross-entropy next to the segmentation loss).
 
@@ -177,21 +184,30 @@ class MultiStageHead(ClassificationHead):
         hidden: hidden units of the classifier MLP, 0 for a single linear layer.
         dropout: dropout before each linear layer of the classifier.
         pool: "max" (PANDA), "avg" or "avgmax".
+        region, lesion_channel, truth_guidance, truth_jitter, image_statistics, input_channels: where
+            to pool and what else to read (:class:`GuidedHead`); the defaults are PANDA's whole patch.
     """
 
     def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage_features: int = 64,
-                 hidden: int = 128, dropout: float = 0.2, pool: str = "max"):
-        super().__init__(decoder_channels, num_subtypes)
+                 hidden: int = 128, dropout: float = 0.2, pool: str = "max", region: str = "patch", lesion_channel: int = LESION_LABEL,
+                 truth_guidance: float = 0.0, truth_jitter: int = 0, image_statistics: bool = False,
+                 input_channels: int = 1):
+        super().__init__(decoder_channels, num_subtypes, region=region, lesion_channel=lesion_channel,
+                         truth_guidance=truth_guidance, truth_jitter=truth_jitter,
+                         image_statistics=image_statistics, statistics_features=STATISTICS_FEATURES,
+                         input_channels=input_channels)
         self.stages = StagePooling(self.decoder_channels, stage_features, pool)
-        self.classifier = classifier_mlp(stage_features * len(self.decoder_channels), num_subtypes, hidden,
-                                         dropout)
+        self.classifier = classifier_mlp(stage_features * len(self.decoder_channels) + self.statistics_features,
+                                         num_subtypes, hidden, dropout)
 
-    def forward(self, unet: UNetOutput) -> Tensor:
-        """unet: the backbone's output -> class logits (B, num_subtypes)."""
-        return self.classifier(self.stages(unet.decoder_features).flatten(1))
+    def forward(self, unet: UNetOutput, lesion_mask: Tensor | None = None, image: Tensor | None = None) -> Tensor:
+        """unet: the backbone's output [, the true lesion in training, the input image] -> class logits (B, K)."""
+        guide = self.region_guide(unet.seg_logits[0], lesion_mask)
+        pooled = self.stages(unet.decoder_features, guide).flatten(1)
+        return self.classifier(self.with_statistics(pooled, guide, image))
 
 
-class OneVsRestHead(ClassificationHead):
+class OneVsRestHead(GuidedHead):
     """One binary classifier per subtype ("is it subtype k?") on the multi-stage pooled features.
 
     Returns (B, K) independent logits meant for ``BCEWithLogitsLoss`` against one-hot targets. For
@@ -204,21 +220,30 @@ class OneVsRestHead(ClassificationHead):
         hidden: hidden units of each binary head, 0 for a single linear layer.
         dropout: dropout before each linear layer.
         pool: "max", "avg" or "avgmax".
+        region, lesion_channel, truth_guidance, truth_jitter, image_statistics, input_channels: where
+            to pool and what else to read (:class:`GuidedHead`); the defaults are the whole patch.
     """
 
     loss_kind = "bce"
 
     def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage_features: int = 64,
-                 hidden: int = 64, dropout: float = 0.2, pool: str = "max"):
-        super().__init__(decoder_channels, num_subtypes)
+                 hidden: int = 64, dropout: float = 0.2, pool: str = "max", region: str = "patch", lesion_channel: int = LESION_LABEL,
+                 truth_guidance: float = 0.0, truth_jitter: int = 0, image_statistics: bool = False,
+                 input_channels: int = 1):
+        super().__init__(decoder_channels, num_subtypes, region=region, lesion_channel=lesion_channel,
+                         truth_guidance=truth_guidance, truth_jitter=truth_jitter,
+                         image_statistics=image_statistics, statistics_features=STATISTICS_FEATURES,
+                         input_channels=input_channels)
         self.stages = StagePooling(self.decoder_channels, stage_features, pool)
-        in_features = stage_features * len(self.decoder_channels)
+        in_features = stage_features * len(self.decoder_channels) + self.statistics_features
         self.binary_heads = nn.ModuleList([classifier_mlp(in_features, 1, hidden, dropout)
                                            for _ in range(num_subtypes)])
 
-    def forward(self, unet: UNetOutput) -> Tensor:
-        """unet: the backbone's output -> one binary logit per subtype (B, num_subtypes)."""
-        pooled = self.stages(unet.decoder_features).flatten(1)
+    def forward(self, unet: UNetOutput, lesion_mask: Tensor | None = None, image: Tensor | None = None) -> Tensor:
+        """unet: the backbone's output [, the true lesion in training, the input image] -> one binary logit
+        per subtype (B, num_subtypes)."""
+        guide = self.region_guide(unet.seg_logits[0], lesion_mask)
+        pooled = self.with_statistics(self.stages(unet.decoder_features, guide).flatten(1), guide, image)
         return torch.cat([head(pooled) for head in self.binary_heads], dim=1)
 
     def probabilities(self, logits: Tensor) -> Tensor:
@@ -288,14 +313,9 @@ class LesionAttentionHead(ClassificationHead):
         self.pool = pool
         if init_temperature <= 0:
             raise ValueError(f"init_temperature must be positive, got {init_temperature}")
-        if not 0.0 <= truth_guidance <= 1.0:
-            raise ValueError(f"truth_guidance is a share of samples in [0, 1], got {truth_guidance}")
+        self.region_guide = RegionGuide("lesion", lesion_channel, truth_guidance, truth_jitter, detach_attention)
         self.lesion_channel = int(lesion_channel)
         self.detach_attention = bool(detach_attention)
-        self.truth_guidance = float(truth_guidance)
-        if truth_jitter < 0:
-            raise ValueError(f"truth_jitter is a number of voxels >= 0, got {truth_jitter}")
-        self.truth_jitter = int(truth_jitter)
         log_t = torch.full((len(self.decoder_channels),), math.log(init_temperature))
         self.log_temperature = nn.Parameter(log_t, requires_grad=learn_temperature)
         widen = {"mean": 1, "meanmax": 2, "regions": 3}[pool]
@@ -307,13 +327,25 @@ class LesionAttentionHead(ClassificationHead):
         widths = stage_features * (2 if self.uses_image else 1)
         self.classifier = classifier_mlp(widths, num_subtypes, hidden, dropout)
 
+    @property
+    def truth_guidance(self) -> float:
+        return self.region_guide.truth_guidance
+
+    @truth_guidance.setter
+    def truth_guidance(self, share: float) -> None:
+        self.region_guide.truth_guidance = float(share)
+
+    @property
+    def truth_jitter(self) -> int:
+        return self.region_guide.truth_jitter
+
+    @truth_jitter.setter
+    def truth_jitter(self, voxels: int) -> None:
+        self.region_guide.truth_jitter = int(voxels)
+
     def lesion_probability(self, seg_logits: Tensor) -> Tensor:
         """seg_logits (B, K, Z, Y, X) -> lesion probability (B, 1, Z, Y, X), float32."""
-        if seg_logits.shape[1] <= self.lesion_channel:
-            raise ValueError(f"segmentation logits have {seg_logits.shape[1]} channels, the lesion is channel "
-                             f"{self.lesion_channel}")
-        probability = seg_logits.float().softmax(dim=1)[:, self.lesion_channel:self.lesion_channel + 1]
-        return probability.detach() if self.detach_attention else probability
+        return self.region_guide.predicted(seg_logits)
 
     def attention_weights(self, lesion_probability: Tensor, stage: int) -> Tensor:
         """lesion_probability (B, 1, z, y, x) at the stage's resolution -> voxel weights (B, z*y*x) summing to 1."""
@@ -325,15 +357,7 @@ class LesionAttentionHead(ClassificationHead):
     def guide(self, seg_logits: Tensor, lesion_mask: Tensor | None) -> Tensor:
         """The map the pooling follows (B, 1, Z, Y, X): the predicted lesion probability, or for a
         ``truth_guidance`` share of the samples in training the true ``lesion_mask`` (B, 1, Z, Y, X)."""
-        probability = self.lesion_probability(seg_logits)
-        if lesion_mask is None or not self.training or self.truth_guidance <= 0:
-            return probability
-        if lesion_mask.shape[2:] != probability.shape[2:]:
-            raise ValueError(f"lesion_mask has spatial shape {tuple(lesion_mask.shape[2:])}, the segmentation "
-                             f"logits {tuple(probability.shape[2:])}")
-        chosen = torch.rand(probability.shape[0], device=probability.device) < self.truth_guidance
-        truth = jitter_mask(lesion_mask.to(probability.dtype), self.truth_jitter)
-        return torch.where(chosen.view(-1, 1, 1, 1, 1), truth, probability)
+        return self.region_guide(seg_logits, lesion_mask)
 
     def pool_stage(self, features: Tensor, guide: Tensor, stage: int) -> Tensor:
         """features (B, C, z, y, x) and the guide map(s) (B, R, Z, Y, X) at full resolution -> the
