@@ -48,7 +48,8 @@ from pancreas_mtl.synthetic.lesion import (
     pancreas_around_lesion,
 )
 
-GENERATOR_VERSION = 3  # bump whenever the same config would give other images
+GENERATOR_VERSION = 4  # bump whenever the same config would give other images, or a preset changes
+# (4: the default preset's test split grew from 12 to 60 cases; a stale set is regenerated, listed files only)
 MARKER_FILE = "synthetic.json"        # the manifest: version, config, files; "complete" set last
 TEST_LABELS_DIR = "test_labels"       # test masks and subtypes, out of discovery's way
 FLOAT_MASK_PANCREAS = 1.0000153       # the real masks' quirk: label 1 stored as this float
@@ -73,7 +74,7 @@ class SyntheticConfig:
     seed: int = 0
     train_counts: tuple[int, ...] = (50, 50, 50)        # cases per subtype
     validation_counts: tuple[int, ...] = (10, 10, 10)
-    test_counts: tuple[int, ...] = (4, 4, 4)
+    test_counts: tuple[int, ...] = (20, 20, 20)
     float_mask_fraction: float = 0.0                   # masks stored as float32 with pancreas = 1.0000153
     # geometry: field of view in mm and voxel size, per case; shape = fov / spacing
     fov_x_mm: Range = (120.0, 150.0)
