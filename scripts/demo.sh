@@ -12,8 +12,10 @@ data="$outputs/data/synthetic_default"
 "$py" train.py experiment=cpu_demo "$@"
 run=$(ls -td "$outputs"/runs/cpu_demo/*/ | head -n 1)
 run=${run%/}
-ckpt="$run/checkpoints/last.ckpt"
-echo "demo: trained $run"
+# the checkpoint the inner validation split chose (data.inner_validation), else the last one
+ckpt=$(ls "$run"/checkpoints/epoch*-select*.ckpt 2>/dev/null | tail -n 1)
+ckpt=${ckpt:-$run/checkpoints/last.ckpt}
+echo "demo: trained $run, predicting with $ckpt"
 
 "$py" predict.py ckpt="$ckpt" input="$data/test" output="$run/predictions/test"
 "$py" predict.py ckpt="$ckpt" input="$data/validation" output="$run/predictions/validation"

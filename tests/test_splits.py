@@ -4,7 +4,7 @@ import pytest
 
 from pancreas_mtl.data.convert import convert_to_nnunet
 from pancreas_mtl.data.layout import Case, DatasetIndex, discover
-from pancreas_mtl.data.splits import make_split, stratified_folds
+from pancreas_mtl.data.splits import carve_inner, make_split, stratified_folds
 
 
 def _index(num_per_subtype=(5, 10, 8)):
@@ -31,6 +31,41 @@ def test_kfold_split_selects_the_fold():
     assert len(split.train) + len(split.val) == 23
     with pytest.raises(ValueError, match="fold must be in 0..4"):
         make_split(_index(), mode="kfold", fold=5)
+
+
+def test_inner_validation_is_carved_from_training_stratified_and_seeded():
+    index = _index((20, 20, 20))
+    split = make_split(index, mode="kfold", fold=0)
+    carved = carve_inner(split, index.labelled, 9, seed=3)
+    assert len(carved.inner) == 9 and carved.val == split.val
+    assert sorted(carved.train + carved.inner) == split.train and not set(carved.train) & set(carved.inner)
+    assert [sum(cid.startswith(f"c{s}_") for cid in carved.inner) for s in range(3)] == [3, 3, 3]
+    assert carved.inner == carve_inner(split, index.labelled, 9, seed=3).inner
+    assert carved.inner != carve_inner(split, index.labelled, 9, seed=4).inner
+    assert "inner validation 9" in carved.source
+    assert carve_inner(split, index.labelled, 0, seed=3) is split
+
+
+def test_inner_validation_shares_follow_the_subtypes_and_leave_cases_to_train_on():
+    index = _index((2, 10, 30))
+    split = make_split(index, mode="kfold", fold=0, num_folds=2)
+    carved = carve_inner(split, index.labelled, 6, seed=0)
+    per_subtype = [sum(cid.startswith(f"c{s}_") for cid in carved.inner) for s in range(3)]
+    assert sum(per_subtype) == 6 and per_subtype[2] > per_subtype[1] >= 1
+    assert per_subtype[0] == 0  # the one training case of subtype 0 stays in training
+    with pytest.raises(ValueError, match="inner_validation.cases=20 leaves 1"):
+        carve_inner(split, index.labelled, 20, seed=0)
+
+
+def test_inner_validation_as_a_share_of_the_training_cases():
+    index = _index((20, 20, 20))
+    split = make_split(index, mode="kfold", fold=0)           # 48 training cases
+    assert len(carve_inner(split, index.labelled, 0.25, seed=0).inner) == 12
+    tiny = make_split(_index((4, 4, 4)), mode="kfold", fold=0, num_folds=4)   # 9 training cases
+    assert len(carve_inner(tiny, _index((4, 4, 4)).labelled, 0.16, seed=0).inner) == 3   # one per subtype
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="a share in"):
+            carve_inner(split, index.labelled, bad, seed=0)
 
 
 def test_validation_folder_and_splits_file(distributed_dataset, tmp_path):

@@ -53,7 +53,7 @@ def test_help_prints_the_study_config(capsys):
     ("+tune.params.no_such_key={type:categorical,choices:[1]}", "does not compose"),
     ("trainer=ddp", "a trial trains on one device"),
     ("no_such_key=1", "Could not override 'no_such_key'"),
-    ("tune.direction=minimize", "but callbacks.model_checkpoint keeps the max of val/combined"),
+    ("tune.direction=minimize", "but callbacks.model_checkpoint keeps the max of select/combined"),
     ("loss.cls_weight=0.3", "is searched (tune.params) and also set on the command line"),
 ])
 def test_bad_study_settings_are_refused_by_name(tmp_path, capsys, override, message):

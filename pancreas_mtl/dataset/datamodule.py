@@ -35,11 +35,13 @@ class WholeCaseDataset(Dataset):
     """Whole preprocessed cases, for sliding-window validation.
 
     Items: ``image`` (C, Z, Y, X) float32, ``label`` (1, Z, Y, X) uint8, ``subtype`` int (-1 unknown),
-    ``case_id`` str.
+    ``case_id`` str, ``split``: the split's name (``val``: the reported validation split, ``inner``: the
+    inner validation split the checkpoint is chosen on).
     """
 
-    def __init__(self, cases: list[CachedCase]):
+    def __init__(self, cases: list[CachedCase], split: str = "val"):
         self.cases = cases
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -50,7 +52,7 @@ class WholeCaseDataset(Dataset):
         return {"image": torch.from_numpy(case.load_image(mmap=False)),
                 "label": torch.from_numpy(seg.astype(np.uint8)[None]),
                 "subtype": -1 if case.subtype is None else int(case.subtype),
-                "case_id": case.case_id}
+                "case_id": case.case_id, "split": self.split}
 
 
 def collate_cases(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -59,7 +61,8 @@ def collate_cases(items: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("whole-case batches hold one case")
     item = items[0]
     return {"image": item["image"][None], "label": item["label"][None],
-            "subtype": torch.tensor([item["subtype"]]), "case_id": [item["case_id"]]}
+            "subtype": torch.tensor([item["subtype"]]), "case_id": [item["case_id"]],
+            "split": item.get("split", "val")}
 
 
 class PancreasDataModule(L.LightningDataModule):
@@ -86,6 +89,7 @@ class PancreasDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_dataset: PatchDataset | None = None
         self.val_dataset: WholeCaseDataset | None = None
+        self.inner_dataset: WholeCaseDataset | None = None
         self._sampler: PatchSampler | None = None
 
     @property
@@ -136,7 +140,9 @@ class PancreasDataModule(L.LightningDataModule):
             self._sampler, build_augmentation(augmentation, patch_size),
             samples_per_epoch=self.data.iterations_per_epoch * self.batch_size,
             seed=self.seed, batch_size=self.batch_size)
-        self.val_dataset = WholeCaseDataset(self.prepared.cached(self.prepared.split.val))
+        self.val_dataset = WholeCaseDataset(self.prepared.cached(self.prepared.split.val), "val")
+        inner = self.prepared.split.inner
+        self.inner_dataset = WholeCaseDataset(self.prepared.cached(inner), "inner") if inner else None
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the patch sampler's random state after the batches trained so far,
@@ -187,6 +193,10 @@ class PancreasDataModule(L.LightningDataModule):
         return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
                           drop_last=True, collate_fn=collate_patches, **self._loader_options(self.data.num_workers))
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_dataset, batch_size=1, shuffle=False, collate_fn=collate_cases,
-                          **self._loader_options(min(1, self.data.num_workers)))
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation split's cases, then the inner validation split's when there is one (the module
+        tells them apart by each batch's ``split``)."""
+        datasets = [self.val_dataset] + ([self.inner_dataset] if self.inner_dataset is not None else [])
+        loaders = [DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate_cases,
+                              **self._loader_options(min(1, self.data.num_workers))) for dataset in datasets]
+        return loaders[0] if len(loaders) == 1 else loaders

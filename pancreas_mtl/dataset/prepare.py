@@ -15,7 +15,7 @@ from filelock import FileLock
 from pancreas_mtl.config import plain
 from pancreas_mtl.data.layout import DatasetIndex, discover
 from pancreas_mtl.data.limits import InputLimits
-from pancreas_mtl.data.splits import Split, make_split
+from pancreas_mtl.data.splits import Split, carve_inner, make_split
 from pancreas_mtl.dataset.cache import build_cache, dataset_cache_root
 from pancreas_mtl.dataset.cached_case import CachedCase
 from pancreas_mtl.dataset.settings import data_settings
@@ -157,8 +157,12 @@ def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True) -> Prepare
     cached = build_cache(index, plan, cache_root, cases=index.labelled, num_workers=data.preprocessing_workers,
                          progress=progress, limits=limits)
     split = make_split(index, mode=data.split, fold=data.fold, num_folds=data.num_folds, seed=data.split_seed)
-    log.info("dataset %s (%s layout): %d labelled case(s), split %s: %d train / %d validation; cache %s",
-             index.name, index.layout, len(index.labelled), split.source, len(split.train), len(split.val),
+    inner = data.inner_validation
+    split = carve_inner(split, index.labelled, inner.cases, inner.seed)
+    log.info("dataset %s (%s layout): %d labelled case(s), split %s: %d train / %d inner validation / "
+             "%d validation; cache %s",
+             index.name, index.layout, len(index.labelled), split.source, len(split.train), len(split.inner),
+             len(split.val),
              cache_root / plan.preprocessing_key())
     return PreparedDataset(index=index, fingerprint=fingerprint, plan=plan, cache_root=cache_root,
                            cases={entry.case_id: entry for entry in cached}, split=split)

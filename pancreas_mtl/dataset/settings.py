@@ -103,6 +103,12 @@ class SamplingSettings:
 
 
 @dataclass
+class InnerValidationSettings:
+    cases: float = MISSING
+    seed: int = MISSING
+
+
+@dataclass
 class DataSettings:
     """The ``data`` config group (conf/data/folder.yaml explains every key). ``synthetic`` is the
     synthetic source's node (conf/data/synthetic.yaml), absent for a folder."""
@@ -114,6 +120,7 @@ class DataSettings:
     fold: int = MISSING
     num_folds: int = MISSING
     split_seed: int = MISSING
+    inner_validation: InnerValidationSettings = MISSING
     cache_dir: str = MISSING
     preprocessing_workers: int = MISSING
     fingerprint_samples_per_case: int = MISSING
