@@ -6,8 +6,8 @@
 # index where the CPU index cannot be reached; nothing later pulls a CUDA build through torch's open
 # version range. Machines with CUDA get pip's usual torch build.
 #
-#   scripts/setup.sh            runtime dependencies
-#   scripts/setup.sh dev        plus the test dependencies
+#   scripts/setup.sh            runtime dependencies (plus the cpu extra, OpenVINO and ONNX Runtime, without CUDA)
+#   scripts/setup.sh dev        plus the test dependencies and the cpu extra
 #
 # Environment: PYTHON (interpreter, default python3), VENV (default .venv),
 # TORCH_CPU_VERSION (default 2.13.0), TORCH_INDEX_URL (forces the index for the CPU wheel).
@@ -35,8 +35,14 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && ! "$venv/bin/python" -c "import to
     "${pip[@]}" install -q "${torch_args[@]}"
 fi
 
+# the CPU inference engines (OpenVINO, ONNX Runtime: the cpu extra) where there is no CUDA, and for the
+# tests, which run every engine
+install_extras="$extras"
+if ! command -v nvidia-smi >/dev/null 2>&1 || [ "$extras" = dev ]; then
+    install_extras="${extras:+$extras,}cpu"
+fi
 target="."
-[ -n "$extras" ] && target=".[$extras]"
+[ -n "$install_extras" ] && target=".[$install_extras]"
 echo "setup: installing pancreas_mtl ($target) into $venv"
 "${pip[@]}" install -q -e "$target"
 if [ "$extras" = dev ]; then

@@ -111,9 +111,12 @@ def write_cases(folder: Path, count: int = 3, seed: int = 0) -> list[str]:
 
 
 def compose_predict(overrides: list[str]):
+    """predict.yaml with ``overrides``; the engines' disk cache off unless an override names one (tests must
+    not write into the repository's outputs/)."""
     GlobalHydra.instance().clear()
+    cache = [] if any(o.startswith("engine_cache=") for o in overrides) else ["engine_cache=null"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("predict", overrides=["progress=false", "device=cpu", "prefetch=true", *overrides])
+        return compose("predict", overrides=["progress=false", "device=cpu", "prefetch=true", *cache, *overrides])
 
 
 def run_predict(overrides: list[str]):

@@ -52,8 +52,10 @@ def test_nnunet_preset_preprocesses_cubically_and_resamples_logits(tmp_path):
     config = OmegaConf.to_container(compose_predict(["ckpt=x", "input=y", "output=z", "inference=nnunet"]).inference)
     compat = InferenceSettings.from_config({**config, "roi_size": [16, 32, 32], "mirror_axes": [2]})
     accurate = OmegaConf.to_container(OmegaConf.load(CONF / "inference/accurate.yaml"))
-    assert compat.nnunet_compat and {k: v for k, v in config.items() if k not in ("name", "nnunet_compat")} == \
-        {k: v for k, v in accurate.items() if k not in ("name", "nnunet_compat")}   # accurate's windows
+    own = ("name", "nnunet_compat", "engine")  # engine: torch, nnU-Net's arithmetic (no bf16 CPU engine)
+    assert compat.nnunet_compat and compat.engine == "torch"
+    assert {k: v for k, v in config.items() if k not in own} == \
+        {k: v for k, v in accurate.items() if k not in own}   # accurate's windows
     plan = tiny_plan((4.0, 1.0, 1.2))  # z down by 2 (a separate axis), x and y resampled cubically
     predictor = Predictor([Pointwise()], plan, compat, device="cpu")
 

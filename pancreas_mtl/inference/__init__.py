@@ -5,7 +5,9 @@ The modules, in the order a case passes through them: ``settings`` (the presets'
 ``sources`` (which cases), ``checkpoint`` (networks and plan), ``output_folder`` (whose files are
 whose), ``predictor`` (preprocess, windows, coarse-to-fine, ensemble), ``sliding_window``,
 ``export`` (back to the input's grid, atomic files), ``postprocessing``, ``runner`` (skip finished
-cases, records, tables, timings).
+cases, records, tables, timings). Beside the predictor: ``engines`` (OpenVINO / ONNX Runtime running
+the network on the CPU), ``onnx_export`` (the network as ONNX, cached on disk) and ``model_folder``
+(the deployable folder ``pancreas-mtl export`` writes and ``predict.py ckpt=<folder>`` runs).
 """
 
 from pancreas_mtl.inference.sliding_window import (

@@ -1,4 +1,5 @@
-"""Reading a trained network, its plan and its run config from a checkpoint, without importing Lightning.
+"""Reading a trained network, its plan and its run config from a checkpoint, without importing Lightning
+(or an exported model folder, ``model_folder``, in its place).
 
 A training checkpoint (``pancreas_mtl.module.MultiTaskModule``) holds the weights under
 ``state_dict`` with the prefix ``model.`` and, under ``pancreas_mtl``, the plan (``Plan.to_dict()``)
@@ -18,6 +19,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from pancreas_mtl.inference.model_folder import MANIFEST, ExportedModel, is_model_folder, read_model_folder
 from pancreas_mtl.models.multitask import MultiTaskNet, build_model
 from pancreas_mtl.planning.plan import Plan
 
@@ -31,7 +33,8 @@ def _not_a_checkpoint(path: Path) -> str | None:
     if path.is_dir():
         found = sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))[:4]
         hint = f"; checkpoints inside it: {', '.join(found)}" if found else "; it holds no *.ckpt file"
-        return f"{path} is a folder, expected a checkpoint file (e.g. <run>/checkpoints/last.ckpt){hint}"
+        return (f"{path} is a folder, expected a checkpoint file (e.g. <run>/checkpoints/last.ckpt) or a model "
+                f"folder written by pancreas-mtl export (with its {MANIFEST}){hint}")
     if not path.is_file():
         return f"{path} is not a regular file, expected a checkpoint"
     with path.open("rb") as handle:
@@ -137,3 +140,13 @@ def load_network(path: str | Path, map_location: str | torch.device = "cpu") -> 
                          "put together from different runs?):\n  " + "\n  ".join(mismatch))
     model.load_state_dict(state)
     return model.eval(), plan, config
+
+
+def load_predictable(path: str | Path) -> tuple[MultiTaskNet | ExportedModel, Plan]:
+    """What ``predict.py ckpt=`` names: a training checkpoint (its network, in eval mode, and plan), or a
+    model folder written by ``pancreas-mtl export``, recognised by its manifest (read, never built from)."""
+    if is_model_folder(path):
+        exported = read_model_folder(path)
+        return exported, exported.plan
+    network, plan, _ = load_network(path)
+    return network, plan

@@ -37,9 +37,12 @@ from pancreas_mtl.data.errors import DataError
 from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.dataset.preprocessing import PreprocessedCase, preprocess
 from pancreas_mtl.devices import resolve_device, set_tf32
-from pancreas_mtl.inference.checkpoint import load_network
+from pancreas_mtl.inference.checkpoint import load_predictable
+from pancreas_mtl.inference.engines import compiled_cache_dir, resolve_engine, torch_engine_network
+from pancreas_mtl.inference.model_folder import ExportedModel
 from pancreas_mtl.inference.settings import InferenceSettings
 from pancreas_mtl.inference.sliding_window import predict_windows
+from pancreas_mtl.models.multitask import MultiTaskNet
 from pancreas_mtl.planning.plan import LESION_LABEL, Plan
 
 PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,6 +96,8 @@ class Member:
     patch_size: tuple[int, int, int]
     divisor: tuple[int, int, int]
     name: str = ""
+    digest: str = ""     # weights digest of a network run by an engine (whose module holds no weights)
+    precision: str = ""  # the engine's fp32 / bf16; "" for torch
 
 
 @dataclass
@@ -122,23 +127,30 @@ class Predictor:
     """Predicts preprocessed cases with one network or an ensemble.
 
     Args:
-        networks: trained networks (``MultiTaskNet``, or modules returning (seg logits, class probabilities)).
+        networks: trained networks (``MultiTaskNet``, or modules returning (seg logits, class probabilities)),
+            or exported model folders (:class:`~pancreas_mtl.inference.model_folder.ExportedModel`).
         plans: the plan of each network (one plan is used for all).
         settings: window settings (:class:`InferenceSettings`, a composed ``conf/inference`` preset);
             None: ``accurate``'s.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-        precision: "auto" (bf16/fp16 autocast on GPUs, float32 on CPUs), "bf16", "fp16" or "fp32".
+        precision: "auto" (bf16/fp16 autocast on GPUs, float32 on CPUs), "bf16", "fp16" or "fp32"; for the
+            CPU engines "auto" is bf16 where the CPU has it (``engines.resolve_engine_precision``).
         tf32: TF32 matmuls/convolutions on GPUs.
         channels_last: channels-last 3D weights and windows (recent GPUs).
         names: a name per network (checkpoint paths), for errors and records.
         limits: plausible input spacing and the most voxels read or resampled (``conf/limits/``);
             None: :class:`InputLimits` defaults.
+        engine_cache: folder of the engines' ONNX exports and compiled models, reused by later runs; None:
+            a temporary folder (a network in memory whose weights change, e.g. in training, must not be
+            cached by digest). The engine runs the weights as they are when the predictor is built.
+        num_threads: the engine's CPU threads (None: torch's thread count); torch's are set by the caller.
     """
 
     def __init__(self, networks: Sequence[nn.Module], plans: Plan | Sequence[Plan],
                  settings: InferenceSettings | None = None, device: str | torch.device = "auto",
                  precision: str = "auto", tf32: bool = True, channels_last: bool = False,
-                 names: Sequence[str] | None = None, limits: InputLimits | None = None):
+                 names: Sequence[str] | None = None, limits: InputLimits | None = None,
+                 engine_cache: str | Path | None = None, num_threads: int | None = None):
         if not networks:
             raise ValueError("no network to predict with")
         plans = [plans] * len(networks) if isinstance(plans, Plan) else list(plans)
@@ -150,17 +162,32 @@ class Predictor:
         self.settings = settings or InferenceSettings()
         self.limits = limits or InputLimits()
         self.device = resolve_device(device)
-        self.autocast_dtype = resolve_precision(precision, self.device)
+        exported = [isinstance(network, ExportedModel) for network in networks]
+        requested = self.settings.engine
+        if requested == "auto" and not all(isinstance(n, (MultiTaskNet, ExportedModel)) for n in networks):
+            requested = "torch"  # other modules (the tests' stubs) have no export to run
+        self.engine = resolve_engine(requested, self.device, torch_possible=not any(exported))
+        self.autocast_dtype = resolve_precision(precision, self.device) if self.engine == "torch" else None
         self.memory_format = torch.channels_last_3d if channels_last else None
         if self.device.type == "cuda" and tf32:
             set_tf32(True)
         self.members = []
+        num_threads = num_threads or torch.get_num_threads()  # an engine uses as many threads as torch
         for network, plan, name in zip(networks, plans, names):
+            divisor = tuple(math.prod(stride[axis] for stride in plan.strides) for axis in range(3))
+            patch_size, digest = tuple(plan.patch_size), ""
+            if isinstance(network, ExportedModel):
+                patch_size, digest = self._exported_window(network), network.digest
+                network = network.engine_network(self.engine, precision, num_threads, compiled_cache_dir(engine_cache))
+            elif self.engine != "torch":
+                digest = weights_digest(network)
+                network = torch_engine_network(network, digest, self.engine, precision, self.settings.sw_batch_size,
+                                               num_threads, engine_cache)
             network = network.to(self.device).eval()
             if channels_last:
                 network = network.to(memory_format=torch.channels_last_3d)
-            divisor = tuple(math.prod(stride[axis] for stride in plan.strides) for axis in range(3))
-            self.members.append(Member(network, tuple(plan.patch_size), divisor, name))
+            self.members.append(Member(network, patch_size, divisor, name, digest,
+                                       getattr(network, "precision", "")))
         self.lesion_channel = int(self.plan.labels.get("lesion", LESION_LABEL))
         # out-of-memory fallbacks (sliding_window.predict_windows) carry over to the following cases
         self.sw_batch_size = self.settings.sw_batch_size
@@ -171,16 +198,34 @@ class Predictor:
                          device: str | torch.device = "auto", **kwargs) -> Predictor:
         """A predictor for one checkpoint or an ensemble of them (read with weights_only)."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        loaded = [load_network(path) for path in paths]
-        return cls([network for network, _, _ in loaded], [plan for _, plan, _ in loaded], settings, device,
+        loaded = [load_predictable(path) for path in paths]
+        return cls([network for network, _ in loaded], [plan for _, plan in loaded], settings, device,
                    names=[str(path) for path in paths], **kwargs)
+
+    def _exported_window(self, exported: ExportedModel) -> tuple[int, int, int]:
+        """The (z, y, x) window an exported model folder runs; ValueError for settings asking for others."""
+        window = tuple(exported.window_shape[2:])
+        settings = self.settings
+        if settings.shrink_window or settings.coarse_to_fine or settings.roi_size not in (None, window):
+            raise ValueError(f"{exported.folder}: an exported model runs its windows {list(window)} only; preset "
+                             f"{settings.name} asks for other shapes (shrink_window, coarse_to_fine or roi_size "
+                             f"{settings.roi_size}); use inference=fast or accurate, or the training checkpoint")
+        return window
+
+    def describe_engine(self) -> str:
+        """``torch float32``, ``openvino bf16``, ...: what runs the windows, for logs."""
+        if self.engine == "torch":
+            return f"torch {str(self.autocast_dtype or torch.float32).removeprefix('torch.')}"
+        return f"{self.engine} {','.join(sorted({member.precision for member in self.members}))}"
 
     def identity(self) -> dict:
         """What decides this predictor's outputs, for an output folder's record (``output_folder``): a
         digest of each network's weights, the plan, the inference settings and the autocast precision."""
-        return {"networks": [weights_digest(member.network) for member in self.members],
-                "plan": self.plan.to_dict(), "inference": self.settings.to_dict(),
-                "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch.")}
+        precision = (str(self.autocast_dtype or torch.float32).removeprefix("torch.") if self.engine == "torch"
+                     else ",".join(sorted({member.precision for member in self.members})))
+        return {"networks": [member.digest or weights_digest(member.network) for member in self.members],
+                "plan": self.plan.to_dict(), "inference": self.settings.to_dict(), "engine": self.engine,
+                "precision": precision}
 
     # --- steps --------------------------------------------------------------------------------------
 

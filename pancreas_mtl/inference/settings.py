@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
+ENGINES = ("auto", "torch", "openvino", "onnxruntime")  # pancreas_mtl.inference.engines runs them
+
 
 @dataclass
 class InferenceSettings:
@@ -34,6 +36,8 @@ class InferenceSettings:
         coarse_overlap: window overlap of the coarse pass.
         nnunet_compat: reproduce nnU-Net v2's predictor (``pancreas_mtl.inference.predictor``); not with
             coarse_to_fine.
+        engine: what runs the network: ``torch``, ``openvino``, ``onnxruntime`` or ``auto`` (OpenVINO on
+            the CPU when installed, else torch; torch on GPUs); see ``pancreas_mtl.inference.engines``.
     """
 
     # the values of conf/inference/accurate.yaml (tests/test_predict_command.py checks it)
@@ -50,6 +54,7 @@ class InferenceSettings:
     coarse_margin_mm: float = 20.0
     coarse_overlap: float = 0.25
     nnunet_compat: bool = False
+    engine: str = "auto"
 
     @classmethod
     def from_config(cls, config: Mapping | None) -> InferenceSettings:
@@ -92,6 +97,8 @@ class InferenceSettings:
             problems.append(f"min_lesion_volume must be >= 0, got {self.min_lesion_volume}")
         if not self.coarse_margin_mm >= 0:
             problems.append(f"coarse_margin_mm must be >= 0, got {self.coarse_margin_mm}")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {list(ENGINES)}, got {self.engine!r}")
         if self.nnunet_compat and self.coarse_to_fine:
             problems.append("nnunet_compat reproduces nnU-Net's predictor, which has no coarse-to-fine pass; "
                             "set coarse_to_fine: false")
