@@ -43,17 +43,37 @@ def predict(cfg: DictConfig) -> RunSummary:
     checkpoints = expand_checkpoints(_as_list(cfg.ckpt))  # an ensemble.yaml (crossval) lists its folds
     predictor = Predictor.from_checkpoints(checkpoints, settings, device=cfg.device, precision=cfg.precision,
                                            tf32=cfg.tf32, channels_last=cfg.channels_last,
-                                           limits=InputLimits.from_config(cfg.limits))
+                                           limits=InputLimits.from_config(cfg.limits),
+                                           engine_cache=cfg.get("engine_cache"), num_threads=threads)
     splits = _as_list(cfg.get("input_splits")) or None
     cases, problems = find_cases(_as_list(cfg.input), splits)
-    log.info("%d case(s) to predict with %d network(s) on %s, preset %s (overlap %g, mirror axes %s%s)",
-             len(cases), len(checkpoints), predictor.device, settings.name, settings.overlap,
+    log.info("%d case(s) to predict with %d network(s) on %s (%s), preset %s (overlap %g, mirror axes %s%s)",
+             len(cases), len(checkpoints), predictor.device, predictor.describe_engine(), settings.name,
+             settings.overlap,
              list(settings.mirror_axes), ", coarse-to-fine" if settings.coarse_to_fine else "")
-    return predict_cases(predictor, cases, cfg.output, problems=problems, overwrite=cfg.overwrite,
-                         save_probabilities=cfg.save_probabilities,
-                         postprocessing=OmegaConf.to_container(cfg.postprocessing, resolve=True),
-                         progress=cfg.progress, prefetch=cfg.prefetch,
-                         run_info={"checkpoints": checkpoints, "inference": settings.name})
+    summary = predict_cases(predictor, cases, cfg.output, problems=problems, overwrite=cfg.overwrite,
+                            save_probabilities=cfg.save_probabilities,
+                            postprocessing=OmegaConf.to_container(cfg.postprocessing, resolve=True),
+                            progress=cfg.progress, prefetch=cfg.prefetch,
+                            run_info={"checkpoints": checkpoints, "inference": settings.name})
+    if cfg.get("wandb"):
+        log_to_wandb(cfg, summary, checkpoints, settings.name)
+    return summary
+
+
+def log_to_wandb(cfg: DictConfig, summary: RunSummary, checkpoints: list[str], preset: str) -> None:
+    """The run as a W&B run (wandb=true); a failure warns, the predictions are written already."""
+    from pancreas_mtl.wandb_runs import log_predict_run
+
+    config = {"input": _as_list(cfg.input), "input_splits": _as_list(cfg.get("input_splits")),
+              "output": str(cfg.output), "inference": preset, "device": str(cfg.device),
+              "precision": str(cfg.precision)}
+    try:
+        folder = log_predict_run(cfg.output, summary, project=cfg.wandb_project, checkpoints=checkpoints,
+                                 config=config)
+        log.info("W&B run (job_type predict) in %s", folder)
+    except Exception as error:  # noqa: BLE001 - a dashboard never fails a prediction run
+        log.warning("W&B: could not log the prediction run (%s: %s)", type(error).__name__, error)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pancreas_mtl.conf", config_name="predict")

@@ -7,6 +7,7 @@ YAML file under conf/, in Hydra's override syntax as train.py and predict.py tak
     pancreas-mtl evaluate pred=/data/pred gt=/data/quiz/validation out=/data/eval
     pancreas-mtl crossval multirun=outputs/runs/train/multirun/<date>_<time>
     pancreas-mtl compare runs=[<multirun A>,<multirun B>] out=outputs/compare [ensembles=true]
+    pancreas-mtl export ckpt=outputs/runs/train/<run>/checkpoints/last.ckpt out=models/fold0 [engine=onnxruntime]
 
 ``conf/{command}.yaml`` holds every key of a command with its default and its meaning (``pancreas-mtl
 {command} --help`` prints the file); a dataclass here types it. The file is composed with Hydra's
@@ -68,6 +69,18 @@ class CheckConfig:
     num_subtypes: int = MISSING
 
 
+@dataclass
+class ExportConfig:
+    ckpt: str = MISSING
+    out: str = MISSING
+    engine: str = MISSING
+    precision: str = MISSING
+    sw_batch_size: int = MISSING
+    roi_size: list[int] | None = MISSING
+    verify: bool = MISSING
+    overwrite: bool = MISSING
+
+
 def run_generate(cfg: DictConfig) -> int:
     from pancreas_mtl.synthetic.generator import generate_dataset, load_config
 
@@ -124,6 +137,18 @@ def run_evaluate(cfg: DictConfig) -> int:
     evaluation = evaluate(cfg)
     print(format_summary(evaluation.summary))
     print(f"written to {Path(cfg.out)}")
+    if cfg.wandb:
+        from pancreas_mtl.wandb_runs import log_evaluation_run
+
+        options = OmegaConf.to_container(cfg, resolve=True)
+        keys = ("pred", "gt", "out", "splits", "tolerance_mm", "bootstrap", "num_subtypes")
+        try:
+            folder = log_evaluation_run(cfg.out, evaluation, pred=cfg.pred, project=cfg.wandb_project,
+                                        config={key: options[key] for key in keys})
+            print(f"W&B run (job_type evaluate) in {folder}")
+        except Exception as error:  # noqa: BLE001 - a dashboard never fails an evaluation that is written
+            logging.getLogger(__name__).warning("W&B: could not log the evaluation (%s: %s)",
+                                                type(error).__name__, error)
     return 0
 
 
@@ -163,6 +188,21 @@ def run_compare(cfg: DictConfig) -> int:
     return 0
 
 
+def run_export(cfg: DictConfig) -> int:
+    from pancreas_mtl.inference.checkpoint import load_network
+    from pancreas_mtl.inference.model_folder import export_model_folder
+    from pancreas_mtl.inference.predictor import weights_digest
+
+    network, plan, _ = load_network(cfg.ckpt)
+    roi_size = None if cfg.roi_size is None else list(cfg.roi_size)
+    out = export_model_folder(cfg.ckpt, network, plan, cfg.out, engine=cfg.engine, precision=cfg.precision,
+                              sw_batch_size=cfg.sw_batch_size, roi_size=roi_size, verify=cfg.verify,
+                              overwrite=cfg.overwrite, weights_digest=weights_digest(network))
+    print(f"model folder ({cfg.engine}) written to {out}; predict with: python predict.py ckpt={out} input=... "
+          "output=...")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     schema: Callable[[], type]          # the dataclass typing conf/{command}.yaml (imported when needed)
@@ -176,6 +216,7 @@ COMMANDS = {
     "evaluate": Command(_evaluation_schema, run_evaluate),
     "crossval": Command(_crossval_schema, run_crossval),
     "compare": Command(_compare_schema, run_compare),
+    "export": Command(lambda: ExportConfig, run_export),
 }
 
 

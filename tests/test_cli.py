@@ -16,7 +16,8 @@ from pancreas_mtl.cli import COMMANDS, main
 from pancreas_mtl.config import config_dir
 
 REQUIRED = {"generate": ["out"], "convert": ["source", "destination"], "check": ["root"],
-            "evaluate": ["pred", "gt", "out"], "crossval": ["multirun"], "compare": ["runs", "out"]}
+            "evaluate": ["pred", "gt", "out"], "crossval": ["multirun"], "compare": ["runs", "out"],
+            "export": ["ckpt", "out"]}
 
 
 @pytest.fixture
