@@ -5,8 +5,9 @@ goes offline by itself when no credentials are found (``wandb.init`` fails at on
 offline mode needs no network; ``wandb sync`` uploads the run later), and takes its group and name from
 the Hydra sweep it runs in (:func:`wandb_run_identity`). Validation overlays are drawn
 as numpy arrays, written as PNG files with Pillow (which matplotlib, a dependency, installs) and handed
-to TensorBoard or W&B where those are in use. Nothing here may stop a training run: image and
-table logging catch their errors and warn once.
+to TensorBoard; W&B gets each validation's per-case table and its worst cases as images with
+toggleable mask layers instead (:mod:`pancreas_mtl.wandb_media`). Nothing here may stop a training
+run: image and table logging catch their errors and warn once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image
 
 from pancreas_mtl.files import atomic_path
 from pancreas_mtl.planning.plan import LESION_LABEL
-from pancreas_mtl.tracking import resolve_wandb_offline
+from pancreas_mtl.tracking import confusion_plot, resolve_wandb_offline, wandb_table
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Ma
         wandb_config: dict[str, Any] = {}
         if target.endswith("WandbLogger"):
             overrides["offline"] = resolve_wandb_offline(entry.get("offline", "auto"))
+            # checkpoints go to W&B through monitoring.WandbArtifacts, offline too (Lightning's log_model
+            # refuses offline runs and sees ModelCheckpoint files only, not last.ckpt)
+            overrides["log_model"] = False
             identity = wandb_run_identity(_hydra_config(), str((config or {}).get("task_name") or "train"))
             overrides.update({key: value for key, value in identity.items() if entry.get(key) is None})
             if config is not None:
@@ -175,6 +179,37 @@ def _contour(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def grey_levels(image: np.ndarray) -> np.ndarray:
+    """(Y, X) intensities as uint8 grey levels between their 1st and 99th percentiles."""
+    image = np.asarray(image, dtype=np.float32)
+    low, high = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
+    return (np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255.0).round().astype(np.uint8)
+
+
+def validation_slice(image: Any, true_labels: np.ndarray, pred_labels: np.ndarray,
+                     lesion_label: int = LESION_LABEL) -> dict[str, Any]:
+    """The axial slice of a validation case that overlays show (:func:`overlay_slice_index`), small enough
+    to keep until the epoch ends, when the worst cases are known.
+
+    Args:
+        image: (Z, Y, X) intensities, a numpy array or a tensor on any device (only the slice is copied).
+        true_labels, pred_labels: (Z, Y, X) label maps.
+
+    Returns ``{"z": int, "image": (Y, X) uint8 grey levels, "true": (Y, X) uint8, "pred": (Y, X) uint8}``, or
+    None (with a warning, once) when the slice cannot be taken: a picture never stops validation.
+    """
+    try:
+        z = overlay_slice_index(true_labels, lesion_label)
+        plane = image[z]
+        if hasattr(plane, "detach"):
+            plane = plane.detach().float().cpu().numpy()
+        return {"z": z, "image": grey_levels(plane), "true": np.asarray(true_labels[z], dtype=np.uint8),
+                "pred": np.asarray(pred_labels[z], dtype=np.uint8)}
+    except Exception as error:  # noqa: BLE001
+        _warn_once("slice", f"could not keep a validation slice for the W&B images ({type(error).__name__}: {error})")
+        return None
+
+
 def render_overlay(image: np.ndarray, true_labels: np.ndarray, pred_labels: np.ndarray,
                    lesion_label: int = LESION_LABEL, min_size: int = 256) -> np.ndarray:
     """Three panels of one axial slice: the image, the reference filled, the prediction filled with the
@@ -187,9 +222,7 @@ def render_overlay(image: np.ndarray, true_labels: np.ndarray, pred_labels: np.n
 
     Returns (H, 3 W, 3) uint8.
     """
-    low, high = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
-    gray = np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255.0
-    base = np.repeat(gray[..., None].astype(np.float32), 3, axis=2)
+    base = np.repeat(grey_levels(image)[..., None].astype(np.float32), 3, axis=2)
 
     def filled(labels: np.ndarray) -> np.ndarray:
         out = base.copy()
@@ -207,20 +240,41 @@ def render_overlay(image: np.ndarray, true_labels: np.ndarray, pred_labels: np.n
     return np.clip(panels, 0, 255).astype(np.uint8)
 
 
-def log_image(loggers: Sequence, key: str, rgb: np.ndarray, step: int, caption: str = "",
-              png_path: str | Path | None = None) -> None:
-    """Send an (H, W, 3) uint8 image to every TensorBoard and W&B logger; others are skipped. Never raises."""
+def log_image(loggers: Sequence, key: str, rgb: np.ndarray, step: int) -> None:
+    """Send an (H, W, 3) uint8 image to every TensorBoard logger; others are skipped (W&B gets the worst
+    cases with mask layers from :func:`log_validation_cases` instead). Never raises."""
     for logger in loggers:
         kind = type(logger).__name__
         try:
             if kind == "TensorBoardLogger":
                 logger.experiment.add_image(key, rgb, global_step=step, dataformats="HWC")
-            elif kind == "WandbLogger":
-                # wandb.Image needs Pillow for arrays and files alike
-                logger.log_image(key=key, images=[str(png_path) if png_path else rgb], caption=[caption])
         except Exception as error:  # noqa: BLE001 - images are a convenience, never a reason to stop
             _warn_once(f"image:{kind}", f"could not log validation images to {kind} ({type(error).__name__}: "
                                         f"{error}); PNG files are still written to the run folder")
+
+
+def log_validation_cases(loggers: Sequence, cases: Sequence[Mapping], step: int, epoch: int,
+                         labels: Mapping[str, int], num_worst: int) -> None:
+    """One validation's per-case results to every W&B logger: the table of cases, the ``num_worst`` worst
+    cases' slices with ground-truth and prediction mask layers, and the subtype ROC curves
+    (:func:`pancreas_mtl.wandb_media.log_validation_media`); other loggers are skipped. Never raises.
+
+    Args:
+        cases: ``{case_id, subtype, dice_pancreas, dice_lesion, probabilities ((K,) or None), slice
+            (:func:`validation_slice` or None)}`` per case.
+        labels: the plan's ``{name: value}`` segmentation labels, naming the mask classes.
+    """
+    for logger in loggers:
+        kind = type(logger).__name__
+        if kind != "WandbLogger":
+            continue
+        try:
+            from pancreas_mtl.wandb_media import log_validation_media
+
+            log_validation_media(logger.experiment, cases, step, epoch, labels, num_worst)
+        except Exception as error:  # noqa: BLE001 - tables and images are a convenience, never a reason to stop
+            _warn_once(f"cases:{kind}", f"could not log the validation cases to {kind} ({type(error).__name__}: "
+                                        f"{error})")
 
 
 # --- tables -----------------------------------------------------------------------------------------
@@ -244,15 +298,9 @@ def log_confusion_matrix(loggers: Sequence, key: str, matrix: np.ndarray, step: 
         kind = type(logger).__name__
         try:
             if kind == "WandbLogger":
-                import wandb
-
                 rows = [[names[t], names[p], int(matrix[t, p])] for t in range(len(names)) for p in range(len(names))]
-                y_true = [t for t in range(len(names)) for p in range(len(names)) for _ in range(int(matrix[t, p]))]
-                y_pred = [p for t in range(len(names)) for p in range(len(names)) for _ in range(int(matrix[t, p]))]
-                logger.experiment.log({
-                    f"{key}_table": wandb.Table(columns=["true", "predicted", "cases"], data=rows),
-                    key: wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=names),
-                    "trainer/global_step": step})
+                logger.experiment.log({f"{key}_table": wandb_table(["true", "predicted", "cases"], rows),
+                                       key: confusion_plot(matrix, names), "trainer/global_step": step})
             elif kind == "TensorBoardLogger":
                 text = "    " + format_confusion_matrix(matrix, names).replace("\n", "\n    ")
                 logger.experiment.add_text(key, text, global_step=step)

@@ -42,8 +42,10 @@ from pancreas_mtl.logging_utils import (
     format_confusion_matrix,
     log_confusion_matrix,
     log_image,
+    log_validation_cases,
     overlay_slice_index,
     render_overlay,
+    validation_slice,
     write_png,
 )
 from pancreas_mtl.models.multitask import MultiTaskNet, build_model
@@ -72,7 +74,8 @@ class MultiTaskModule(L.LightningModule):
         validation: how validation predicts a case: :class:`InferenceSettings`, or the mapping of a
             composed ``conf/inference`` preset (``module.validation``; keys it leaves out are
             ``accurate``'s). How often validation runs is the Trainer's ``check_val_every_n_epoch``.
-        num_overlays: the first N validation cases drawn as PNG overlays each validation epoch.
+        num_overlays: the first N validation cases drawn as PNG overlays each validation epoch (run
+            folder, TensorBoard); W&B gets the N worst cases instead, with mask layers.
         save_overlays: also write the overlays under ``<run folder>/overlays``.
         nonfinite_loss: what a NaN/inf training loss does: ``skip`` the batch (training_step returns None:
             no backward, the optimizer steps with no gradients so weights and momenta stay as they were,
@@ -226,7 +229,8 @@ class MultiTaskModule(L.LightningModule):
                                         precision="fp32", tf32=False, channels_last=self.hparams.channels_last)
         return self._predictor.predict_preprocessed(image[0])
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        split = batch.get("split", "val")
         prediction = self.predict_case(batch["image"])
         probabilities = prediction.subtype_probabilities
         pred = prediction.probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy()  # (Z, Y, X)
@@ -237,8 +241,13 @@ class MultiTaskModule(L.LightningModule):
             "dice_lesion": lesion_dice(pred, true, lesion_label=self.lesion_channel),
             "subtype": int(batch["subtype"][0]),
             "probabilities": None if probabilities is None else probabilities.cpu(),
+            "split": split,
+            # one small axial slice per case, so the epoch's worst cases can be drawn at its end
+            "slice": (validation_slice(batch["image"][0, 0], true, pred, self.lesion_channel)
+                      if split == "val" and int(self.hparams.num_overlays) > 0 and not self.trainer.sanity_checking
+                      else None),
         })
-        if batch_idx < int(self.hparams.num_overlays) and not self.trainer.sanity_checking:
+        if split == "val" and batch_idx < int(self.hparams.num_overlays) and not self.trainer.sanity_checking:
             self._overlay(batch["image"][0, 0].float().cpu().numpy(), true, pred, batch["case_id"][0], batch_idx)
 
     def _gathered(self, cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -249,13 +258,46 @@ class MultiTaskModule(L.LightningModule):
             per_rank: list[list[dict[str, Any]] | None] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(per_rank, cases)
             cases = [case for rank_cases in per_rank for case in rank_cases or []]
-        unique = {case["case_id"]: case for case in reversed(cases)}  # the first of repeats
-        return [unique[case_id] for case_id in sorted(unique)]
+        unique = {(case["split"], case["case_id"]): case for case in reversed(cases)}  # the first of repeats
+        return [unique[key] for key in sorted(unique)]
 
     def on_validation_epoch_end(self) -> None:
-        cases, self._val_cases = self._gathered(self._val_cases), []
+        gathered, self._val_cases = self._gathered(self._val_cases), []
+        by_split: dict[str, list[dict[str, Any]]] = {}
+        for case in gathered:
+            by_split.setdefault(case["split"], []).append(case)
+        inner = by_split.get("inner")
+        if inner:
+            # the inner validation split (training cases never trained on) chooses the checkpoint
+            inner_metrics, _ = self.split_metrics(inner)
+            self.log_dict({f"inner/{name}": value for name, value in inner_metrics.items()}, batch_size=1)
+            self.log("select/combined", inner_metrics["combined"], batch_size=1)
+        cases = by_split.get("val", [])
         if not cases:
             return
+        metrics, confusion = self.split_metrics(cases)
+        if not inner:
+            self.log("select/combined", metrics["combined"], batch_size=1)
+        # the same values on every rank (all computed from the gathered cases): no sync needed
+        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=1)
+        self.last_validation = {"metrics": metrics, "confusion_matrix": confusion,
+                                "cases": [{k: v for k, v in c.items() if k not in ("probabilities", "slice")}
+                                          for c in cases]}
+        if inner:
+            self.last_validation["inner_metrics"] = inner_metrics
+        if confusion is not None and not self.trainer.sanity_checking:
+            names = [f"subtype{k}" for k in range(confusion.shape[0])]
+            self.print(f"validation epoch {self.current_epoch}: subtype confusion matrix ({len(cases)} cases)\n"
+                       + format_confusion_matrix(confusion, names))
+            if self.global_rank == 0:
+                log_confusion_matrix(self.loggers, "val/confusion_matrix", confusion, self.global_step, names)
+        if not self.trainer.sanity_checking and self.global_rank == 0:
+            log_validation_cases(self.loggers, cases, self.global_step, self.current_epoch, self.plan.labels,
+                                 int(self.hparams.num_overlays))
+
+    def split_metrics(self, cases: list[dict[str, Any]]) -> tuple[dict[str, float], Tensor | None]:
+        """Mean Dice, subtype scores and ``combined`` over one split's cases, and the subtype confusion
+        matrix (None without a head)."""
         dice = torch.tensor([[c["dice_pancreas"], c["dice_lesion"]] for c in cases], dtype=torch.float64)
         metrics = {"dice_pancreas": float(dice[:, 0].mean()), "dice_lesion": float(dice[:, 1].mean())}
         confusion = None
@@ -270,16 +312,7 @@ class MultiTaskModule(L.LightningModule):
             metrics.update({f"auroc_{k}": scores[f"auroc_{k}"] for k in range(probabilities.shape[1])})
             confusion = scores_tracker.confusion_matrix()
         metrics["combined"] = self.combined_metric(metrics)
-        # the same values on every rank (all computed from the gathered cases): no sync needed
-        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, batch_size=1)
-        self.last_validation = {"metrics": metrics, "confusion_matrix": confusion,
-                                "cases": [{k: v for k, v in c.items() if k != "probabilities"} for c in cases]}
-        if confusion is not None and not self.trainer.sanity_checking:
-            names = [f"subtype{k}" for k in range(confusion.shape[0])]
-            self.print(f"validation epoch {self.current_epoch}: subtype confusion matrix ({len(cases)} cases)\n"
-                       + format_confusion_matrix(confusion, names))
-            if self.global_rank == 0:
-                log_confusion_matrix(self.loggers, "val/confusion_matrix", confusion, self.global_step, names)
+        return metrics, confusion
 
     def combined_metric(self, metrics: Mapping[str, float]) -> float:
         """Weighted mean of the configured metrics that are defined (not NaN, present); NaN if none is."""
@@ -298,12 +331,10 @@ class MultiTaskModule(L.LightningModule):
         try:
             z = overlay_slice_index(true, self.lesion_channel)
             rgb = render_overlay(image[z], true[z], pred[z], self.lesion_channel)
-            caption = f"{case_id} z={z} epoch {self.current_epoch}: image | reference | prediction + reference contour"
-            path = None
             if self.hparams.save_overlays:
                 folder = Path(self.trainer.default_root_dir) / "overlays"
-                path = write_png(rgb, folder / f"epoch{self.current_epoch:04d}_{case_id}.png")
-            log_image(self.loggers, f"val/overlay_{index}", rgb, self.global_step, caption, path)
+                write_png(rgb, folder / f"epoch{self.current_epoch:04d}_{case_id}.png")
+            log_image(self.loggers, f"val/overlay_{index}", rgb, self.global_step)
         except Exception as error:  # noqa: BLE001 - a picture is never a reason to stop training
             log.warning("could not draw the validation overlay of %s: %s: %s", case_id, type(error).__name__, error)
 

@@ -1,4 +1,5 @@
-"""What a run folder records so the run can be repeated: package version, git commit, machine."""
+"""What a run folder records so the run can be repeated: package version, git commit, machine (and its
+W&B run, added once the run has one)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 import pancreas_mtl
-from pancreas_mtl.files import save_json
+from pancreas_mtl.files import load_json, save_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +39,12 @@ def write_run_info(run_dir: Path) -> Path:
         "command": sys.argv,
     }
     return save_json(info, Path(run_dir) / "run_info.json")
+
+
+def update_run_info(run_dir: Path, **entries) -> Path | None:
+    """Add ``entries`` (e.g. the run's W&B reference) to the run folder's ``run_info.json``; None, writing
+    nothing, where the folder has none (a run not started by train.py)."""
+    path = Path(run_dir) / "run_info.json"
+    if not path.is_file():
+        return None
+    return save_json({**load_json(path), **entries}, path)

@@ -1,18 +1,23 @@
-"""W&B run settings shared by training's logger and the commands that log a run of their own (crossval):
-online when credentials are found, else offline into the run's folder (``wandb sync`` uploads it later)."""
+"""W&B run settings shared by training's logger and the commands that log a run of their own (predict,
+evaluate, crossval): online when credentials are found, else offline into the run's folder (``wandb sync``
+uploads it later); and the tables and plots those runs log, built from plain values."""
 
 from __future__ import annotations
 
 import logging
+import math
 import netrc
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
 
 WANDB_OFFLINE_MODES = ("offline", "dryrun", "disabled")
+# checkpoint["wandb"]: the reference (run_reference) of the W&B run that trained the checkpoint, written by
+# monitoring.WandbArtifacts; predict.py and evaluate record it as train_run_id
+CHECKPOINT_KEY = "wandb"
 
 
 def wandb_credentials_available() -> bool:
@@ -44,23 +49,78 @@ def resolve_wandb_offline(requested: bool | str | None) -> bool:
     return True
 
 
-def log_summary_run(directory: str | Path, *, project: str, group: str | None, name: str, job_type: str,
-                    config: Mapping, summary: Mapping[str, float | None], table: tuple[list[str], list[list]] | None = None,
-                    offline: bool | str | None = "auto") -> Path:
-    """One W&B run holding a command's result: ``config``, the ``summary`` scalars and an optional table
-    (columns, rows), written under ``directory``/wandb; returns that folder."""
+# --- W&B runs of the commands, and their tables and plots --------------------------------------------
+
+def start_run(directory: str | Path, *, project: str, group: str | None, name: str, job_type: str,
+              config: Mapping, offline: bool | str | None = "auto"):
+    """A W&B run writing under ``directory``/wandb (offline there without credentials); the caller finishes it."""
     import wandb
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     mode = "offline" if resolve_wandb_offline(offline) else "online"
-    run = wandb.init(project=project, group=group, name=name, job_type=job_type, dir=str(directory), mode=mode,
-                     config=dict(config), reinit="finish_previous")
+    return wandb.init(project=project, group=group, name=name, job_type=job_type, dir=str(directory), mode=mode,
+                      config=dict(config), reinit="finish_previous")
+
+
+def log_summary_run(directory: str | Path, *, project: str, group: str | None, name: str, job_type: str,
+                    config: Mapping, summary: Mapping[str, float | None], table: tuple[list[str], list[list]] | None = None,
+                    offline: bool | str | None = "auto") -> Path:
+    """One W&B run holding a command's result: ``config``, the ``summary`` scalars and an optional table
+    (columns, rows), written under ``directory``/wandb; returns that folder."""
+    run = start_run(directory, project=project, group=group, name=name, job_type=job_type, config=config,
+                    offline=offline)
     try:
         run.summary.update({key: value for key, value in summary.items() if value is not None})
         if table is not None:
-            columns, rows = table
-            run.log({"per_case": wandb.Table(columns=list(columns), data=[list(row) for row in rows])})
+            run.log({"per_case": wandb_table(*table)})
     finally:
         run.finish()
-    return directory / "wandb"
+    return Path(directory) / "wandb"
+
+
+def wandb_table(columns: Sequence[str], rows: Sequence[Sequence]):
+    """A ``wandb.Table``; NaN and infinite floats become None (W&B's JSON has no NaN)."""
+    import wandb
+
+    def cell(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+
+    return wandb.Table(columns=list(columns), data=[[cell(value) for value in row] for row in rows])
+
+
+def confusion_plot(matrix, class_names: Sequence[str], title: str = "subtype confusion matrix"):
+    """W&B's interactive confusion matrix of a (K, K) count matrix (rows reference, columns predicted)."""
+    import wandb
+
+    k = len(class_names)
+    counts = [[int(matrix[t][p]) for p in range(k)] for t in range(k)]
+    y_true = [t for t in range(k) for p in range(k) for _ in range(counts[t][p])]
+    y_pred = [p for t in range(k) for p in range(k) for _ in range(counts[t][p])]
+    return wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=list(class_names), title=title)
+
+
+def roc_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], title: str = "one-vs-rest ROC"):
+    """W&B's ROC chart (the one ``wandb.plot.roc_curve`` draws, which needs pandas and scikit-learn) from
+    ``{class name: (false positive rates, true positive rates)}`` computed by the caller."""
+    import wandb
+
+    rows = [[name, round(float(fpr), 4), round(float(tpr), 4)]
+            for name, (fprs, tprs) in curves.items() for fpr, tpr in zip(fprs, tprs)]
+    return wandb.plot_table("wandb/area-under-curve/v0", wandb.Table(columns=["class", "fpr", "tpr"], data=rows),
+                            {"x": "fpr", "y": "tpr", "class": "class"},
+                            {"title": title, "x-axis-title": "False positive rate",
+                             "y-axis-title": "True positive rate"})
+
+
+def run_reference(run) -> dict[str, str | None]:
+    """What a later run needs to point at a W&B run: its id, project, entity, group and name."""
+    return {"id": run.id, "project": run.project, "entity": getattr(run, "entity", None) or None,
+            "group": run.group or None, "name": run.name, "config_artifact": config_artifact_name(run.id)}
+
+
+def config_artifact_name(run_id: str) -> str:
+    """The artifact of a training run holding its plan and resolved config."""
+    return f"config-{run_id}"

@@ -125,7 +125,7 @@ def test_trains_and_validates_with_sliding_windows(tiny_dataset, tmp_path):
     header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
     assert {"val/combined", "val/auroc_2", "train/loss_step", "train/cls_epoch", "lr"} <= set(header.split(","))
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
-    assert "last.ckpt" in names and any(n.startswith("epoch0000-combined") for n in names)
+    assert "last.ckpt" in names and any(n.startswith("epoch0000-select") for n in names)
 
 
 def test_segmentation_only_validation(tiny_dataset, tmp_path):
@@ -145,7 +145,8 @@ def test_validation_settings_are_an_inference_preset(tiny_dataset, tmp_path):
     """By default validation runs the ``validation`` preset (what it always ran: step 0.5, no mirroring);
     any other preset can be chosen as on train.py's command line, coarse-to-fine included."""
     default = make_module(tiny_dataset).validation
-    assert default == InferenceSettings.from_config({"name": "validation", "mirror_axes": [], "roi_size": [8, 16, 16]})
+    assert default == InferenceSettings.from_config({"name": "validation", "mirror_axes": [], "roi_size": [8, 16, 16],
+                                                      "engine": "torch"})
     assert (default.overlap, default.mirror_axes, default.sigma_scale, default.sw_batch_size,
             default.min_lesion_volume, default.coarse_to_fine) == (0.5, (), 0.125, 2, 0.5, False)
 
@@ -329,7 +330,7 @@ def test_trainer_and_callback_configs_build(tmp_path):
     callbacks = OmegaConf.load(CONF / "callbacks/default.yaml")
     callbacks.model_checkpoint.dirpath = callbacks.last_checkpoint.dirpath = str(tmp_path)
     built = {name: instantiate(entry) for name, entry in callbacks.items()}
-    assert built["model_checkpoint"].monitor == "val/combined" and built["model_checkpoint"].mode == "max"
+    assert built["model_checkpoint"].monitor == "select/combined" and built["model_checkpoint"].mode == "max"
 
 
 # --- (5) non-finite loss ----------------------------------------------------------------------------
