@@ -80,9 +80,14 @@ class EvaluationConfig:
     bootstrap: int = 1000               # bootstrap resamples for the confidence intervals; 0: none
     seed: int = 0
     plots: bool = True                  # PNG plots (needs matplotlib)
+    montage_cases: int = 4              # worst_cases.png: the cases with the lowest lesion Dice; 0: none
+    images: str | None = None           # folder of the images {case}_0000 for it; null: beside the masks or the gt layout
+    calibration_bins: int = 10          # bins of the reliability diagram of the subtype probabilities
     num_subtypes: int = 3               # the dataset's declared subtypes: macro scores average over all
     workers: int = 0                    # processes scoring cases; 0: in this process
     progress: bool = True
+    wandb: bool = False                 # the evaluate command (cli) only: also log a W&B run (wandb_runs.py)
+    wandb_project: str = "pancreas_mtl"
 
 
 # --- scoring one case -------------------------------------------------------------------------------
@@ -324,12 +329,15 @@ def evaluate(config: EvaluationConfig | dict) -> Evaluation:
     summary = summarise(rows, matrix, cfg.bootstrap, cfg.seed, cfg.num_subtypes)
     summary["inputs"] = {"pred": str(pred_dir), "gt": str(cfg.gt), "probs": str(probabilities_path)
                          if probabilities is not None else None, "subtypes": cfg.subtypes,
-                         "tolerance_mm": cfg.tolerance_mm}
+                         "tolerance_mm": cfg.tolerance_mm, "images": cfg.images}
     summary["conventions"] = conventions(cfg.num_subtypes)
     write_per_case(out / "per_case.csv", rows)
     save_json(_json_safe(summary), out / "summary.json")
     if cfg.plots:
-        write_plots(out, rows, matrix, summary)
+        from pancreas_mtl.evaluation.case_views import find_case_files  # it imports this module
+        files = (find_case_files(pred_dir, cfg.gt, cases, cfg.images, cfg.subtypes, cfg.num_subtypes)
+                 if cfg.montage_cases > 0 else None)
+        write_plots(out, rows, matrix, summary, files, cfg.montage_cases, cfg.calibration_bins)
     return Evaluation(rows, summary, matrix)
 
 
