@@ -63,6 +63,10 @@ def preset(name: str) -> InferenceSettings:
     return InferenceSettings.from_config(OmegaConf.to_container(composed.inference))
 
 
+def with_engine(settings: InferenceSettings, engine: str) -> InferenceSettings:
+    return InferenceSettings.from_config({**settings.to_config(), "engine": engine})
+
+
 @torch.no_grad()
 def warm_up(predictor: Predictor) -> None:
     """One forward pass of a patch-sized window: the first call of a shape sets up the CPU kernels."""
@@ -95,6 +99,9 @@ def main() -> None:
                         help="also time one quiz-sized case with ResEnc M (fast preset)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--precision", default="fp32", help="fp32 | bf16 (CPU autocast)")
+    parser.add_argument("--engine", default="torch",
+                        help="inference.engine: torch (these figures' default) | openvino | onnxruntime | auto; "
+                             "bench/engine_speed.py compares them")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,13 +129,14 @@ def main() -> None:
     print("| network | preset | precision | cases | s/case | network s/case | window passes/case | machine | date |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.presets:
-        seconds, network_seconds, windows = time_cases(make(preset(name)), timed)
+        seconds, network_seconds, windows = time_cases(make(with_engine(preset(name), args.engine)), timed)
         print(f"| {network_name} | {name} | {args.precision} | {len(timed)} | {seconds:.2f} | "
               f"{network_seconds:.2f} | {windows:.1f} | {machine} | {date.today()} |", flush=True)
     if args.m_case:
         plan = plan_experiment(fingerprint, load_preset("M"), {"target_spacing": [2.0, 0.73, 0.73],
                                                                "patch_size": [64, 128, 192]})
-        predictor = Predictor([random_network(plan)], plan, preset("fast"), device="cpu", precision=args.precision)
+        predictor = Predictor([random_network(plan)], plan, with_engine(preset("fast"), args.engine), device="cpu",
+                              precision=args.precision)
         seconds, network_seconds, windows = time_cases(predictor, timed[:1])
         print(f"| ResEnc M, random weights, patch 64x128x192 (quiz plan) | fast | {args.precision} | 1 | "
               f"{seconds:.2f} | {network_seconds:.2f} | {windows:.1f} | {machine} | {date.today()} |", flush=True)

@@ -162,7 +162,8 @@ def run_ours(args, ckpt: Path, inputs: Path, output: Path, preset: str) -> dict:
     cpu_json.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(REPO_ROOT / "bench/_ours_predict.py"), "--cpu-json", str(cpu_json),
                f"ckpt='{ckpt}'", f"input='{inputs}'", f"output='{output}'", f"inference={preset}",
-               "device=cpu", "precision=fp32", f"num_threads={args.threads}", "prefetch=false",
+               "device=cpu", "precision=fp32", f"inference.engine={args.engine}", f"num_threads={args.threads}",
+               "prefetch=false",
                "progress=false", "overwrite=true", f"hydra.run.dir='{output.parent / 'logs' / preset}'"]
     run = run_timed(command, args.threads, output.parent / "logs" / f"{preset}.log")
     run.pop("stdout")
@@ -200,7 +201,7 @@ def compare_masks(folder_a: Path, folder_b: Path, case_ids: list[str]) -> dict[s
 def diagnose(ckpt: Path, inputs: Path, dump: Path, nnunet_masks: Path, max_passes: int) -> dict[str, dict]:
     """Per case: where our accurate prediction and nnU-Net's part (see the module docstring)."""
     accurate = OmegaConf.to_container(OmegaConf.load(CONF / "inference/accurate.yaml"))
-    settings = InferenceSettings.from_config(accurate)
+    settings = InferenceSettings.from_config({**accurate, "engine": "torch"})  # the windows in nnU-Net's arithmetic
     predictor = Predictor.from_checkpoints(ckpt, settings, device="cpu", precision="fp32")
     member, plan = predictor.members[0], predictor.plan
     cases, problems = find_cases(inputs)
@@ -291,6 +292,9 @@ def main() -> None:
     parser.add_argument("--ct-folder", type=Path, default=CT_FOLDER,
                         help=f"folder of the real CT examples {', '.join(CT_CASES)} (.nii.gz)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run")
+    parser.add_argument("--engine", default="torch",
+                        help="our inference.engine: torch (the same arithmetic as nnU-Net, the default) | openvino "
+                             "| onnxruntime | auto")
     parser.add_argument("--nnunet-python", type=Path, default=REPO_ROOT / ".venv-nnunet/bin/python")
     parser.add_argument("--diagnose", action=argparse.BooleanOptionalAction, default=True,
                         help="take the equal-settings pair apart (costs one more accurate pass)")
