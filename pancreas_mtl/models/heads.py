@@ -115,6 +115,13 @@ class GuidedHead(ClassificationHead):
         """features (B, C, z, y, x) -> (B, C) over the guide's region (the whole patch without one)."""
         return global_pool(features, pool) if guide is None else region_pool(features, guide, pool)
 
+    def stage_features(self, stages: StagePooling, unet: UNetOutput, lesion_mask: Tensor | None,
+                       image: Tensor | None) -> Tensor:
+        """Every decoder stage pooled over the region by ``stages`` and projected, concatenated (B, S * F),
+        joined by the image statistics when configured."""
+        guide = self.region_guide(unet.seg_logits[0], lesion_mask)
+        return self.with_statistics(stages(unet.decoder_features, guide).flatten(1), guide, image)
+
     def with_statistics(self, pooled: Tensor, guide: Tensor | None, image: Tensor | None) -> Tensor:
         """``pooled`` (B, F) joined by the projected image statistics under ``guide`` when configured."""
         if not self.uses_image:
@@ -139,9 +146,9 @@ class SingleStageHead(GuidedHead):
     """
 
     def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage: int = -1, pool: str = "max",
-                 hidden: int = 0, dropout: float = 0.0, region: str = "patch", lesion_channel: int = LESION_LABEL,
-                 truth_guidance: float = 0.0, truth_jitter: int = 0, image_statistics: bool = False,
-                 input_channels: int = 1):
+                 hidden: int = 0, dropout: float = 0.0, region: str = "patch",
+                 lesion_channel: int = LESION_LABEL, truth_guidance: float = 0.0, truth_jitter: int = 0,
+                 image_statistics: bool = False, input_channels: int = 1):
         super().__init__(decoder_channels, num_subtypes, region=region, lesion_channel=lesion_channel,
                          truth_guidance=truth_guidance, truth_jitter=truth_jitter,
                          image_statistics=image_statistics, statistics_features=STATISTICS_FEATURES,
@@ -189,9 +196,9 @@ class MultiStageHead(GuidedHead):
     """
 
     def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage_features: int = 64,
-                 hidden: int = 128, dropout: float = 0.2, pool: str = "max", region: str = "patch", lesion_channel: int = LESION_LABEL,
-                 truth_guidance: float = 0.0, truth_jitter: int = 0, image_statistics: bool = False,
-                 input_channels: int = 1):
+                 hidden: int = 128, dropout: float = 0.2, pool: str = "max", region: str = "patch",
+                 lesion_channel: int = LESION_LABEL, truth_guidance: float = 0.0, truth_jitter: int = 0,
+                 image_statistics: bool = False, input_channels: int = 1):
         super().__init__(decoder_channels, num_subtypes, region=region, lesion_channel=lesion_channel,
                          truth_guidance=truth_guidance, truth_jitter=truth_jitter,
                          image_statistics=image_statistics, statistics_features=STATISTICS_FEATURES,
@@ -202,9 +209,7 @@ class MultiStageHead(GuidedHead):
 
     def forward(self, unet: UNetOutput, lesion_mask: Tensor | None = None, image: Tensor | None = None) -> Tensor:
         """unet: the backbone's output [, the true lesion in training, the input image] -> class logits (B, K)."""
-        guide = self.region_guide(unet.seg_logits[0], lesion_mask)
-        pooled = self.stages(unet.decoder_features, guide).flatten(1)
-        return self.classifier(self.with_statistics(pooled, guide, image))
+        return self.classifier(self.stage_features(self.stages, unet, lesion_mask, image))
 
 
 class OneVsRestHead(GuidedHead):
@@ -227,9 +232,9 @@ class OneVsRestHead(GuidedHead):
     loss_kind = "bce"
 
     def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage_features: int = 64,
-                 hidden: int = 64, dropout: float = 0.2, pool: str = "max", region: str = "patch", lesion_channel: int = LESION_LABEL,
-                 truth_guidance: float = 0.0, truth_jitter: int = 0, image_statistics: bool = False,
-                 input_channels: int = 1):
+                 hidden: int = 64, dropout: float = 0.2, pool: str = "max", region: str = "patch",
+                 lesion_channel: int = LESION_LABEL, truth_guidance: float = 0.0, truth_jitter: int = 0,
+                 image_statistics: bool = False, input_channels: int = 1):
         super().__init__(decoder_channels, num_subtypes, region=region, lesion_channel=lesion_channel,
                          truth_guidance=truth_guidance, truth_jitter=truth_jitter,
                          image_statistics=image_statistics, statistics_features=STATISTICS_FEATURES,
@@ -242,8 +247,7 @@ class OneVsRestHead(GuidedHead):
     def forward(self, unet: UNetOutput, lesion_mask: Tensor | None = None, image: Tensor | None = None) -> Tensor:
         """unet: the backbone's output [, the true lesion in training, the input image] -> one binary logit
         per subtype (B, num_subtypes)."""
-        guide = self.region_guide(unet.seg_logits[0], lesion_mask)
-        pooled = self.with_statistics(self.stages(unet.decoder_features, guide).flatten(1), guide, image)
+        pooled = self.stage_features(self.stages, unet, lesion_mask, image)
         return torch.cat([head(pooled) for head in self.binary_heads], dim=1)
 
     def probabilities(self, logits: Tensor) -> Tensor:
