@@ -55,7 +55,7 @@ def train_tiny(name: str, seed: int = 0) -> tuple[list[float], float]:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     head_class, knobs = HEADS[name]
-    backbone = tiny_net()
+    backbone = tiny_net(features=(8, 16, 16, 16))   # 8 full-resolution channels: single_stage reads only those
     head = head_class(backbone.decoder_channels, 3, dropout=0.0, **knobs)
     model = MultiTaskNet(backbone, head)
     kind = head.loss_kind
