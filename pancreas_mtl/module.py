@@ -258,7 +258,7 @@ class MultiTaskModule(L.LightningModule):
             per_rank: list[list[dict[str, Any]] | None] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(per_rank, cases)
             cases = [case for rank_cases in per_rank for case in rank_cases or []]
-        unique = {(case["split"], case["case_id"]): case for case in reversed(cases)}  # the first of repeats
+        unique = {(case.get("split", "val"), case["case_id"]): case for case in reversed(cases)}  # first of repeats
         return [unique[key] for key in sorted(unique)]
 
     def on_validation_epoch_end(self) -> None:

@@ -141,6 +141,11 @@ def test_gathered_validation_counts_each_case_once():
     module = SimpleNamespace(trainer=SimpleNamespace(world_size=1))
     gathered = MultiTaskModule._gathered(module, cases)
     assert [c["case_id"] for c in gathered] == [f"case{i}" for i in range(5)]
+    # the validation and inner validation splits are counted apart, each case once per split
+    split = [{**case, "split": "inner" if case["case_id"] == "case1" else "val"} for case in cases]
+    split += [{"case_id": "case1", "split": "val"}]
+    gathered = MultiTaskModule._gathered(module, split)
+    assert [(c["split"], c["case_id"]) for c in gathered] == [("inner", "case1"), *(("val", f"case{i}") for i in range(5))]
 
 
 # --- 2 processes on the CPU ---------------------------------------------------------------------------------
