@@ -237,7 +237,7 @@ def run_train(overrides: list[str], cwd: Path, expect_kill: bool = False) -> Non
 def logged_validation(run_dir: Path) -> dict[str, float]:
     rows = list(csv.DictReader((next((run_dir / "csv").glob("version_*")) / "metrics.csv").open()))
     validated = [row for row in rows if row.get("val/combined")]
-    return {key: float(value) for key, value in validated[-1].items() if key.startswith("val/") and value}
+    return {key: float(value) for key, value in validated[-1].items() if key.startswith(("val/", "inner/", "select/")) and value}
 
 
 def validate_in_one_process(data_root: Path, run_dir: Path, checkpoint: Path) -> dict[str, float]:
@@ -253,7 +253,7 @@ def validate_in_one_process(data_root: Path, run_dir: Path, checkpoint: Path) ->
     module = build_module(cfg, datamodule.plan, datamodule.subtype_counts())
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=run_dir)
-    [metrics] = trainer.validate(module, datamodule=datamodule, ckpt_path=str(checkpoint), weights_only=True)
+    metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=str(checkpoint), weights_only=True)[0]
     cases = len(datamodule.val_dataset)
     assert cases % 2 == 1 and len(module.last_validation["cases"]) == cases  # odd: on 2 ranks one case repeats
     return {key: float(value) for key, value in metrics.items()}

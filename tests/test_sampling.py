@@ -274,7 +274,7 @@ def prepared_dataset(tmp_path: Path, subtypes=(0, 1, 2), val: int = 1, patch=PAT
     ids = sorted(cases)
     return PreparedDataset(index=None, fingerprint=None, cache_root=tmp_path, cases=cases,
                            plan=SimpleNamespace(patch_size=patch, batch_size=batch_size),
-                           split=SimpleNamespace(train=ids[:len(ids) - val], val=ids[len(ids) - val:]))
+                           split=SimpleNamespace(train=ids[:len(ids) - val], val=ids[len(ids) - val:], inner=[]))
 
 
 def data_config(**sampling) -> dict:

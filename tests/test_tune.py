@@ -36,7 +36,7 @@ def load(root):
 
 def validation_values(run_dir):
     rows = [row for path in (run_dir / "csv").rglob("metrics.csv") for row in csv.DictReader(path.open())]
-    return [float(row["val/combined"]) for row in rows if row.get("val/combined")]
+    return [float(row["select/combined"]) for row in rows if row.get("select/combined")]
 
 
 def test_help_prints_the_study_config(capsys):
