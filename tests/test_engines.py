@@ -60,7 +60,7 @@ def test_every_head_on_every_engine_agrees_with_torch(head, engine, precision, a
         pytest.skip("no native bf16 on this CPU")
     plan = three_stage_plan()
     network = network_with_head(head, plan)
-    # 8 windows of 16 x 32 x 32, 3 per engine call: the last call is padded; mirroring over z
+    # 8 windows of 16 x 32 x 32, 3 per engine call: the last call runs 2 windows; mirroring over z
     window_settings = dict(mirror_axes=[0], sw_batch_size=3)
     reference = Predictor([network], plan, settings(engine="torch", **window_settings), device="cpu",
                           precision="fp32").predict_preprocessed(image)
@@ -240,3 +240,27 @@ def test_export_refuses_a_foreign_folder_and_replaces_only_its_own(tmp_path, che
     (out / "model.onnx").write_bytes((out / "model.onnx").read_bytes()[:-10])  # a partial copy
     with pytest.raises(ValueError, match="SHA-256 differs"):
         read_model_folder(out)
+
+
+def test_a_partial_last_batch_runs_its_own_size_not_padded_windows(image):
+    """A case of one window with sw_batch_size 2 costs one window through the engine (a checkpoint's network
+    is exported for the batch it needs); an exported folder has one shape and pads instead."""
+    pytest.importorskip("onnxruntime")
+    plan = three_stage_plan()
+    network = network_with_head("multistage", plan)
+    predictor = Predictor([network], plan, settings(engine="onnxruntime", sw_batch_size=2, mirror_axes=[]),
+                          device="cpu", precision="fp32")
+    engine_network = predictor.members[0].network
+    one_window = image[:, :16, :32, :32]
+    result = predictor.predict_preprocessed(one_window)
+    assert result.windows == 1
+    assert sorted(engine_network._runners) == [(1, 1, 16, 32, 32)]
+    reference = Predictor([network], plan, settings(engine="torch", sw_batch_size=2, mirror_axes=[]), device="cpu",
+                          precision="fp32").predict_preprocessed(one_window)
+    assert (result.probabilities - reference.probabilities).abs().max().item() < 1e-4
+
+    engine_network.exact_batches = False    # as for an exported folder: padded to the compiled batch
+    engine_network._runners.clear()
+    padded = predictor.predict_preprocessed(one_window)
+    assert sorted(engine_network._runners) == [(2, 1, 16, 32, 32)]
+    assert (padded.probabilities - result.probabilities).abs().max().item() < 1e-5

@@ -178,9 +178,12 @@ ModelSource = Callable[[tuple[int, ...]], Path]
 class EngineNetwork(nn.Module):
     """A network run by a CPU engine, called like the torch network by the sliding windows.
 
-    Calls of any number of windows run in batches of ``batch_size`` (the compiled, static batch); a last
-    partial batch is padded with zero windows, whose outputs are dropped (every layer works per window:
-    instance normalisation, per-window pooling). A model is compiled once per window shape and kept.
+    Calls of any number of windows run in batches of ``batch_size`` (the compiled, static batch). A last
+    partial batch runs through a model compiled for its own size where the source can export one
+    (``exact_batches``: a checkpoint's network; a case of one window then costs one window, not
+    ``batch_size``), else it is padded with zero windows whose outputs are dropped (an exported folder
+    has one shape; every layer works per window: instance normalisation, per-window pooling). A model is
+    compiled once per window shape and kept.
 
     Args:
         engine: ``openvino`` or ``onnxruntime``.
@@ -190,17 +193,19 @@ class EngineNetwork(nn.Module):
         probabilities: (B, S) class logits -> probabilities, the head's definition; None without a head.
         threads: engine threads (OpenVINO's INFERENCE_NUM_THREADS); None: the engine's default.
         compiled_cache: OpenVINO's CACHE_DIR for compiled models; None: none.
+        exact_batches: ``source`` gives models of any batch size (a last partial batch is not padded).
     """
 
     def __init__(self, engine: str, precision: str, batch_size: int, source: ModelSource,
                  probabilities: Callable[[Tensor], Tensor] | None, threads: int | None = None,
-                 compiled_cache: str | Path | None = None):
+                 compiled_cache: str | Path | None = None, exact_batches: bool = False):
         super().__init__()
         if engine not in CPU_ENGINES or precision not in ("fp32", "bf16"):
             raise ValueError(f"an engine network runs openvino/onnxruntime at fp32/bf16, got {engine} {precision}")
         self.engine, self.precision, self.batch_size = engine, precision, int(batch_size)
         self.source, self.probabilities, self.threads = source, probabilities, threads
         self.compiled_cache = None if compiled_cache is None else Path(compiled_cache)
+        self.exact_batches = bool(exact_batches)
         self._runners: dict[tuple[int, ...], Callable[[np.ndarray], list[np.ndarray]]] = {}
 
     def extra_repr(self) -> str:
@@ -224,14 +229,13 @@ class EngineNetwork(nn.Module):
         """windows (N, C, Z, Y, X) -> (segmentation logits (N, K, Z, Y, X) float32, class probabilities
         (N, S) or None), on the windows' device."""
         count, shape = windows.shape[0], tuple(windows.shape[1:])
-        run = self.runner((self.batch_size, *shape))
         seg_parts, class_parts = [], []
         for start in range(0, count, self.batch_size):
             batch = windows[start:start + self.batch_size].detach().float().cpu()
             used = batch.shape[0]
-            if used < self.batch_size:
+            if used < self.batch_size and not self.exact_batches:
                 batch = torch.cat([batch, batch.new_zeros((self.batch_size - used, *shape))])
-            outputs = run(np.ascontiguousarray(batch.numpy()))
+            outputs = self.runner(tuple(batch.shape))(np.ascontiguousarray(batch.numpy()))
             seg_parts.append(torch.from_numpy(outputs[0][:used]))
             if len(outputs) > 1:
                 class_parts.append(torch.from_numpy(outputs[1][:used]))
@@ -263,6 +267,6 @@ def torch_engine_network(network: MultiTaskNet, weights_digest: str, engine: str
     cache = OnnxCache(network.cpu().eval(), folder)
     probabilities = None if network.head is None else network.class_probabilities
     wrapped = EngineNetwork(engine, resolve_engine_precision(precision, engine), batch_size, cache.path,
-                            probabilities, threads, compiled_cache_dir(engine_cache))
+                            probabilities, threads, compiled_cache_dir(engine_cache), exact_batches=True)
     wrapped.onnx_cache, wrapped.temporary_folder = cache, temporary  # kept alive with the network
     return wrapped
