@@ -17,7 +17,9 @@ predict.py), ``torch:bf16`` and ``torch:fp16`` autocast, and a peak GPU memory c
 (``torch.cuda.max_memory_allocated`` over the case). Columns: seconds per window (``sw_batch_size`` windows per call, after
 one warm-up call), seconds per case, each with "x torch" (torch fp32's seconds over the row's: above 1 the
 row is faster), the share of mask voxels equal to torch fp32's mask, whether the subtype is the same, and
-the set-up seconds (predictor built, ONNX export and engine compilation in a fresh cache, one warm-up call).
+the set-up seconds (predictor built, ONNX export and engine compilation in a fresh cache, one warm-up call
+and one warm-up case, which compiles the window batches a case needs; the timed case is a second one, as
+every case after the first of a run, or of any run once the disk cache holds the exports).
 The 2 shared cores of the project machine make every figure noisy: run alone and note the load (printed).
 """
 
@@ -132,6 +134,7 @@ def run(args) -> list[dict]:
                         predictor = Predictor([network], plan, replace(settings, engine=engine), device=args.device,
                                               precision=precision, engine_cache=cache, num_threads=args.threads)
                         seconds_per_window(predictor, 1)  # warm-up: export, compile, kernel set-up
+                        predict_case(predictor, cases, work / "warm-up" / variant)  # and the case's own shapes
                     except (ImportError, ValueError) as error:
                         print(f"# {network_name} {preset} {variant} skipped: {error}", flush=True)
                         continue
