@@ -9,7 +9,8 @@
 Per run (a job folder ``<multirun>/<n>/``): from its training log (evaluation/runs.py), the validation
 macro F1 at the last validation and the best one during the run (their gap says how much the model
 swings); then ``predict.py`` (``inference=fast``) with the checkpoint the inner validation split chose
-(``checkpoints/epoch*-select*.ckpt``; ``last.ckpt`` without one) on the validation and test splits, and
+(``checkpoints/epoch*-select*.ckpt``; ``last.ckpt`` without one; torch fp32 unless ``--engine`` and
+``--precision``) on the validation and test splits of finished runs, and
 ``pancreas-mtl evaluate`` on the original grids. Per head: mean and standard deviation over seeds.
 Results per run are kept in ``<run>/study/`` (a rerun skips what is there), the table is printed as
 markdown for docs/benchmarks.md and written to ``<first multirun>/head_study.json``.
@@ -25,6 +26,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -34,6 +36,16 @@ from pancreas_mtl.evaluation.runs import epoch_curves, find_runs, read_run_metri
 
 SPLITS = {"validation": ("validation", "validation"), "test": ("test", "test_labels")}  # images, reference
 SCORES = ("whole_pancreas_dice", "lesion_dice", "macro_f1", "balanced_accuracy", "macro_auroc")
+
+
+def finished(run: Path) -> bool:
+    """Whether the run trained all its epochs (its log reaches ``trainer.max_epochs``)."""
+    config = run / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return False
+    max_epochs = int(OmegaConf.load(config).trainer.max_epochs)
+    epochs = [int(e.max()) + 1 for e, _ in epoch_curves(read_run_metrics(run)).values() if e.size]
+    return bool(epochs) and max(epochs) >= max_epochs
 
 
 def chosen_checkpoint(run: Path) -> Path:
@@ -50,7 +62,7 @@ def scores(summary: dict) -> dict[str, float]:
             "macro_f1_ci": classification.get("ci", {}).get("macro_f1")}
 
 
-def evaluate_run(run: Path, data: Path, inference: str) -> dict[str, dict]:
+def evaluate_run(run: Path, data: Path, inference: str, engine: str, precision: str) -> dict[str, dict]:
     """The run's chosen checkpoint predicted and evaluated on each split (cached in ``<run>/study/``)."""
     ckpt = chosen_checkpoint(run)
     if not ckpt.is_file():
@@ -62,7 +74,8 @@ def evaluate_run(run: Path, data: Path, inference: str) -> dict[str, dict]:
         summary = out / "evaluation" / "summary.json"
         if not summary.is_file():
             subprocess.run([str(python), "predict.py", f"ckpt={ckpt}", f"input={data / images}",
-                            f"output={out / 'predictions'}", f"inference={inference}"],
+                            f"output={out / 'predictions'}", f"inference={inference}",
+                            f"inference.engine={engine}", f"precision={precision}"],
                            cwd=REPO_ROOT, check=True)
             subprocess.run([str(cli), "evaluate", f"pred={out / 'predictions'}", f"gt={data / reference}",
                             f"out={out / 'evaluation'}"], cwd=REPO_ROOT, check=True)
@@ -91,24 +104,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("multiruns", nargs="+", type=Path)
     parser.add_argument("--data", type=Path, default=REPO_ROOT / "outputs" / "data" / "synthetic_default")
     parser.add_argument("--inference", default="fast")
+    parser.add_argument("--engine", default="torch", help="inference.engine of the predictions")
+    parser.add_argument("--precision", default="fp32")
     args = parser.parse_args(argv)
 
     rows = []
     for folder in args.multiruns:
         for run in find_runs(folder):
+            if not finished(run):
+                print(f"skipped {run}: not finished", file=sys.stderr)
+                continue
             overrides = run_overrides(run)
             head = overrides.get("model/head", "lesion_attention")
             row = {"run": str(run), "head": head, "seed": overrides.get("seed", "0"), **training_f1(run)}
             try:
-                row.update(evaluate_run(run, args.data, args.inference))
+                row.update(evaluate_run(run, args.data, args.inference, args.engine, args.precision))
             except (FileNotFoundError, subprocess.CalledProcessError) as error:
                 print(f"skipped {run}: {error}", file=sys.stderr)
                 continue
             rows.append(row)
 
     heads = sorted({row["head"] for row in rows})
-    print(f"\nhead study, {date.today()}, {cpu_model()}, inference={args.inference}, checkpoint chosen on the "
-          "inner validation split\n")
+    print(f"\nhead study, {date.today()}, {cpu_model()}, inference={args.inference}, engine {args.engine} "
+          f"{args.precision}, checkpoint chosen on the inner validation split\n")
     print("| head | runs | val pancreas Dice | val lesion Dice | val macro F1 | val bal. acc. | val AUROC "
           "| test pancreas Dice | test lesion Dice | test macro F1 | test bal. acc. | test AUROC "
           "| final val F1 (log) | best - final F1 |")
