@@ -18,6 +18,7 @@ from pancreas_mtl.data.splits import make_split
 from pancreas_mtl.evaluation.crossval import read_sweep
 from tests.conftest import write_distributed_dataset
 from tests.predict_helpers import run_predict, save_checkpoint, tiny_plan, write_cases
+from tests.wandb_records import finished_records
 
 NUM_FOLDS = 2
 QUIET = ["bootstrap=50", "progress=false", "plots=false"]
@@ -211,6 +212,7 @@ def test_crossval_logs_its_summary_as_a_wandb_run_of_the_sweeps_group(swept, mon
     out = tmp_path / "crossval"
     assert main(["crossval", f"multirun={a}", f"out={out}", "device=cpu", "wandb=true", *QUIET]) == 0
     [run_file] = list((out / "wandb").glob("offline-run-*/*.wandb"))
+    finished_records(run_file)    # wandb-core may still be flushing the file when the run has finished
     blob = run_file.read_bytes()  # the offline run's records (protobuf: strings stay readable)
     # job_type and name "crossval", the group of the sweep's training runs, the scores and the per-case table
     for expected in (b"crossval", f"train_{a.name}".encode(), b"crossval/combined", b"per_case"):
