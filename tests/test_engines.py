@@ -237,6 +237,11 @@ def test_export_refuses_a_foreign_folder_and_replaces_only_its_own(tmp_path, che
     assert main(["export", f"ckpt={checkpoint}", f"out={out}", "engine=onnxruntime", "overwrite=true"]) == 0
     assert "verification" in json.loads((out / MANIFEST).read_text())
 
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "complete": False}))   # an export killed midway
+    with pytest.raises(ValueError, match="did not finish"):
+        read_model_folder(out)
+    (out / MANIFEST).write_text(json.dumps(manifest))
     (out / "model.onnx").write_bytes((out / "model.onnx").read_bytes()[:-10])  # a partial copy
     with pytest.raises(ValueError, match="SHA-256 differs"):
         read_model_folder(out)
