@@ -102,6 +102,33 @@ def test_cubic_resampling_is_nnunets():
         np.testing.assert_allclose(out.numpy(), fixture[f"expected{index}"], atol=1e-3, rtol=0)
 
 
+@pytest.mark.parametrize("new_shape, axis", [((7, 13, 8), None), ((5, 17, 6), 0), ((9, 4, 15), 1), ((5, 9, 22), None)])
+def test_cubic_resampling_by_matrices_equals_scipys_zoom(new_shape, axis):
+    """The separable matrices give scipy's 3D (or per-slice 2D) order-3 zoom itself, clipped per channel
+    (per slice), in float64 on the image's device."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(2, 5, 9, 11))
+
+    def scipy_zoom(volume, shape):
+        out = ndimage.zoom(volume, [n / o for n, o in zip(shape, volume.shape)], order=3, mode="nearest",
+                           grid_mode=True)
+        return np.clip(out, volume.min(), volume.max())
+
+    if axis is None:
+        expected = np.stack([scipy_zoom(channel, new_shape) for channel in image])
+    else:
+        in_plane = [s for i, s in enumerate(new_shape) if i != axis]
+        planes = np.stack([np.stack([scipy_zoom(plane, in_plane) for plane in np.moveaxis(channel, axis, 0)])
+                           for channel in image])
+        nearest = np.floor((np.arange(new_shape[axis]) + 0.5) * image.shape[axis + 1] / new_shape[axis]).astype(int)
+        expected = np.moveaxis(planes[:, nearest], 1, axis + 1)
+    out = resample_image(torch.from_numpy(image), new_shape, axis, order=3)
+    assert out.dtype == torch.float64 and out.device == torch.device("cpu") and out.shape == (2, *new_shape)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-9, rtol=0)
+
+
 def test_cubic_resampling_is_closer_than_linear_on_a_smooth_image_and_stays_in_range():
     def sampled(n):  # a smooth rising image sampled at voxel centres of an n-voxel grid over [0, 1]
         centres = (torch.arange(n, dtype=torch.float64) + 0.5) / n
@@ -132,6 +159,20 @@ def test_preprocess_crops_normalises_resamples():
     assert result.image.shape == (1, 6, 14, 18) and result.image.dtype == np.float32
     assert result.seg.shape == (6, 14, 18) and set(np.unique(result.seg)) == {0, 1, 2}
     assert result.image.max() <= (150 - 80) / 40 + 1e-5
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_preprocess_for_a_device_resamples_there_without_a_round_trip(order):
+    """With a device (a GPU prediction), the image goes there once and stays: on the meta device any
+    copy back to the CPU would raise. The CPU gives the numpy array, as before."""
+    image, mask = make_case_arrays(np.random.default_rng(0), shape_zyx=(12, 28, 36))
+    loaded = LoadedCase(Case("c", (), None, 0, "train"), image[None], None, lps_affine((2.0, 0.8, 0.8)))
+    plan = small_plan(target_spacing=(4.0, 1.6, 1.6))
+    on_meta = preprocess(loaded, plan, image_order=order, device="meta")
+    assert isinstance(on_meta.image, torch.Tensor) and on_meta.image.device.type == "meta"
+    on_cpu = preprocess(loaded, plan, image_order=order, device="cpu")
+    assert isinstance(on_cpu.image, np.ndarray) and on_meta.image.shape == on_cpu.image.shape
+    np.testing.assert_array_equal(on_cpu.image, preprocess(loaded, plan, image_order=order).image)
 
 
 def _z_ramp_case(spacing=(2.0, 0.8, 0.8)) -> LoadedCase:

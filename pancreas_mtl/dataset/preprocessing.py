@@ -25,7 +25,8 @@ class PreprocessedCase:
     """A case on the plan's grid.
 
     Attributes:
-        image: (C, Z, Y, X) float32, normalised, at the target spacing.
+        image: (C, Z, Y, X) float32, normalised, at the target spacing: a numpy array, or a tensor on the
+            device ``preprocess`` was given (prediction on a GPU).
         seg: (Z, Y, X) int8 or None.
         bbox: crop in the original grid, [start, stop) per axis (z, y, x).
         original_shape: (z, y, x) of the input before cropping.
@@ -34,7 +35,7 @@ class PreprocessedCase:
             back with the same (``planning.anisotropy.separate_axis``).
     """
 
-    image: np.ndarray
+    image: np.ndarray | torch.Tensor
     seg: np.ndarray | None
     bbox: tuple[tuple[int, int], ...]
     original_shape: tuple[int, int, int]
@@ -79,13 +80,17 @@ def check_resampled_size(loaded: LoadedCase, crop_shape: tuple[int, ...], target
 
 
 def preprocess(loaded: LoadedCase, plan: Plan, image_order: int = 1, *,
-               max_resampled_voxels: int | None = None) -> PreprocessedCase:
+               max_resampled_voxels: int | None = None, device: torch.device | str | None = None
+               ) -> PreprocessedCase:
     """Crop, normalise and resample a loaded case to the plan's target spacing; the image linearly
     (``image_order`` 1, as training's cache does) or with nnU-Net's cubic resampling (3). An axis is
     resampled separately as ``separate_axis(case spacing, plan spacing, plan.anisotropy_threshold)`` says.
 
     ``max_resampled_voxels`` (None: ``InputLimits().max_resampled_voxels``) bounds the voxels per
     channel at the target spacing; a larger case is a DataError before anything is allocated.
+    ``device`` (a GPU the network predicts on): the cropped, normalised image goes there once and is
+    resampled there (linear or cubic), and the preprocessed image stays there as a tensor; None or a
+    CPU: a numpy array, as the cache stores it.
     """
     if max_resampled_voxels is None:
         max_resampled_voxels = InputLimits().max_resampled_voxels
@@ -97,7 +102,10 @@ def preprocess(loaded: LoadedCase, plan: Plan, image_order: int = 1, *,
     # nnU-Net's order: the case's grid decides when it is anisotropic, else the plan's
     axis = separate_axis(spacing, plan.target_spacing, plan.anisotropy_threshold)
     with torch.inference_mode():
-        image = resample_image(torch.from_numpy(image), new_shape, axis, image_order).numpy()
+        on_device = device is not None and torch.device(device).type != "cpu"
+        source = torch.from_numpy(image).to(device) if on_device else torch.from_numpy(image)
+        image = resample_image(source, new_shape, axis, image_order)
+        image = image if on_device else image.numpy()
         seg = None
         if loaded.seg is not None:
             seg = resample_segmentation(torch.from_numpy(crop(loaded.seg, bbox).copy()), new_shape,

@@ -6,13 +6,16 @@ axis is ``planning.anisotropy.separate_axis`` with the plan's ``anisotropy_thres
 We keep the separate-axis rule and the per-label scheme but interpolate linearly: on this data the
 target spacing is close to the source spacing and linear interpolation is several times faster
 (see docs/benchmarks.md). ``resample_image(..., order=3)`` is nnU-Net's image resampling itself
-(cubic B-spline, edge mode, clipped to the input's range, slice by slice when an axis is separate;
-on the CPU with scipy), for predictions that reproduce nnU-Net's (``inference.nnunet_compat``).
+(cubic B-spline, edge mode, clipped to the input's range, slice by slice when an axis is separate),
+for predictions that reproduce nnU-Net's (``inference.nnunet_compat``). It runs on the image's device
+too: a cubic B-spline zoom is linear and separable, so scipy's zoom along one axis is computed once as
+a matrix (scipy applied to the unit vectors) and the volume is multiplied by one matrix per axis.
 All tensors are (Z, Y, X) in their spatial axes.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -50,35 +53,49 @@ def _interpolate(volumes: torch.Tensor, new_shape: tuple[int, int, int], axis: i
     return planes.movedim(1, axis + 1)
 
 
-def _cubic_resize(volume: np.ndarray, new_shape: Sequence[int]) -> np.ndarray:
-    """One channel or slice, float64: cubic B-spline at the voxel centres (align_corners=False), edge
-    values beyond the border, clipped to the input's range (skimage's resize as nnU-Net calls it)."""
-    if tuple(volume.shape) == tuple(new_shape):
-        return volume
-    zoom = [new / old for new, old in zip(new_shape, volume.shape)]
-    out = ndimage.zoom(volume, zoom, order=3, mode="nearest", grid_mode=True)
-    return np.clip(out, volume.min(), volume.max(), out=out)
+@lru_cache(maxsize=256)
+def _cubic_operator(old: int, new: int) -> np.ndarray:
+    """(new, old) float64: scipy's order-3 zoom of one axis from ``old`` to ``new`` voxels (cubic B-spline
+    with its prefilter, voxel centres aligned as ``grid_mode``, edge values beyond the border; what skimage's
+    resize does as nnU-Net calls it), as a matrix: the zoom of each unit vector. Along the other axis the
+    zoom factor is 1, which evaluates the spline at its knots: the identity."""
+    return ndimage.zoom(np.eye(old), (new / old, 1.0), order=3, mode="nearest", grid_mode=True)
+
+
+def _zoom_axis(volumes: torch.Tensor, axis: int, new: int) -> torch.Tensor:
+    """volumes (..., A, ...) float64 with ``axis`` counted from the end of the spatial axes' start: the
+    cubic zoom of that axis to ``new`` voxels, on the volumes' device."""
+    old = volumes.shape[axis]
+    if old == new:
+        return volumes
+    operator = torch.from_numpy(_cubic_operator(old, new)).to(volumes.device)
+    return torch.tensordot(volumes.movedim(axis, -1), operator, dims=([-1], [1])).movedim(-1, axis)
 
 
 def _cubic(volumes: torch.Tensor, new_shape: tuple[int, int, int], axis: int | None) -> torch.Tensor:
-    """volumes: (N, Z, Y, X) -> (N, *new_shape) float64 on the CPU; cubic, or slice by slice in-plane
-    cubic + nearest along ``axis``."""
-    data = volumes.detach().cpu().double().numpy()
+    """volumes: (N, Z, Y, X) -> (N, *new_shape) float64 on their device; cubic, or slice by slice in-plane
+    cubic + nearest along ``axis``. Each channel (each slice, slice by slice) is clipped to its own range."""
+    data = volumes.detach().double()
     if axis is None:
-        return torch.from_numpy(np.stack([_cubic_resize(channel, new_shape) for channel in data]))
+        out = data
+        for dim, size in enumerate(new_shape, start=1):
+            out = _zoom_axis(out, dim, size)
+        low, high = data.amin(dim=(1, 2, 3), keepdim=True), data.amax(dim=(1, 2, 3), keepdim=True)
+        return torch.maximum(torch.minimum(out, high), low)
+    planes = data.movedim(axis + 1, 1)                                       # (N, A, P, Q)
     in_plane = [s for i, s in enumerate(new_shape) if i != axis]
-    planes = np.stack([np.stack([_cubic_resize(plane, in_plane) for plane in np.moveaxis(channel, axis, 0)])
-                       for channel in data])                                # (N, A, P, Q)
-    planes = torch.from_numpy(planes)
-    planes = planes.index_select(1, _nearest_indices(planes.shape[1], new_shape[axis], planes.device))
-    return planes.movedim(1, axis + 1)
+    out = _zoom_axis(_zoom_axis(planes, 2, in_plane[0]), 3, in_plane[1])
+    low, high = planes.amin(dim=(2, 3), keepdim=True), planes.amax(dim=(2, 3), keepdim=True)
+    out = torch.maximum(torch.minimum(out, high), low)
+    out = out.index_select(1, _nearest_indices(out.shape[1], new_shape[axis], out.device))
+    return out.movedim(1, axis + 1)
 
 
 def resample_image(image: torch.Tensor, new_shape: Sequence[int], axis: int | None = None,
                    order: int = 1) -> torch.Tensor:
     """image: (C, Z, Y, X) float -> (C, *new_shape), same dtype and device.
 
-    ``order`` 1: linear in torch (on the image's device); 3: nnU-Net's cubic resampling (scipy, CPU).
+    ``order`` 1: linear; 3: nnU-Net's cubic resampling; both in torch on the image's device.
     """
     new_shape = tuple(int(s) for s in new_shape)
     dtype = image.dtype

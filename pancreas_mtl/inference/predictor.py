@@ -235,7 +235,7 @@ class Predictor:
             raise DataError(loaded.case.image_paths[0], f"the network reads {self.plan.num_input_channels} "
                             f"channel(s), the case has {loaded.image.shape[0]}", loaded.case.case_id)
         return preprocess(loaded, self.plan, image_order=3 if self.settings.nnunet_compat else 1,
-                          max_resampled_voxels=self.limits.max_resampled_voxels)
+                          max_resampled_voxels=self.limits.max_resampled_voxels, device=self.device)
 
     def window_for(self, member: Member, shape: Sequence[int], shrink: bool | None = None) -> tuple[int, int, int]:
         """The window for a region of ``shape``: the configured one or the plan's patch, shrunk to the
