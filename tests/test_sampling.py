@@ -191,7 +191,7 @@ def test_dataloader_workers_differ_and_runs_repeat(tmp_path):
 
     def run():
         torch.manual_seed(7)
-        loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate_patches, multiprocessing_context="spawn")
+        loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate_patches)
         return [batch["image"] for batch in loader]
 
     first, second = run(), run()
@@ -200,7 +200,7 @@ def test_dataloader_workers_differ_and_runs_repeat(tmp_path):
     assert not torch.equal(first[0], first[1])
     # A new epoch (new worker seeds) draws new patches.
     torch.manual_seed(7)
-    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate_patches, multiprocessing_context="spawn")
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate_patches)
     epochs = [[batch["image"] for batch in loader] for _ in range(2)]
     assert any(not torch.equal(a, b) for a, b in zip(*epochs))
 
