@@ -13,6 +13,8 @@ import torch
 torch.set_num_threads(1)
 
 from pancreas_mtl.data.io import write_nifti
+# in-process inference is torch; tests marked engines run OpenVINO / ONNX Runtime in forked children
+from tests.forked import cpu_engines_kept_out_of_the_worker, pytest_runtest_protocol  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CT = REPO_ROOT.parent / "shared" / "data" / "ct"
@@ -67,3 +69,4 @@ def write_distributed_dataset(root: Path, train_per_subtype=2, validation_per_su
 @pytest.fixture
 def distributed_dataset(tmp_path: Path) -> Path:
     return write_distributed_dataset(tmp_path / "quiz")
+

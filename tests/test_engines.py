@@ -28,6 +28,9 @@ from pancreas_mtl.inference.predictor import Predictor
 from pancreas_mtl.models.multitask import build_model
 from tests.predict_helpers import CONF, run_predict, save_checkpoint, settings, tiny_plan, write_cases
 
+# OpenVINO / ONNX Runtime run here, each test in a forked child of the worker (tests/conftest.py)
+pytestmark = pytest.mark.engines
+
 HEADS = ["none", "single_stage", "multistage", "ovr", "lesion_attention"]
 # (engine, precision, least argmax agreement, largest probability difference)
 ENGINE_CASES = [("openvino", "fp32", 0.999, 1e-4), ("onnxruntime", "fp32", 0.999, 1e-4),
