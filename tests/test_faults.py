@@ -150,7 +150,9 @@ def test_prediction_killed_mid_folder_then_rerun_completes_the_rest(tmp_path):
         names.append(f"quiz_{number:03d}")
     checkpoint = save_checkpoint(tmp_path / "c.ckpt", tiny_plan())
     out = tmp_path / "pred"
-    args = [f"ckpt={checkpoint}", f"input={folder}", f"output={out}", "inference=fast", "progress=false"]
+    # torch in both runs: the rerun below predicts in this process, where no CPU engine runs (tests/forked.py)
+    args = [f"ckpt={checkpoint}", f"input={folder}", f"output={out}", "inference=fast", "inference.engine=torch",
+            "progress=false"]
     env = {**os.environ, **ONE_THREAD, "PANCREAS_MTL_OUTPUTS": str(tmp_path / "outputs")}
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "predict.py"), *args, "num_threads=1"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
