@@ -204,51 +204,43 @@ class MultiStageHead(GuidedHead):
                          image_statistics=image_statistics, statistics_features=STATISTICS_FEATURES,
                          input_channels=input_channels)
         self.stages = StagePooling(self.decoder_channels, stage_features, pool)
-        self.classifier = classifier_mlp(stage_features * len(self.decoder_channels) + self.statistics_features,
-                                         num_subtypes, hidden, dropout)
+        self.classifier = self.build_classifier(
+            stage_features * len(self.decoder_channels) + self.statistics_features, num_subtypes, hidden, dropout)
+
+    def build_classifier(self, in_features: int, num_subtypes: int, hidden: int, dropout: float) -> nn.Module:
+        """The classifier on the pooled features (B, in_features) -> logits (B, num_subtypes)."""
+        return classifier_mlp(in_features, num_subtypes, hidden, dropout)
 
     def forward(self, unet: UNetOutput, lesion_mask: Tensor | None = None, image: Tensor | None = None) -> Tensor:
         """unet: the backbone's output [, the true lesion in training, the input image] -> class logits (B, K)."""
         return self.classifier(self.stage_features(self.stages, unet, lesion_mask, image))
 
 
-class OneVsRestHead(GuidedHead):
-    """One binary classifier per subtype ("is it subtype k?") on the multi-stage pooled features.
+class BinaryClassifiers(nn.Module):
+    """One binary classifier per subtype ("is it subtype k?") on the same features: (B, F) -> (B, K)."""
+
+    def __init__(self, in_features: int, num_subtypes: int, hidden: int, dropout: float):
+        super().__init__()
+        self.binary_heads = nn.ModuleList([classifier_mlp(in_features, 1, hidden, dropout)
+                                           for _ in range(num_subtypes)])
+
+    def forward(self, features: Tensor) -> Tensor:
+        return torch.cat([head(features) for head in self.binary_heads], dim=1)
+
+
+class OneVsRestHead(MultiStageHead):
+    """The multi-stage head with one binary classifier per subtype in place of one softmax classifier.
 
     Returns (B, K) independent logits meant for ``BCEWithLogitsLoss`` against one-hot targets. For
     class probabilities use ``probabilities``: the sigmoids normalised to sum to 1 (the predicted
-    subtype is the argmax of the logits either way).
-
-    Args:
-        decoder_channels, num_subtypes: see ``ClassificationHead``.
-        stage_features: width of each stage's linear projection (shared by the binary heads).
-        hidden: hidden units of each binary head, 0 for a single linear layer.
-        dropout: dropout before each linear layer.
-        pool: "max", "avg" or "avgmax".
-        region, lesion_channel, truth_guidance, truth_jitter, image_statistics, input_channels: where
-            to pool and what else to read (:class:`GuidedHead`); the defaults are the whole patch.
+    subtype is the argmax of the logits either way). Arguments are :class:`MultiStageHead`'s; ``hidden``
+    is per binary classifier.
     """
 
     loss_kind = "bce"
 
-    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage_features: int = 64,
-                 hidden: int = 64, dropout: float = 0.2, pool: str = "max", region: str = "patch",
-                 lesion_channel: int = LESION_LABEL, truth_guidance: float = 0.0, truth_jitter: int = 0,
-                 image_statistics: bool = False, input_channels: int = 1):
-        super().__init__(decoder_channels, num_subtypes, region=region, lesion_channel=lesion_channel,
-                         truth_guidance=truth_guidance, truth_jitter=truth_jitter,
-                         image_statistics=image_statistics, statistics_features=STATISTICS_FEATURES,
-                         input_channels=input_channels)
-        self.stages = StagePooling(self.decoder_channels, stage_features, pool)
-        in_features = stage_features * len(self.decoder_channels) + self.statistics_features
-        self.binary_heads = nn.ModuleList([classifier_mlp(in_features, 1, hidden, dropout)
-                                           for _ in range(num_subtypes)])
-
-    def forward(self, unet: UNetOutput, lesion_mask: Tensor | None = None, image: Tensor | None = None) -> Tensor:
-        """unet: the backbone's output [, the true lesion in training, the input image] -> one binary logit
-        per subtype (B, num_subtypes)."""
-        pooled = self.stage_features(self.stages, unet, lesion_mask, image)
-        return torch.cat([head(pooled) for head in self.binary_heads], dim=1)
+    def build_classifier(self, in_features: int, num_subtypes: int, hidden: int, dropout: float) -> nn.Module:
+        return BinaryClassifiers(in_features, num_subtypes, hidden, dropout)
 
     def probabilities(self, logits: Tensor) -> Tensor:
         scores = logits.float().sigmoid()
