@@ -30,6 +30,7 @@ from pancreas_mtl.logging_utils import build_loggers
 from pancreas_mtl.module import build_module
 from pancreas_mtl.planning.planner import describe_plan
 from pancreas_mtl.run_info import write_run_info
+from pancreas_mtl.wandb_runs import training_runs
 
 log = logging.getLogger("train")
 
@@ -125,13 +126,15 @@ def train(cfg: DictConfig) -> float | None:
         return None
     datamodule.setup("fit")
     module = build_module(cfg, datamodule.plan, datamodule.subtype_counts())
-    loggers = build_loggers(cfg.get("logger"), cfg.paths.output_dir, config=OmegaConf.to_container(cfg, resolve=True))
-    set_tf32(cfg.module.get("tf32"))
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg, bool(loggers)),
-                          plugins=[AtomicCheckpointIO(), *cluster_plugins(cfg.get("slurm"))])
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
     if ckpt_path:
         read_checkpoint(ckpt_path)  # a truncated or foreign file, or one carrying code, fails here with its path
+    resumed_run = next(iter(training_runs([ckpt_path])), None) if ckpt_path else None  # W&B continues its run
+    loggers = build_loggers(cfg.get("logger"), cfg.paths.output_dir, config=OmegaConf.to_container(cfg, resolve=True),
+                            resumed_run=resumed_run)
+    set_tf32(cfg.module.get("tf32"))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg, bool(loggers)),
+                          plugins=[AtomicCheckpointIO(), *cluster_plugins(cfg.get("slurm"))])
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:

@@ -97,7 +97,8 @@ def _require_tensorboard(name: str) -> None:
             "run `pip install tensorboard` in this environment, or choose logger=csv or logger=wandb")
 
 
-def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Mapping | None = None) -> list:
+def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Mapping | None = None,
+                  resumed_run: Mapping | None = None) -> list:
     """Every logger of the ``logger`` config group, with the resolved run config logged to each.
 
     Args:
@@ -106,6 +107,9 @@ def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Ma
         output_dir: the run folder; loggers without a ``save_dir`` write there.
         config: the resolved run config (plain containers), stored as the run's hyperparameters (the
             W&B run config, CSV hparams.yaml, TensorBoard hparams).
+        resumed_run: the W&B reference of the checkpoint training resumes from (``checkpoint["wandb"]``):
+            a W&B entry without an ``id`` of its own continues that run (``resume="allow"``) instead of
+            starting another.
 
     A W&B entry's ``offline: auto`` is decided by :func:`resolve_wandb_offline`; its ``name`` and ``group``,
     when null, come from :func:`wandb_run_identity` (the Hydra sweep the run is part of).
@@ -133,6 +137,8 @@ def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Ma
             overrides["log_model"] = False
             identity = wandb_run_identity(_hydra_config(), str((config or {}).get("task_name") or "train"))
             overrides.update({key: value for key, value in identity.items() if entry.get(key) is None})
+            if resumed_run and resumed_run.get("id") and entry.get("id") is None:
+                overrides.update(id=resumed_run["id"], resume="allow")
             if config is not None:
                 wandb_config["config"] = dict(config)  # goes to wandb.init(config=...)
         elif target.endswith("TensorBoardLogger"):

@@ -234,3 +234,20 @@ def test_training_predict_and_evaluate_runs_link_up(offline_wandb):
     assert evaluated.charts["evaluate/confusion_matrix"] == "wandb/confusion_matrix/v1"
     assert "evaluate/plots/dice_by_subtype" in evaluated.history_keys
     assert evaluated.files("media/images/evaluate/plots/dice_by_subtype_*.png")
+
+
+@pytest.mark.slow
+def test_a_resumed_training_continues_its_wandb_run(offline_wandb):
+    from train import train
+
+    tmp_path = offline_wandb
+    run_dir = tmp_path / "run"
+    common = ["data.iterations_per_epoch=2", "trainer.check_val_every_n_epoch=1", "callbacks.rich_progress_bar=null",
+              "callbacks.rich_model_summary=null", "data.inner_validation.cases=0", "ckpt_path=auto"]
+    train(compose_train(tmp_path / "outputs", run_dir, ["trainer.max_epochs=1", *common]))
+    [first] = offline_runs(run_dir)
+    train(compose_train(tmp_path / "outputs", run_dir, ["trainer.max_epochs=2", *common]))  # resumes last.ckpt
+    runs = offline_runs(run_dir)
+    assert len(runs) == 2 and {run.id for run in runs} == {first.id}  # one W&B run, written in two parts
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, mmap=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["wandb"]["id"] == first.id
