@@ -15,7 +15,7 @@ import pydoc
 import torch
 
 from pancreas_mtl.models import ResEncUNet, count_parameters
-from pancreas_mtl.models.nnunet_io import architecture_from_model
+from pancreas_mtl.models.nnunet_plans import architecture_from_model
 from pancreas_mtl.planning.plan import ChannelIntensity, Fingerprint
 from pancreas_mtl.planning.planner import load_preset, plan_experiment
 

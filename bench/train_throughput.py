@@ -57,7 +57,7 @@ from _machine import cpu_model  # bench/ is on sys.path when a script runs
 from param_count import quiz_like_fingerprint  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 from pancreas_mtl.models import ResEncUNet  # noqa: E402
-from pancreas_mtl.models.nnunet_io import nnunet_dataset_json, nnunet_plans  # noqa: E402
+from pancreas_mtl.models.nnunet_plans import nnunet_dataset_json, nnunet_plans  # noqa: E402
 from pancreas_mtl.planning.plan import Plan  # noqa: E402
 from pancreas_mtl.planning.planner import load_preset, plan_experiment  # noqa: E402
 

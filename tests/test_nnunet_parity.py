@@ -20,15 +20,12 @@ import pytest
 import torch
 
 from pancreas_mtl.models import ResEncUNet, count_parameters
-from pancreas_mtl.models.nnunet_io import (
-    RESAMPLING_KWARGS,
+from pancreas_mtl.models.nnunet_io import export_nnunet_model_folder, load_nnunet_model_folder
+from pancreas_mtl.models.nnunet_plans import RESAMPLING_KWARGS, architecture_from_model, plan_from_nnunet
+from pancreas_mtl.models.nnunet_weights import (
     NnUNetFormatError,
-    architecture_from_model,
-    export_nnunet_model_folder,
-    load_nnunet_model_folder,
     load_nnunet_state_dict,
     nnunet_key_aliases,
-    plan_from_nnunet,
     to_nnunet_state_dict,
 )
 from tests.test_models import quiz_fingerprint, quiz_plan, tiny_plan

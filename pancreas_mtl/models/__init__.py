@@ -1,7 +1,8 @@
 """The network: residual encoder UNet backbone, subtype classification heads, and their multi-task wrapper.
 
 ``build_model(cfg.model, plan)`` builds the network from the ``model`` config group once the plan is
-known; ``nnunet_io`` reads and writes nnU-Net v2 model folders.
+known; ``nnunet_io`` reads and writes nnU-Net v2 model folders, ``nnunet_plans``
+translates their plans.
 """
 
 from pancreas_mtl.models.heads import (
