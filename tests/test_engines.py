@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import nibabel as nib
@@ -30,6 +31,7 @@ from tests.predict_helpers import CONF, run_predict, save_checkpoint, settings, 
 
 # OpenVINO / ONNX Runtime run here, each test in a forked child of the worker (tests/conftest.py)
 pytestmark = pytest.mark.engines
+WORKER_PID = os.getpid()  # collection runs in the pytest worker
 
 HEADS = ["none", "single_stage", "multistage", "ovr", "lesion_attention"]
 # (engine, precision, least argmax agreement, largest probability difference)
@@ -53,6 +55,10 @@ def network_with_head(head: str, plan, seed: int = 0):
 @pytest.fixture(scope="module")
 def image():
     return torch.randn(1, 20, 40, 48, generator=torch.Generator().manual_seed(1))
+
+
+def test_engine_tests_run_in_a_forked_child_of_the_worker():
+    assert os.getpid() != WORKER_PID and os.getppid() == WORKER_PID
 
 
 @pytest.mark.parametrize("engine, precision, agreement, tolerance", ENGINE_CASES, ids=lambda c: str(c))

@@ -150,3 +150,13 @@ def test_command_line_exit_code(tmp_path):
     assert "quiz_009" in result.stderr + result.stdout and "empty" in result.stderr + result.stdout
     assert (tmp_path / "pred" / "quiz_001.nii.gz").is_file()
     assert (tmp_path / "pred" / "subtype_results.csv").read_text().startswith("Names,Subtype\nquiz_001.nii.gz,")
+
+
+def test_no_cpu_engine_runs_in_the_pytest_worker():
+    """tests/forked.py: outside tests marked engines, engine auto predicts with torch in-process."""
+    from pancreas_mtl.inference import engines, model_folder
+
+    for module in (engines, model_folder):
+        with pytest.raises(ImportError, match="kept out of the pytest worker"):
+            module.import_engine("openvino")
+    assert engines.resolve_engine("auto", torch.device("cpu")) == "torch"
