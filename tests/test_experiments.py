@@ -61,5 +61,5 @@ def test_short_training_writes_checkpoints_with_plan(output_root, tmp_path):
     assert (checkpoints / "last.ckpt").is_file()
     saved = torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")
     assert saved["pancreas_mtl"]["plan"]["preset"] == "small"
-    assert saved["pancreas_mtl"]["config"]["model"]["head"]["_target_"].endswith("LesionAttentionHead")
+    assert saved["pancreas_mtl"]["config"]["model"]["head"]["_target_"].endswith("MultiStageHead")
     assert (tmp_path / "run" / "csv").is_dir()
