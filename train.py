@@ -30,7 +30,7 @@ from pancreas_mtl.logging_utils import build_loggers
 from pancreas_mtl.module import build_module
 from pancreas_mtl.planning.planner import describe_plan
 from pancreas_mtl.run_info import write_run_info
-from pancreas_mtl.wandb_runs import training_runs
+from pancreas_mtl.tracking import training_runs
 
 log = logging.getLogger("train")
 

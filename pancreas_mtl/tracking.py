@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
+
 log = logging.getLogger(__name__)
 
 WANDB_OFFLINE_MODES = ("offline", "dryrun", "disabled")
@@ -124,3 +126,20 @@ def run_reference(run) -> dict[str, str | None]:
 def config_artifact_name(run_id: str) -> str:
     """The artifact of a training run holding its plan and resolved config."""
     return f"config-{run_id}"
+
+
+def training_runs(checkpoints: Sequence[str | Path]) -> list[dict]:
+    """The W&B reference each checkpoint carries, in order; checkpoints without one (trained without W&B,
+    or before runs were recorded) or no longer readable are left out. Reads the file memory-mapped, so
+    the weights are not loaded."""
+    references = []
+    for path in checkpoints:
+        try:
+            saved = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001 - the link is a convenience
+            log.info("W&B: no training run read from %s (%s)", path, error)
+            continue
+        reference = saved.get(CHECKPOINT_KEY) if isinstance(saved, Mapping) else None
+        if isinstance(reference, Mapping) and reference.get("id"):
+            references.append(dict(reference))
+    return references

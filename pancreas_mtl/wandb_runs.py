@@ -21,18 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pancreas_mtl.evaluation.evaluate import Evaluation
 from pancreas_mtl.evaluation.plots import roc_curve
 from pancreas_mtl.files import load_json, save_json
 from pancreas_mtl.inference.runner import RunSummary, read_records
 from pancreas_mtl.tracking import (
-    CHECKPOINT_KEY,
     confusion_plot,
     roc_plot,
     run_reference,
     start_run,
+    training_runs,
     wandb_table,
 )
 
@@ -42,23 +41,6 @@ RUN_FILE = "wandb_run.json"  # <folder>/wandb/wandb_run.json: the run that logge
 
 
 # --- the training runs ------------------------------------------------------------------------------
-
-def training_runs(checkpoints: Sequence[str | Path]) -> list[dict]:
-    """The W&B reference each checkpoint carries, in order; checkpoints without one (trained without W&B,
-    or before runs were recorded) or no longer readable are left out. Reads the file memory-mapped, so
-    the weights are not loaded."""
-    references = []
-    for path in checkpoints:
-        try:
-            saved = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # noqa: BLE001 - the link is a convenience
-            log.info("W&B: no training run read from %s (%s)", path, error)
-            continue
-        reference = saved.get(CHECKPOINT_KEY) if isinstance(saved, Mapping) else None
-        if isinstance(reference, Mapping) and reference.get("id"):
-            references.append(dict(reference))
-    return references
-
 
 def link_config(training: Sequence[Mapping]) -> dict[str, Any]:
     """The run config entries naming the training run(s): ``train_run_id`` (the first), ``train_run_ids``."""

@@ -69,4 +69,3 @@ def write_distributed_dataset(root: Path, train_per_subtype=2, validation_per_su
 @pytest.fixture
 def distributed_dataset(tmp_path: Path) -> Path:
     return write_distributed_dataset(tmp_path / "quiz")
-
