@@ -76,6 +76,7 @@ class EvaluationConfig:
     probs: str | None = None            # subtype probabilities CSV; default pred/subtype_probabilities.csv
     subtypes: str | None = None         # reference subtypes (JSON or CSV); default from the gt layout
     splits: list[str] | None = None     # gt dataset root: the splits to score; null: every labelled case
+    cases: list[str] | None = None      # only these reference cases (ids); null: every one gt and splits give
     tolerance_mm: float = 2.0           # NSD tolerance
     bootstrap: int = 1000               # bootstrap resamples for the confidence intervals; 0: none
     seed: int = 0
@@ -295,6 +296,11 @@ def evaluate(config: EvaluationConfig | dict) -> Evaluation:
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder {pred_dir} not found")
     reference = reference_cases(cfg.gt, cfg.subtypes, list(cfg.splits) if cfg.splits else None, cfg.num_subtypes)
+    if cfg.cases is not None:
+        absent = sorted(set(cfg.cases) - set(reference))
+        if absent:
+            raise ValueError(f"cases: {len(absent)} case(s) have no reference in {cfg.gt}: {', '.join(absent[:20])}")
+        reference = {case: reference[case] for case in cfg.cases}
     predictions = _masks(pred_dir)
     check_same_cases(f"the predictions in {pred_dir}", list(predictions), list(reference))
     results_path = pred_dir / "subtype_results.csv"
