@@ -6,13 +6,15 @@ YAML file under conf/, in Hydra's override syntax as train.py and predict.py tak
     pancreas-mtl check root=/data/quiz
     pancreas-mtl evaluate pred=/data/pred gt=/data/quiz/validation out=/data/eval
     pancreas-mtl crossval multirun=outputs/runs/train/multirun/<date>_<time>
+    pancreas-mtl holdout multirun=outputs/runs/train/multirun/<date>_<time>
     pancreas-mtl compare runs=[<multirun A>,<multirun B>] out=outputs/compare [ensembles=true]
     pancreas-mtl export ckpt=outputs/runs/train/<run>/checkpoints/last.ckpt out=models/fold0 [engine=onnxruntime]
 
 ``conf/{command}.yaml`` holds every key of a command with its default and its meaning (``pancreas-mtl
-{command} --help`` prints the file); a dataclass here types it. The file is composed with Hydra's
-compose API rather than ``@hydra.main``: the same override grammar, but no run folder, no log file and
-no change of directory, so a command writes only where its keys say. Exit codes: 0 done, 1 the command
+{command} --help`` prints the file); a dataclass here types it. The overrides are read by Hydra's
+override parser and set on the file's keys, rather than through ``@hydra.main``: the same override
+grammar, but no run folder, no log file and no change of directory, so a command writes only where its
+keys say. Exit codes: 0 done, 1 the command
 failed (the error names the file or case), 2 a usage error (unknown command or key, missing required
 key, a value of the wrong type).
 """
@@ -173,6 +175,32 @@ def run_crossval(cfg: DictConfig) -> int:
     return 0
 
 
+def _holdout_schema() -> type:
+    from pancreas_mtl.evaluation.holdout import HoldoutConfig
+
+    return HoldoutConfig
+
+
+def run_holdout(cfg: DictConfig) -> int:
+    from pancreas_mtl.evaluation.holdout import SUMMARY_FILE, run_holdout
+
+    result = run_holdout(cfg)
+    for job in result["jobs"]:
+        scores = "; ".join(f"{split}: " + ", ".join(f"{key} {_score(values.get(key))}" for key in
+                                                     ("whole_pancreas_dice", "lesion_dice", "macro_f1"))
+                           for split, values in job["scores"].items())
+        print(f"job {job['job']} ({' '.join(f'{k}={v}' for k, v in job['overrides'].items())}): {scores or 'not scored'}")
+    if result["unfinished"]:
+        print(f"not finished, skipped: jobs {', '.join(result['unfinished'])}")
+    print(f"written to {Path(result['out']) / SUMMARY_FILE}; rank with pancreas-mtl compare runs=[{result['out']}] "
+          "out=...")
+    return 0
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _compare_schema() -> type:
     from pancreas_mtl.evaluation.compare import CompareConfig
 
@@ -215,6 +243,7 @@ COMMANDS = {
     "check": Command(lambda: CheckConfig, run_check),
     "evaluate": Command(_evaluation_schema, run_evaluate),
     "crossval": Command(_crossval_schema, run_crossval),
+    "holdout": Command(_holdout_schema, run_holdout),
     "compare": Command(_compare_schema, run_compare),
     "export": Command(lambda: ExportConfig, run_export),
 }
@@ -255,7 +284,6 @@ def load_config(command: str, overrides: Sequence[str]) -> DictConfig:
         UsageError: an argument that is not ``key=value`` of a key the file holds (the error names the
             known keys), a sweep (``a,b``), a value of the wrong type, or a required key (``???``) left out.
     """
-    from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
     from hydra.errors import HydraException
@@ -281,10 +309,11 @@ def load_config(command: str, overrides: Sequence[str]) -> DictConfig:
         if override.is_sweep_override():
             raise UsageError(f"{line!r}: one value per key (a comma or a range is a sweep, which only "
                              f"train.py -m runs); quote a value holding a comma: {key}='a,b'")
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            composed = compose(config_name=command, overrides=args)
-        cfg = OmegaConf.merge(OmegaConf.structured(COMMANDS[command].schema()), composed)
+    try:  # the file is flat, so each override sets one key (Hydra's compose would take a key named like a
+        # config group under conf/, e.g. crossval's inference=accurate, for a group override and fail)
+        cfg = OmegaConf.merge(OmegaConf.structured(COMMANDS[command].schema()), defaults)
+        for override in parsed:
+            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as error:
         key, message = getattr(error, "full_key", None), str(error).splitlines()[0]

@@ -16,7 +16,7 @@ from pancreas_mtl.cli import COMMANDS, main
 from pancreas_mtl.config import config_dir
 
 REQUIRED = {"generate": ["out"], "convert": ["source", "destination"], "check": ["root"],
-            "evaluate": ["pred", "gt", "out"], "crossval": ["multirun"], "compare": ["runs", "out"],
+            "evaluate": ["pred", "gt", "out"], "crossval": ["multirun"], "holdout": ["multirun"], "compare": ["runs", "out"],
             "export": ["ckpt", "out"]}
 
 
@@ -117,6 +117,14 @@ def test_a_quoted_value_may_hold_spaces_and_brackets(tmp_path, capsys):
     odd = tmp_path / "a folder (1)"
     assert main(["check", f"root='{odd}'", "workers=0"]) == 1  # parsed, then not found, naming the folder
     assert str(odd) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["crossval", "holdout"])
+def test_a_key_named_like_a_config_group_is_a_plain_value(command):
+    from pancreas_mtl.cli import load_config  # conf/inference/ is a group for train.py; here inference is a string
+
+    cfg = load_config(command, ["multirun=/x", "inference=accurate", "splits=[validation]"][: 2 + (command == "holdout")])
+    assert cfg.inference == "accurate" and cfg.multirun == "/x"
 
 
 def test_python_m_pancreas_mtl_evaluate_is_the_same_command(tmp_path):
