@@ -103,7 +103,9 @@ def predict_cases(predictor: Predictor, cases: Sequence[Case], output_dir: str |
     input_folders = {path.resolve().parent for case in cases for path in case.image_paths}
     if output_dir.resolve() in input_folders:
         raise ValueError(f"output folder {output_dir} holds input images; write predictions to a folder of their own")
-    postprocessing = dict(postprocessing or {})
+    # every switch named, off unless given: a folder predicted without postprocessing has the identity of
+    # predict.py's default (both off), so either may finish the other's cases
+    postprocessing = {"largest_pancreas": False, "largest_lesion": False, **dict(postprocessing or {})}
     identity = {**predictor.identity(), "postprocessing": {key: bool(value) for key, value in postprocessing.items()}}
     open_output_folder(output_dir, [case.case_id for case in cases], identity, overwrite=overwrite,
                        save_probabilities=save_probabilities)
