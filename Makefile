@@ -30,11 +30,11 @@ setup-notebooks:
 # The notebooks (docs/notebooks.md) executed headless against your own data, runs and evaluation, written
 # with their figures to $(NB_OUT)/ (never into notebooks/); give any of the three:
 #   make notebooks DATA=/data/quiz RUNS="outputs/runs/train/multirun/<date>_<time>" EVAL=outputs/eval
-# RUNS: run or multirun folders; CROSSVAL: cross-validated sweeps to rank (pancreas-mtl compare).
+# RUNS: run or multirun folders; COMPARE: sweeps scored by pancreas-mtl crossval or holdout, to rank (compare).
 NB_OUT ?= outputs/notebooks
 DATA ?=
 RUNS ?=
-CROSSVAL ?=
+COMPARE ?=
 EVAL ?=
 PAPERMILL = $(VENV)/bin/papermill --no-progress-bar
 comma := ,
@@ -49,7 +49,7 @@ notebooks: setup-notebooks
 	@if [ -n "$(DATA)" ]; then set -x; $(PAPERMILL) notebooks/01_data.ipynb $(NB_OUT)/01_data.ipynb \
 	    -r data_root "$(DATA)"; fi
 	@if [ -n "$(strip $(RUNS))" ]; then set -x; $(PAPERMILL) notebooks/02_training.ipynb $(NB_OUT)/02_training.ipynb \
-	    -y "runs: $(call yaml_list,$(RUNS))" -y "crossval_runs: $(call yaml_list,$(CROSSVAL))" \
+	    -y "runs: $(call yaml_list,$(RUNS))" -y "compare_runs: $(call yaml_list,$(COMPARE))" \
 	    -r compare_out "$(NB_OUT)/compare"; fi
 	@if [ -n "$(EVAL)" ]; then set -x; $(PAPERMILL) notebooks/03_errors.ipynb $(NB_OUT)/03_errors.ipynb \
 	    -r evaluation_dir "$(EVAL)"; fi

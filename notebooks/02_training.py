@@ -21,27 +21,23 @@
 # Learning curves from the CSV logs of one run or several (a run folder `outputs/runs/<task>/<date>_<time>/`
 # or a multirun folder `outputs/runs/<task>/multirun/<date>_<time>/` whose jobs are `<n>/`), validation
 # metrics over epochs, the runs at their best epoch, the mean and spread over seeds or folds, and the
-# ranking of cross-validated sweeps (`pancreas-mtl compare`).
+# ranking of scored sweeps (`pancreas-mtl compare` of sweeps scored by `pancreas-mtl crossval` or
+# `pancreas-mtl holdout`).
 
 # %% tags=["parameters"]
 runs = ["outputs/runs/train/multirun/DATE_TIME"]  # run or multirun folders (csv/version_N/metrics.csv, or <n>/ jobs)
 metric = "val/combined"            # the best epoch of a run is chosen by it (lower is better for *_hd95)
 repeat_keys = ["seed", "data.fold"]  # runs differing only in these are repeats of one experiment
-crossval_runs = []                 # sweeps scored by pancreas-mtl crossval, ranked by pancreas-mtl compare
-compare_out = "outputs/notebooks/compare"  # where compare writes compare.json and compare.csv
+compare_runs = []                  # sweeps scored by pancreas-mtl crossval (or all by holdout), ranked by compare
+compare_out = "outputs/notebooks/compare"  # where compare writes compare.json, compare.csv and compare.md
 compare_metric = "combined"
 
 # %%
 # %matplotlib inline
 from IPython.display import display
 
-from pancreas_mtl.evaluation.runs import (
-    crossval_ranking,
-    group_runs,
-    metric_over_epochs_figure,
-    run_curves_figures,
-    runs_table,
-)
+from pancreas_mtl.evaluation.compare import ranking_table
+from pancreas_mtl.evaluation.runs import group_runs, metric_over_epochs_figure, run_curves_figures, runs_table
 
 # %% [markdown]
 # ## Learning curves, one figure per run
@@ -70,7 +66,7 @@ table
 group_runs(table, repeat_keys)
 
 # %% [markdown]
-# ## Cross-validated sweeps, ranked (`pancreas-mtl compare`)
+# ## Scored sweeps, ranked (`pancreas-mtl compare`)
 
 # %%
-crossval_ranking(crossval_runs, compare_out, compare_metric, progress=False)
+ranking_table(compare_runs, compare_out, compare_metric, progress=False)

@@ -25,7 +25,8 @@ def format_value(value, digits: int = 4) -> str:
 class Table:
     """Rows with named columns (the union of the rows' keys in first-seen order unless ``columns`` is given).
 
-    ``str(table)`` is a fixed-width text table, a notebook shows ``_repr_html_``, ``to_csv`` writes it.
+    ``str(table)`` is a fixed-width text table, a notebook shows ``_repr_html_``, ``to_csv`` writes it,
+    ``to_markdown`` is it for docs.
     """
 
     def __init__(self, rows: Sequence[Mapping], columns: Sequence[str] | None = None, title: str = ""):
@@ -73,3 +74,10 @@ class Table:
 
     def to_csv(self, path: str | Path) -> Path:
         return write_csv(path, self.columns, self._cells())
+
+    def to_markdown(self) -> str:
+        """A GitHub-flavoured markdown table (for docs and reports); ``|`` in a cell is escaped."""
+        def line(cells: Sequence[str]) -> str:
+            return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+        return "\n".join([line(self.columns), line(["---"] * len(self.columns)), *map(line, self._cells())])

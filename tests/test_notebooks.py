@@ -70,7 +70,7 @@ def _parameters(name: str, inputs: dict[str, Path], out: Path) -> dict:
         return {"data_root": str(inputs["dataset"]), "cases_per_subtype": 2, "planning_preset": "small"}
     if name == "02_training":
         return {"runs": [str(inputs["run"]), *map(str, inputs["sweeps"])],
-                "crossval_runs": [str(s) for s in inputs["sweeps"]], "compare_out": str(out / "compare")}
+                "compare_runs": [str(s) for s in inputs["sweeps"]], "compare_out": str(out / "compare")}
     return {"evaluation_dir": str(inputs["evaluation"]), "worst_count": 2}
 
 

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from pancreas_mtl.config import config_dir
 from pancreas_mtl.evaluation import runs
+from pancreas_mtl.evaluation.compare import ranking_table
 from pancreas_mtl.training_plots import LearningCurvesPlot
 from tests import notebook_inputs
 
@@ -75,14 +76,16 @@ def test_folders_that_are_not_runs_are_named(tmp_path):
         runs.read_metrics(tmp_path / "bad.csv")
 
 
-def test_crossval_ranking_reuses_compare(tmp_path):
+def test_ranking_table_reuses_compare(tmp_path):
     sweeps = [notebook_inputs.multirun(tmp_path / name, seeds=(1,)) for name in ("a", "b")]
     for sweep, combined in zip(sweeps, (0.9, 0.6)):
         notebook_inputs.crossval_summary(sweep, tmp_path / "data", combined)
-    ranking = runs.crossval_ranking(sweeps, tmp_path / "compare", progress=False)
-    assert ranking.column("name") == [str(sweeps[0]), str(sweeps[1])] and ranking.column("rank") == [1, 2]
+    ranking = ranking_table(sweeps, tmp_path / "compare", progress=False)
+    assert ranking.column("experiment") == [str(sweeps[0]), str(sweeps[1])] and ranking.column("rank") == [1, 2]
+    assert ranking.column("combined") == [0.9, 0.6]
     assert (tmp_path / "compare" / "compare.csv").is_file()
-    assert len(runs.crossval_ranking([], tmp_path / "unused")) == 0 and not (tmp_path / "unused").exists()
+    assert (tmp_path / "compare" / "compare.md").read_text().startswith("| rank | experiment | cases | combined |")
+    assert len(ranking_table([], tmp_path / "unused")) == 0 and not (tmp_path / "unused").exists()
 
 
 def test_learning_curves_png_beside_the_csv(tmp_path):

@@ -98,7 +98,7 @@ def job_dirs(multirun: Path) -> list[Path]:
     return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
-def _run_data_config(job_dir: Path, checkpoint: Path) -> dict:
+def run_data_config(job_dir: Path, checkpoint: Path) -> dict:
     """The job's resolved ``data`` config: the checkpoint's (resolved when training ran, so paths do not
     depend on where this command runs), else the job's .hydra/config.yaml resolved now. The fold must
     agree between the two (a checkpoint copied from another job is refused)."""
@@ -122,7 +122,7 @@ def _run_data_config(job_dir: Path, checkpoint: Path) -> dict:
     return data
 
 
-def _index(data: Mapping) -> DatasetIndex:
+def index_of(data: Mapping) -> DatasetIndex:
     return discover(dataset_root(data, progress=False), num_subtypes=int(data.get("num_subtypes", 3)))
 
 
@@ -141,7 +141,7 @@ def read_sweep(multirun: str | Path, checkpoint_name: str = "last.ckpt") -> tupl
         if not checkpoint.is_file():
             raise ValueError(f"job {job} has no checkpoint {checkpoint.relative_to(job)} (did it finish? "
                              "checkpoint=<name> picks another file in checkpoints/)")
-        datas.append((job, checkpoint, _run_data_config(job, checkpoint)))
+        datas.append((job, checkpoint, run_data_config(job, checkpoint)))
     first_job, _, first = datas[0]
     for job, _, data in datas[1:]:
         differing = [f"data.{key}: {first.get(key)!r} in {first_job.name}, {data.get(key)!r} in {job.name}"
@@ -149,7 +149,7 @@ def read_sweep(multirun: str | Path, checkpoint_name: str = "last.ckpt") -> tupl
         if differing:
             raise ValueError(f"{multirun}: the jobs disagree on the dataset or its split, so their folds do not "
                              "belong to one cross-validation:\n  " + "\n  ".join(differing))
-    index = _index(first)
+    index = index_of(first)
     for job, checkpoint, data in datas:
         split = make_split(index, mode=data.get("split", "auto"), fold=int(data["fold"]),
                            num_folds=int(data.get("num_folds", 5)), seed=int(data.get("split_seed", 12345)))

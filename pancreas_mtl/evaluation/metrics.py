@@ -38,6 +38,12 @@ PANCREAS_LABEL = 1
 UNKNOWN_SUBTYPE = -1
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` (a score name as summaries and logs spell it) is better: the
+    HD95 distances; every other score here is higher-better."""
+    return metric.endswith("_hd95")
+
+
 def _as_numpy(array) -> np.ndarray:
     if isinstance(array, torch.Tensor):
         return array.detach().cpu().numpy()

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from omegaconf import OmegaConf
 
-from pancreas_mtl.config import config_dir
-from pancreas_mtl.evaluation.compare import COLUMNS, compare, lower_is_better
+from pancreas_mtl.evaluation.metrics import lower_is_better
 from pancreas_mtl.tables import Table
 
 METRICS_FILE = "metrics.csv"
@@ -248,16 +246,3 @@ def group_runs(runs: Table, repeat_keys: Sequence[str] = REPEAT_KEYS) -> Table:
             row[f"{metric} sd"] = float(values.std(ddof=1)) if values.size > 1 else (0.0 if values.size else None)
         out.append(row)
     return Table(out, title=f"mean and sd over {', '.join(repeat_keys)}")
-
-
-def crossval_ranking(folders: Sequence[str | Path], out: str | Path, metric: str = "combined",
-                     **settings) -> Table:
-    """``pancreas-mtl compare`` of cross-validated sweeps (conf/compare.yaml's defaults, ``settings`` over
-    them): the ranked scores on their out-of-fold cases, written to ``out`` as well; no folders: an empty table."""
-    if not folders:
-        return Table([], columns=["rank", "name", "num_cases", *COLUMNS], title="no cross-validated runs given")
-    cfg = OmegaConf.merge(OmegaConf.load(config_dir() / "compare.yaml"),
-                          {"runs": [str(f) for f in folders], "out": str(out), "metric": metric, **settings})
-    rows = compare(cfg)
-    return Table([{k: row.get(k) for k in ("rank", "name", "num_cases", *COLUMNS)} for row in rows],
-                 title=f"cross-validated runs ranked by {metric}")
