@@ -131,6 +131,7 @@ def test_each_checkpoint_rule_is_an_experiment_of_its_own(scored, tmp_path):
     assert main(["holdout", f"multirun={first}", f"out={other}", "checkpoint=epoch0002-select0.6000.ckpt",
                  "splits=[validation]", *QUIET]) == 0
     assert not (first / "holdout" / "named").exists() and (other / "holdout.json").is_file()
+    assert {job["selected_on"] for job in json.loads((other / "holdout.json").read_text())["jobs"]} == {"named"}
     assert main(["compare", f"runs=[{first},{other}]", f"out={tmp_path / 'compare'}"]) == 0
     ranking = json.loads((tmp_path / "compare" / "compare.json").read_text())["ranking"]
     assert sorted(row["name"] for row in ranking) == sorted(

@@ -105,7 +105,8 @@ def chosen_checkpoint(job: Path, name: str = SELECTED) -> Path:
 
 
 def selection_source(job_config: Mapping) -> str:
-    """Which cases chose the job's checkpoint: its inner validation split, else the validation split."""
+    """Which cases model selection chose the job's checkpoint on: its inner validation split, else the
+    validation split (``named`` in holdout.json for a checkpoint given by name)."""
     inner = OmegaConf.select(OmegaConf.create(dict(job_config)), "data.inner_validation.cases", default=0) or 0
     return f"inner validation ({inner} of the training cases)" if inner else "validation"
 
@@ -187,7 +188,8 @@ def run_holdout(cfg) -> dict:
                                         num_subtypes=int(data.get("num_subtypes", 3)),
                                         run_info={"checkpoints": [str(checkpoint)], "inference": settings.name})
         jobs.append({"job": job.name, "folder": str(job), "overrides": run_overrides(job),
-                     "checkpoint": str(checkpoint), "selected_on": selection_source(job_config),
+                     "checkpoint": str(checkpoint),
+                     "selected_on": selection_source(job_config) if cfg.checkpoint == SELECTED else "named",
                      "training": training_summary(job), "scores": scores})
     if not jobs:
         raise ValueError(f"{multirun}: no finished job to score (unfinished: {', '.join(skipped)})")
