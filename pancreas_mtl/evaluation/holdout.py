@@ -177,6 +177,7 @@ def run_holdout(cfg) -> dict:
         case_sets = {"validation": (set(split.val), str(index.root)),
                      "test": ({case.case_id for case in index.split("test")}, test_labels and str(test_labels))}
         predictor = Predictor.from_checkpoints([checkpoint], settings, device=cfg.device, precision=cfg.precision)
+        images = find_cases(index.root)  # the dataset's images, and the problems of those that cannot be read
         scores = {}
         for name in cfg.splits:
             wanted, reference = case_sets[name]
@@ -184,7 +185,7 @@ def run_holdout(cfg) -> dict:
                 log.warning("job %s: no labelled %s cases (test labels: %s); %s not scored", job.name, name,
                             test_labels or f"no {index.root / 'test_labels'}", name)
                 continue
-            scores[name] = _score_split(cfg, predictor, index.root, wanted, reference, out / job.name / name,
+            scores[name] = _score_split(cfg, predictor, images, wanted, reference, out / job.name / name,
                                         num_subtypes=int(data.get("num_subtypes", 3)),
                                         run_info={"checkpoints": [str(checkpoint)], "inference": settings.name})
         jobs.append({"job": job.name, "folder": str(job), "overrides": run_overrides(job),
@@ -203,10 +204,10 @@ def run_holdout(cfg) -> dict:
     return result
 
 
-def _score_split(cfg, predictor: Predictor, root: Path, wanted: set[str], reference: str, folder: Path, *,
+def _score_split(cfg, predictor: Predictor, images: tuple[list, dict], wanted: set[str], reference: str, folder: Path, *,
                  num_subtypes: int, run_info: dict) -> dict:
     """One job's predictions of one split and their evaluation; the headline scores."""
-    cases, problems = find_cases(root)
+    cases, problems = images
     chosen = [case for case in cases if case.case_id in wanted]
     summary = predict_cases(predictor, chosen, folder / "predictions", overwrite=cfg.overwrite,
                             problems={c: reason for c, reason in problems.items() if c in wanted},
