@@ -57,7 +57,7 @@ def scored(dataset, tmp_path_factory):
     add_job(first, 3, dataset, "multistage", 3, [3.0, 0.0, 0.0], max_epochs=10)  # its log ends at epoch 4 of 10
     add_job(second, 0, dataset, "multistage", 2, [3.0, 0.0, 0.0])
     for sweep in (first, second):
-        assert main(["holdout", f"multirun={sweep}", *QUIET]) == 0
+        assert main(["holdout", f"multirun={sweep}", "checkpoint=selected", *QUIET]) == 0
     return first, second
 
 
@@ -142,14 +142,14 @@ def test_each_checkpoint_rule_is_an_experiment_of_its_own(scored, tmp_path):
 
 def test_unfinished_jobs_are_an_error_when_asked(scored, capsys):
     first, _ = scored
-    assert main(["holdout", f"multirun={first}", "unfinished=error", *QUIET]) == 1
+    assert main(["holdout", f"multirun={first}", "checkpoint=selected", "unfinished=error", *QUIET]) == 1
     assert f"job {first / '3'} has not trained all its epochs" in capsys.readouterr().err
 
 
 def test_a_kfold_job_is_scored_on_its_own_held_out_training_cases(dataset, tmp_path):
     sweep = tmp_path / "kfold"
-    add_job(sweep, 0, dataset, "single_stage", 1, [0.0, 3.0, 0.0], split="kfold", fold=1, num_folds=3)
-    assert main(["holdout", f"multirun={sweep}", "splits=[validation]", *QUIET]) == 0
+    add_job(sweep, 0, dataset, "single_stage", 1, [0.0, 3.0, 0.0], select=False, split="kfold", fold=1, num_folds=3)
+    assert main(["holdout", f"multirun={sweep}", "splits=[validation]", *QUIET]) == 0  # the default: last.ckpt
     expected = make_split(discover(dataset), "kfold", 1, 3, 12345).val
     predicted = sorted(p.name[: -len(".nii.gz")] for p in (sweep / "holdout" / "0" / "validation" / "predictions").glob("*.nii.gz"))
     assert predicted == expected and all(case.startswith("quiz_") for case in expected)

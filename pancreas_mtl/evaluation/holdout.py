@@ -11,7 +11,7 @@ scored on its own, and compare groups the jobs that differ only in their seed. T
 are the job's own (``data.splits.make_split`` with its data settings, as training split them); the test
 cases are the dataset's ``test`` images against ``test_labels`` (the synthetic set writes it; a real
 dataset without test labels is scored on validation only). Writes, under ``<multirun>/holdout/`` (or
-``out``; another folder per checkpoint rule, e.g. ``checkpoint=last.ckpt out=<multirun>/holdout_last``):
+``out``; another folder per checkpoint rule, e.g. ``checkpoint=selected out=<multirun>/holdout_selected``):
 
     <job>/<split>/predictions/   predict.py's folder for the job's checkpoint on that split
     <job>/<split>/evaluation/    per_case.csv, summary.json, plots
