@@ -9,6 +9,8 @@ scales it back, so a mask written beside its image has the image's header and af
 
 A file is refused before its voxels are read when its header declares more voxels than a limit
 (``InputLimits.max_image_voxels``): a small ``.nii.gz`` can declare an array larger than the memory.
+Voxels must be real integers or floats: complex, boolean (NIfTI's 1-bit ``binary``) and RGB files are
+refused by name, for images and masks alike.
 """
 
 from __future__ import annotations
@@ -104,6 +106,26 @@ def read_volume(path: str | Path, max_voxels: int | None = None) -> Volume:
     return Volume(array=array, affine=affine)
 
 
+def check_voxel_type(path: Path, dtype: np.dtype, found: str | None = None) -> None:
+    """Refuse voxels that are not real integers or floats (``found``: how to name the type, default the
+    dtype's name). A complex image would otherwise become float32 with its imaginary part dropped and only
+    a numpy warning; an RGB one fails later without naming the file."""
+    dtype = np.dtype(dtype)
+    if dtype.names is None and dtype != np.bool_ and (np.issubdtype(dtype, np.integer)
+                                                       or np.issubdtype(dtype, np.floating)):
+        return
+    if dtype.names is not None:
+        found, advice = found or f"{'/'.join(dtype.names)} (a colour image)", "save one grey-value channel"
+    elif np.issubdtype(dtype, np.complexfloating):
+        found, advice = found or dtype.name, "save its magnitude (numpy.abs) or real part as float32"
+    elif dtype == np.bool_:
+        found, advice = found or dtype.name, "save it as uint8 (a mask: labels 0 and 1)"
+    else:
+        found, advice = found or str(dtype), "save it as integers or floats"
+    raise DataError(path, f"voxels are {found}; expected real integer or floating voxels (CT intensities or "
+                          f"mask labels): {advice}")
+
+
 def check_declared_size(path: Path, shape_xyz: tuple[int, ...], max_voxels: int) -> None:
     """Refuse an image whose declared shape (file order, x y z ...) has more than ``max_voxels`` voxels."""
     voxels = int(np.prod([int(s) for s in shape_xyz], dtype=np.float64))
@@ -131,16 +153,23 @@ def _read_nifti(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
     unreadable = (EOFError, zlib.error, OSError, ValueError, nib.filebasedimages.ImageFileError)
     try:
         image = nib.load(str(path))  # the header only; the voxels are read below
+    except nib.spatialimages.HeaderDataError as exc:
+        header = _raw_header(path)
+        if header is not None and header.datatype == 1:  # DT_BINARY, which nibabel does not read
+            check_voxel_type(path, np.bool_, "binary, 1 bit per voxel (NIfTI datatype 1)")
+        raise _unreadable_nifti(path, exc) from exc
     except unreadable as exc:
         raise _unreadable_nifti(path, exc) from exc
     check_declared_size(path, image.shape, max_voxels)
+    check_voxel_type(path, image.header.get_data_dtype())  # before the voxels are read
     try:
         data = np.asanyarray(image.dataobj)
     except unreadable as exc:
         raise _unreadable_nifti(path, exc) from exc
     affine = np.asarray(image.affine, dtype=np.float64).copy()
     affine[:3, :] *= mm_per_header_unit(image.header)
-    header_spacing = _raw_pixdim(path)
+    header = _raw_header(path)
+    header_spacing = header.pixdim if header is not None else None
     if header_spacing is not None and (np.any(header_spacing <= 0) or not np.all(np.isfinite(header_spacing))):
         raise DataError(path, f"header voxel spacing (pixdim, x y z) must be positive, found {tuple(header_spacing)}")
     # A trailing singleton axis (x, y, z, 1) is still a 3D volume.
@@ -151,19 +180,30 @@ def _read_nifti(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(data.transpose(2, 1, 0)), affine
 
 
-def _raw_pixdim(path: Path) -> np.ndarray | None:
-    """pixdim[1:4] as written in the file. nibabel silently replaces zeros by 1 on load, which would
-    turn a broken header into a plausible but wrong 1 mm spacing."""
+@dataclass(frozen=True)
+class _RawHeader:
+    """NIfTI header fields as written in the file: nibabel silently replaces a zero pixdim by 1 on load
+    (a broken header would read as a plausible but wrong 1 mm spacing) and refuses some datatypes."""
+
+    datatype: int
+    pixdim: np.ndarray  # pixdim[1:4]: x, y, z
+
+
+def _raw_header(path: Path) -> _RawHeader | None:
+    """The NIfTI-1 or NIfTI-2 header fields of ``path``; None for a file nibabel reports as unreadable."""
     opener = gzip.open if str(path).lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as stream:
             block = stream.read(540)
     except (OSError, EOFError, zlib.error):
         return None  # nibabel reports the unreadable file
-    for size, offset, code in ((348, 76, "f"), (540, 104, "d")):  # NIfTI-1 and NIfTI-2 headers
+    # (header size, datatype offset, pixdim offset, pixdim type) of NIfTI-1 and NIfTI-2
+    for size, type_offset, offset, code in ((348, 70, 76, "f"), (540, 12, 104, "d")):
         for order in "<>":
             if len(block) >= size and struct.unpack(order + "i", block[:4])[0] == size:
-                return np.asarray(struct.unpack(f"{order}4{code}", block[offset:offset + 4 * struct.calcsize(code)])[1:4])
+                datatype = struct.unpack(order + "h", block[type_offset:type_offset + 2])[0]
+                pixdim = struct.unpack(f"{order}4{code}", block[offset:offset + 4 * struct.calcsize(code)])
+                return _RawHeader(datatype, np.asarray(pixdim[1:4]))
     return None
 
 
@@ -180,9 +220,10 @@ def _read_itk(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
         image = reader.Execute()
     except RuntimeError as exc:
         raise DataError(path, f"cannot read image, the file is truncated or not an image ({exc})") from exc
-    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
-        return sitk.GetArrayFromImage(image), np.eye(4)
     array = sitk.GetArrayFromImage(image)  # already (z, y, x)
+    check_voxel_type(path, array.dtype)
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+        return array, np.eye(4)
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     lps_affine = np.eye(4)
     lps_affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)

@@ -39,13 +39,23 @@ SUBTYPE_MAPPING_FILE = "subtype_mapping.json"
 SPLITS_FILE = "splits_final.json"
 # the file and folder names of both layouts, for every reader (discovery, prediction inputs, evaluation)
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # {case}_{XXXX} without the suffix
+# "_0000": a channel number without a case id; read as an unnumbered file it would pass for a mask
+NAMELESS_CHANNEL_FILE = re.compile(r"^_\d{4}$")
 SUBTYPE_FOLDER = re.compile(r"^subtype(?P<subtype>\d+)$")
+NNUNET_FOLDERS = ("imagesTr", "labelsTr", "imagesTs")
 log = logging.getLogger(__name__)
 
 
 def image_file_name(case_id: str, channel: int = 0, ending: str = ".nii.gz") -> str:
     """The file name of a case's channel image in either layout: ``{case}_{XXXX}{ending}``."""
     return f"{case_id}_{channel:04d}{ending}"
+
+
+def nameless_file_problem(path: Path) -> str | None:
+    """What is wrong with an image file named by its channel number only (``_0000.nii.gz``), or None."""
+    if NAMELESS_CHANNEL_FILE.match(strip_suffix(path)):
+        return f"no case id before the channel number: expected {{case}}{Path(path).name}"
+    return None
 
 
 def is_dataset_root(folder: Path) -> bool:
@@ -101,8 +111,21 @@ def discover(root: str | Path, num_subtypes: int = 3) -> DatasetIndex:
         return _discover_nnunet(root, num_subtypes)
     if is_dataset_root(root):
         return _discover_distributed(root, num_subtypes)
-    raise DatasetError([Problem(None, root, "not a dataset: expected dataset.json (nnU-Net v2 raw layout) "
-                                "or train/, validation/, test/ folders (distributed layout)")])
+    raise not_a_dataset(root)
+
+
+def not_a_dataset(folder: Path, nnunet_advice: str = "") -> DatasetError:
+    """The error for a folder in neither layout; nnU-Net's folders without dataset.json are named as such
+    (``nnunet_advice`` appended to that message)."""
+    found = [f"{name}/" for name in NNUNET_FOLDERS if (folder / name).is_dir()]
+    if found:
+        message = (f"not a dataset: found {', '.join(found)} but no dataset.json; the nnU-Net v2 raw layout "
+                   "expects dataset.json beside them (channel_names, labels, numTraining, file_ending)"
+                   + nnunet_advice)
+    else:
+        message = ("not a dataset: expected dataset.json (nnU-Net v2 raw layout) or train/, validation/, "
+                   "test/ folders (distributed layout)")
+    return DatasetError([Problem(None, folder, message)])
 
 
 def _group_channels(image_files: list[Path], problems: list[Problem]) -> dict[str, dict[int, Path]]:
@@ -111,7 +134,8 @@ def _group_channels(image_files: list[Path], problems: list[Problem]) -> dict[st
     for path in image_files:
         match = CHANNEL_FILE.match(strip_suffix(path))
         if match is None:
-            problems.append(Problem(None, path, "image name should end with a 4-digit channel, e.g. case_0000.nii.gz"))
+            problems.append(Problem(None, path, nameless_file_problem(path)
+                                    or "image name should end with a 4-digit channel, e.g. case_0000.nii.gz"))
             continue
         channels[match["case"]][int(match["channel"])] = path
     return channels
@@ -160,6 +184,9 @@ def _discover_distributed(root: Path, num_subtypes: int) -> DatasetIndex:
                 folders.append((subtype, sub))
         for subtype, folder in folders:
             files = _image_files(folder)
+            for nameless in [p for p in files if nameless_file_problem(p)]:
+                problems.append(Problem(None, nameless, nameless_file_problem(nameless)))
+                files.remove(nameless)
             masks = {strip_suffix(p): p for p in files if not CHANNEL_FILE.match(strip_suffix(p))}
             channel_files = [p for p in files if CHANNEL_FILE.match(strip_suffix(p))]
             entries.append((split, subtype, folder, _group_channels(channel_files, problems), masks))
@@ -172,7 +199,9 @@ def _discover_distributed(root: Path, num_subtypes: int) -> DatasetIndex:
     for split, subtype, folder, grouped, masks in entries:
         for case_id in sorted(grouped):
             if case_id in seen:
-                problems.append(Problem(case_id, folder, f"case also present in {seen[case_id]}"))
+                masks.pop(case_id, None)  # the duplicate's own mask, not a mask without an image
+                problems.append(Problem(case_id, folder, f"case also present in {seen[case_id]}; a case "
+                                        "belongs to one split and one subtype folder"))
                 continue
             seen[case_id] = folder
             images = _channel_tuple(case_id, grouped[case_id], num_channels, folder, ending, problems)

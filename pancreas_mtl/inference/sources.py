@@ -6,13 +6,15 @@ Accepted inputs (one, or a list mixing them):
   cases of the chosen splits (all by default); masks are ignored;
 - a folder of images ``{case}_{XXXX}.nii.gz`` (XXXX the 4-digit channel; several channels make one
   multi-channel case), including a split folder of the distributed layout whose images sit in
-  ``subtype{k}/`` subfolders; files without a channel number beside channel files are masks and are
-  ignored, and a folder with no channel files at all holds one single-channel case per file;
+  ``subtype{k}/`` subfolders; a file ``{case}.nii.gz`` beside that case's channel files is its mask and
+  is ignored, and a folder with no channel files at all holds one single-channel case per file;
 - image files, named either way.
 
-Structural problems (a missing channel, a case found twice, a broken symbolic link) are returned per
-case, so that case fails alone and the others are still predicted. Hidden files (``.name``, e.g. macOS's
-``._`` copies) are skipped with a warning naming them.
+A folder with nnU-Net's ``imagesTr/``, ``labelsTr/`` or ``imagesTs/`` but no ``dataset.json`` is refused,
+saying so. Structural problems (a missing channel, a case found twice, a broken symbolic link, a file
+without a channel number beside channel files but no image of its own, a file ``_0000.nii.gz`` without
+a case id) are returned per case, named by the file, so that case fails alone and the others are still
+predicted. Hidden files (``.name``, e.g. macOS's ``._`` copies) are skipped with a warning naming them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pancreas_mtl.data.io import image_suffix, strip_suffix
-from pancreas_mtl.data.layout import CHANNEL_FILE, SPLITS, SUBTYPE_FOLDER, Case, discover, is_dataset_root
+from pancreas_mtl.data.layout import (CHANNEL_FILE, NNUNET_FOLDERS, SPLITS, SUBTYPE_FOLDER, Case, discover,
+                                      image_file_name, is_dataset_root, nameless_file_problem, not_a_dataset)
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +57,28 @@ def _folder_images(folder: Path) -> list[Path]:
 
 
 def _cases_from_files(files: Sequence[Path], drop_unnumbered: bool) -> tuple[list[Case], dict[str, str]]:
-    """Group image files into cases by name; ``drop_unnumbered``: ignore files without a channel number
-    when channel files are present (masks beside images)."""
+    """Group image files into cases by name; ``drop_unnumbered``: where channel files are present, a file
+    without a channel number is the mask of the case beside it (ignored), or else a problem."""
     channels: dict[str, dict[int, Path]] = defaultdict(dict)
     problems: dict[str, str] = {}
-    numbered = [p for p in files if CHANNEL_FILE.match(strip_suffix(p))]
+    numbered = {found["case"] for found in (CHANNEL_FILE.match(strip_suffix(p)) for p in files) if found}
     for path in files:
         match = CHANNEL_FILE.match(strip_suffix(path))
+        if nameless_file_problem(path):
+            problems[strip_suffix(path)] = f"{path}: {nameless_file_problem(path)}"
+            continue
         if _broken_link(path):
             case_id = match["case"] if match else strip_suffix(path)
             problems[case_id] = (f"{path} is a symbolic link to {os.readlink(path)}, which does not exist or "
                                  "links back to itself")
         if match is None:
             if drop_unnumbered and numbered:
+                # not a mask beside its image: an image named without its channel, or a mask left alone
+                name = strip_suffix(path)
+                if name not in numbered:
+                    problems[name] = (f"{path}: no channel number, and no image "
+                                      f"{image_file_name(name, 0, image_suffix(path))} beside it; an image is "
+                                      "named {case}_0000, a mask {case} beside its image")
                 continue
             case_id, channel = strip_suffix(path), 0
         else:
@@ -95,7 +107,7 @@ def find_cases(inputs: str | Path | Sequence[str | Path], splits: Sequence[str] 
         splits: for a dataset root, the splits to predict ("train", "validation", "test"); None: all.
 
     Raises FileNotFoundError for a path that does not exist, ValueError when nothing is found, and
-    ``DatasetError`` when a dataset root does not pass discovery.
+    ``DatasetError`` when a dataset root does not pass discovery or nnU-Net's folders lack dataset.json.
     """
     paths = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     if not paths:
@@ -125,6 +137,9 @@ def find_cases(inputs: str | Path | Sequence[str | Path], splits: Sequence[str] 
                 raise ValueError(f"unknown split(s) {unknown}; expected some of {list(SPLITS)}")
             found = [Case(c.case_id, c.image_paths, None, c.subtype, c.split) for c in index.cases
                      if splits is None or c.split in splits]
+        elif path.is_dir() and any((path / name).is_dir() for name in NNUNET_FOLDERS):
+            # only dataset.json says which files are channels of which case: "no images found" would hide that
+            raise not_a_dataset(path, "; or point input at one of those folders to predict its images")
         elif path.is_dir():
             found, folder_problems = _cases_from_files(_folder_images(path), drop_unnumbered=True)
             problems.update(folder_problems)
