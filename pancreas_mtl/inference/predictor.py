@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from pancreas_mtl.data.checks import LoadedCase
 from pancreas_mtl.data.errors import DataError
@@ -41,7 +42,7 @@ from pancreas_mtl.inference.checkpoint import load_predictable
 from pancreas_mtl.inference.engines import compiled_cache_dir, resolve_engine, torch_engine_network
 from pancreas_mtl.inference.model_folder import ExportedModel
 from pancreas_mtl.inference.settings import InferenceSettings
-from pancreas_mtl.inference.sliding_window import predict_windows
+from pancreas_mtl.inference.sliding_window import check_window_count, count_windows, predict_windows
 from pancreas_mtl.models.multitask import MultiTaskNet
 from pancreas_mtl.planning.plan import LESION_LABEL, Plan
 
@@ -49,6 +50,8 @@ PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16
 # what ensemble members must agree on: the voxels they read and what their outputs mean
 SHARED_PLAN_KEYS = ("target_spacing", "normalization", "num_input_channels", "num_classes", "num_subtypes",
                     "labels", "anisotropic_axis", "anisotropy_threshold")
+# window forward passes above which a case gets its own progress bar (fewer take seconds, even on a CPU)
+WINDOW_BAR_MIN_PASSES = 64
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -144,13 +147,15 @@ class Predictor:
             a temporary folder (a network in memory whose weights change, e.g. in training, must not be
             cached by digest). The engine runs the weights as they are when the predictor is built.
         num_threads: the engine's CPU threads (None: torch's thread count); torch's are set by the caller.
+        progress: a tqdm bar over the windows of a case with more than ``WINDOW_BAR_MIN_PASSES`` window
+            forward passes (predict.py's ``progress``).
     """
 
     def __init__(self, networks: Sequence[nn.Module], plans: Plan | Sequence[Plan],
                  settings: InferenceSettings | None = None, device: str | torch.device = "auto",
                  precision: str = "auto", tf32: bool = True, channels_last: bool = False,
                  names: Sequence[str] | None = None, limits: InputLimits | None = None,
-                 engine_cache: str | Path | None = None, num_threads: int | None = None):
+                 engine_cache: str | Path | None = None, num_threads: int | None = None, progress: bool = False):
         if not networks:
             raise ValueError("no network to predict with")
         plans = [plans] * len(networks) if isinstance(plans, Plan) else list(plans)
@@ -162,6 +167,7 @@ class Predictor:
         self.settings = settings or InferenceSettings()
         self.limits = limits or InputLimits()
         self.device = resolve_device(device)
+        self.progress = progress
         exported = [isinstance(network, ExportedModel) for network in networks]
         requested = self.settings.engine
         if requested == "auto" and not all(isinstance(n, (MultiTaskNet, ExportedModel)) for n in networks):
@@ -221,10 +227,12 @@ class Predictor:
     def identity(self) -> dict:
         """What decides this predictor's outputs, for an output folder's record (``output_folder``): a
         digest of each network's weights, the plan, the inference settings and the autocast precision."""
+        # the window cap refuses cases but changes no voxel: raising it must not disown a finished folder
+        inference = {key: value for key, value in self.settings.to_dict().items() if key != "max_windows_per_case"}
         precision = (str(self.autocast_dtype or torch.float32).removeprefix("torch.") if self.engine == "torch"
                      else ",".join(sorted({member.precision for member in self.members})))
         return {"networks": [member.digest or weights_digest(member.network) for member in self.members],
-                "plan": self.plan.to_dict(), "inference": self.settings.to_dict(), "engine": self.engine,
+                "plan": self.plan.to_dict(), "inference": inference, "engine": self.engine,
                 "precision": precision}
 
     # --- steps --------------------------------------------------------------------------------------
@@ -246,35 +254,45 @@ class Predictor:
         return tuple(int(w) for w in window)
 
     @torch.no_grad()
-    def _ensemble(self, image: Tensor, settings: InferenceSettings, shrink: bool | None = None
-                  ) -> tuple[Tensor, Tensor | None, int]:
+    def _ensemble(self, image: Tensor, settings: InferenceSettings, shrink: bool | None = None,
+                  case_id: str | None = None, desc: str = "windows") -> tuple[Tensor, Tensor | None, int]:
         """Mean softmax probabilities (K, Z, Y, X) and subtype probabilities of every member over ``image``
         with the windows of ``settings`` (this predictor's, or the coarse pass's), and the number of window
         forward passes (windows x mirror passes, summed over members). With ``nnunet_compat`` the first
-        is the members' mean logits instead."""
+        is the members' mean logits instead. Every member's window count is checked against
+        ``max_windows_per_case`` before the first one runs (:class:`TooManyWindowsError` naming ``case_id``)."""
         compat = settings.nnunet_compat
+        shape = tuple(image.shape[2:])
+        windows_of = [self.window_for(member, shape, shrink) for member in self.members]
+        counts = [count_windows(shape, window, settings.overlap) for window in windows_of]
+        for count, window in zip(counts, windows_of):
+            check_window_count(count, shape, window, settings, case_id)
+        passes = sum(counts) * 2 ** len(set(settings.mirror_axes))
         score_sum, subtype_sum, windows = None, None, 0
-        for member in self.members:
-            result = predict_windows(member.network, image, self.window_for(member, image.shape[2:], shrink),
-                                     settings, sw_batch_size=self.sw_batch_size, lesion_channel=self.lesion_channel,
-                                     memory_format=self.memory_format, autocast_dtype=self.autocast_dtype,
-                                     accumulate_on_cpu=self.accumulate_on_cpu)
-            self.sw_batch_size = min(self.sw_batch_size, result.sw_batch_size)
-            self.accumulate_on_cpu = self.accumulate_on_cpu or result.accumulated_on_cpu
-            scores = result.logits[0] if compat else result.logits[0].softmax(dim=0)  # logits or probabilities
-            if score_sum is not None and score_sum.device != scores.device:
-                score_sum = score_sum.cpu()  # a member fell back to the CPU: the sum follows
-                scores = scores.cpu()
-            score_sum = scores if score_sum is None else score_sum.add_(scores)
-            subtypes = result.class_probabilities(settings.min_lesion_volume)
-            if subtypes is not None:
-                subtype_sum = subtypes if subtype_sum is None else subtype_sum + subtypes
-            windows += result.num_windows * 2 ** len(set(settings.mirror_axes))
+        with tqdm(total=passes, desc=f"{case_id} {desc}" if case_id else desc, unit="window", leave=False,
+                  disable=not self.progress or passes <= WINDOW_BAR_MIN_PASSES) as bar:
+            for member, window in zip(self.members, windows_of):
+                result = predict_windows(member.network, image, window, settings, sw_batch_size=self.sw_batch_size,
+                                         lesion_channel=self.lesion_channel, memory_format=self.memory_format,
+                                         autocast_dtype=self.autocast_dtype, case_id=case_id,
+                                         accumulate_on_cpu=self.accumulate_on_cpu, on_windows=bar.update)
+                self.sw_batch_size = min(self.sw_batch_size, result.sw_batch_size)
+                self.accumulate_on_cpu = self.accumulate_on_cpu or result.accumulated_on_cpu
+                scores = result.logits[0] if compat else result.logits[0].softmax(dim=0)  # logits or probabilities
+                if score_sum is not None and score_sum.device != scores.device:
+                    score_sum = score_sum.cpu()  # a member fell back to the CPU: the sum follows
+                    scores = scores.cpu()
+                score_sum = scores if score_sum is None else score_sum.add_(scores)
+                subtypes = result.class_probabilities(settings.min_lesion_volume)
+                if subtypes is not None:
+                    subtype_sum = subtypes if subtype_sum is None else subtype_sum + subtypes
+                windows += result.num_windows * 2 ** len(set(settings.mirror_axes))
         count = len(self.members)
         return score_sum / count, (None if subtype_sum is None else subtype_sum / count), windows
 
     @torch.no_grad()
-    def coarse_box(self, image: Tensor) -> tuple[tuple[tuple[int, int], ...] | None, int]:
+    def coarse_box(self, image: Tensor, case_id: str | None = None
+                   ) -> tuple[tuple[tuple[int, int], ...] | None, int]:
         """(z, y, x) [start, stop) box of the pancreas and lesion found by the coarse pass, grown by the
         margin, on the full-resolution grid of ``image`` (1, C, Z, Y, X) (None when nothing is found),
         and the coarse pass's window count."""
@@ -284,7 +302,8 @@ class Predictor:
         coarse = F.interpolate(image, size=coarse_shape, mode="area") if coarse_shape != shape else image
         # the coarse image is small: windows just covering it, not padded up to the patch
         coarse_settings = replace(self.settings, overlap=self.settings.coarse_overlap, mirror_axes=())
-        probabilities, _, windows = self._ensemble(coarse, coarse_settings, shrink=True)
+        probabilities, _, windows = self._ensemble(coarse, coarse_settings, shrink=True, case_id=case_id,
+                                                   desc="coarse windows")
         foreground = probabilities.argmax(dim=0) > 0
         if not foreground.any():
             return None, windows
@@ -323,21 +342,23 @@ class Predictor:
         return tuple(grown)
 
     @torch.no_grad()
-    def predict_preprocessed(self, image: np.ndarray | Tensor) -> Prediction:
-        """image (C, Z, Y, X) on the plan's grid -> :class:`Prediction` (probabilities on the device)."""
+    def predict_preprocessed(self, image: np.ndarray | Tensor, case_id: str | None = None) -> Prediction:
+        """image (C, Z, Y, X) on the plan's grid -> :class:`Prediction` (probabilities on the device);
+        ``case_id`` names the case in errors and on the progress bar."""
         image = torch.as_tensor(image, dtype=torch.float32).to(self.device)[None]
         shape = tuple(image.shape[2:])
         box = tuple((0, s) for s in shape)
         info = {}
         if self.settings.coarse_to_fine and self._coarse_pass_helps(shape):
-            found, coarse_windows = self.coarse_box(image)
+            found, coarse_windows = self.coarse_box(image, case_id)
             info.update(coarse_found=found is not None, coarse_windows=coarse_windows)
             if found is not None:
                 box = self._at_least_one_window(found, shape)
         elif self.settings.coarse_to_fine:
             info.update(coarse_skipped="the case is too small for a coarse pass")
         region = tuple(slice(start, stop) for start, stop in box)
-        probabilities, subtypes, windows = self._ensemble(image[(slice(None), slice(None), *region)], self.settings)
+        region_image = image[(slice(None), slice(None), *region)]
+        probabilities, subtypes, windows = self._ensemble(region_image, self.settings, case_id=case_id)
         if box != tuple((0, s) for s in shape):
             full = torch.zeros((probabilities.shape[0], *shape), dtype=probabilities.dtype,
                                device=probabilities.device)

@@ -38,6 +38,9 @@ class InferenceSettings:
             coarse_to_fine.
         engine: what runs the network: ``torch``, ``openvino``, ``onnxruntime`` or ``auto`` (OpenVINO on
             the CPU when installed, else torch; torch on GPUs); see ``pancreas_mtl.inference.engines``.
+        max_windows_per_case: most windows one pass of one network may run over a case (mirror passes
+            not counted); more is an error naming the case, before the first window. It decides no voxel,
+            so an output folder's record leaves it out.
     """
 
     # the values of conf/inference/accurate.yaml (tests/test_predict_command.py checks it)
@@ -55,6 +58,7 @@ class InferenceSettings:
     coarse_overlap: float = 0.25
     nnunet_compat: bool = False
     engine: str = "auto"
+    max_windows_per_case: int = 100_000
 
     @classmethod
     def from_config(cls, config: Mapping | None) -> InferenceSettings:
@@ -97,6 +101,9 @@ class InferenceSettings:
             problems.append(f"min_lesion_volume must be >= 0, got {self.min_lesion_volume}")
         if not self.coarse_margin_mm >= 0:
             problems.append(f"coarse_margin_mm must be >= 0, got {self.coarse_margin_mm}")
+        if (isinstance(self.max_windows_per_case, bool) or not isinstance(self.max_windows_per_case, int)
+                or self.max_windows_per_case < 1):
+            problems.append(f"max_windows_per_case must be a whole number >= 1, got {self.max_windows_per_case!r}")
         if self.engine not in ENGINES:
             problems.append(f"engine must be one of {list(ENGINES)}, got {self.engine!r}")
         if self.nnunet_compat and self.coarse_to_fine:

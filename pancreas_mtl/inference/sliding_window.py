@@ -1,11 +1,11 @@
 """Whole-case prediction by Gaussian-weighted sliding windows, with mirroring and subtype evidence per window.
 
 nnU-Net's scheme, in torch and on the image's device: the case is tiled by windows (the plan's patch)
-at a step of ``1 - overlap`` of the window, several windows go through the network per batch, each
-window's logits are weighted by a Gaussian importance map (sigma 1/8 of the window) and summed into a
-whole-case buffer, and the sum is divided by the summed weights. Mirroring (test-time augmentation)
-runs every window once per combination of flipped axes and averages the flipped-back outputs, as
-nnU-Net does per window.
+at a step of ``1 - overlap`` of the window (at least one voxel; at most ``max_windows_per_case`` windows
+per pass), several windows go through the network per batch, each window's logits are weighted by a
+Gaussian importance map (sigma 1/8 of the window) and summed into a whole-case buffer, and the sum is
+divided by the summed weights. Mirroring (test-time augmentation) runs every window once per
+combination of flipped axes and averages the flipped-back outputs, as nnU-Net does per window.
 
 Out of GPU memory, a pass does not fail at once: the windows go through the network in halved
 batches, down to one window, and then the whole-case sums move to the CPU (the network stays on the
@@ -24,7 +24,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -108,14 +108,39 @@ def gaussian_importance_map(roi_size: Sequence[int], sigma_scale: float = 0.125,
 
 def window_starts(size: int, window: int, step_fraction: float) -> list[int]:
     """Start indices along one axis: the fewest windows at a step of at most ``step_fraction`` x window,
-    spread evenly from 0 to ``size - window`` (nnU-Net's compute_steps_for_sliding_window)."""
+    spread evenly from 0 to ``size - window`` (nnU-Net's compute_steps_for_sliding_window), and never
+    closer than one voxel: unique, at most ``size - window + 1`` of them whatever the overlap."""
     if window >= size:
         return [0]
     if not 0 < step_fraction <= 1:
         raise ValueError(f"the step must be in (0, 1] of the window (overlap in [0, 1)), got {step_fraction}")
-    num_steps = math.ceil((size - window) / (window * step_fraction)) + 1
+    # a step under one voxel only repeats starts (nnU-Net's rule gives 4251 for 34 positions at overlap 0.999)
+    num_steps = min(math.ceil((size - window) / (window * step_fraction)) + 1, size - window + 1)
     actual_step = (size - window) / (num_steps - 1)
     return [int(round(actual_step * i)) for i in range(num_steps)]
+
+
+def count_windows(shape: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """Windows of one pass over a region of ``shape`` (z, y, x), padded up to ``roi_size`` where smaller, at
+    ``overlap`` (mirror passes not counted), as :func:`predict_windows` runs them."""
+    return math.prod(len(window_starts(max(int(size), int(window)), int(window), 1.0 - overlap))
+                     for size, window in zip(shape, roi_size))
+
+
+class TooManyWindowsError(ValueError):
+    """A pass over one case would run more windows than ``max_windows_per_case`` allows."""
+
+
+def check_window_count(count: int, shape: Sequence[int], roi_size: Sequence[int], settings: InferenceSettings,
+                       case_id: str | None = None) -> None:
+    """Raise :class:`TooManyWindowsError` when ``count`` windows over ``shape`` exceed the settings' cap."""
+    if count <= settings.max_windows_per_case:
+        return
+    case = f"case {case_id}: " if case_id else ""
+    raise TooManyWindowsError(
+        f"{case}{count} windows of {list(roi_size)} over the {list(shape)} image at overlap {settings.overlap:g} "
+        f"(preset {settings.name}), expected at most max_windows_per_case={settings.max_windows_per_case}; "
+        "lower inference.overlap, or raise inference.max_windows_per_case (in training: module.validation.*)")
 
 
 def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -259,7 +284,8 @@ def _new_stitcher(num_channels: int, shape: Sequence[int], weights: Tensor, devi
 def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], settings: InferenceSettings, *,
                     sw_batch_size: int | None = None, lesion_channel: int = LESION_LABEL,
                     memory_format: torch.memory_format | None = None, autocast_dtype: torch.dtype | None = None,
-                    accumulate_on_cpu: bool = False) -> WindowPrediction:
+                    accumulate_on_cpu: bool = False, case_id: str | None = None,
+                    on_windows: Callable[[int], None] | None = None) -> WindowPrediction:
     """Gaussian-weighted sliding-window prediction of one case; every buffer stays on the image's device
     unless it runs out of memory.
 
@@ -278,8 +304,9 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], se
         settings: the windows' settings; this reads ``overlap`` (the step is ``1 - overlap`` of the
             window; nnU-Net's tile_step_size 0.5 is overlap 0.5), ``sigma_scale`` (Gaussian sigma as a share
             of the window), ``mirror_axes`` (spatial axes 0=z, 1=y, 2=x whose every flip combination is
-            averaged; nnU-Net all three, 8 passes), ``sw_batch_size`` and ``nnunet_compat`` (nnU-Net's own
-            Gaussian map, :func:`gaussian_importance_map`).
+            averaged; nnU-Net all three, 8 passes), ``sw_batch_size``, ``nnunet_compat`` (nnU-Net's own
+            Gaussian map, :func:`gaussian_importance_map`) and ``max_windows_per_case`` (more windows are a
+            :class:`TooManyWindowsError` before the first forward pass).
         sw_batch_size: windows per forward pass instead of ``settings.sw_batch_size`` (a caller's
             out-of-memory fallback carried over from an earlier case).
         lesion_channel: segmentation channel of the lesion, for the per-window lesion volume.
@@ -288,6 +315,9 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], se
             Accumulation is float32 either way.
         accumulate_on_cpu: keep the whole-case sums on the CPU from the start (the network still runs on
             the image's device).
+        case_id: the case, named in errors.
+        on_windows: called after each forward batch with the window forward passes it ran (windows x
+            mirror passes), for a progress bar.
     """
     overlap, mirror_axes = settings.overlap, settings.mirror_axes
     sw_batch_size = settings.sw_batch_size if sw_batch_size is None else sw_batch_size
@@ -309,6 +339,7 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], se
         image = F.pad(image, widths, mode="constant", value=0.0)
     padded = tuple(image.shape[2:])
     starts = [window_starts(size, window, 1.0 - overlap) for size, window in zip(padded, roi_size)]
+    check_window_count(math.prod(len(axis) for axis in starts), shape, roi_size, settings, case_id)
     positions = list(itertools.product(*starts))
     flips = mirror_combinations(mirror_axes)
     weights = gaussian_importance_map(roi_size, settings.sigma_scale, image.device, settings.nnunet_compat)
@@ -355,6 +386,8 @@ def predict_windows(model: nn.Module, image: Tensor, roi_size: Sequence[int], se
             window_probabilities.append(probabilities.to(stitcher.device))
             volumes.append(lesion_volumes(seg_logits, lesion_channel).to(stitcher.device))
         done += len(batch)
+        if on_windows is not None:
+            on_windows(len(batch) * len(flips))
     logits = stitcher.result()
     logits = logits[(slice(None), *(slice(b, b + size) for b, size in zip(before, shape)))]
     return WindowPrediction(
