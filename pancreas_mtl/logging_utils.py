@@ -7,7 +7,8 @@ the Hydra sweep it runs in (:func:`wandb_run_identity`). Validation overlays are
 as numpy arrays, written as PNG files with Pillow (which matplotlib, a dependency, installs) and handed
 to TensorBoard; W&B gets each validation's per-case table and its worst cases as images with
 toggleable mask layers instead (:mod:`pancreas_mtl.wandb_media`). Nothing here may stop a training
-run: image and table logging catch their errors and warn once.
+run: a W&B run that cannot start (``wandb.init`` fails) leaves the other loggers with a warning, a run id
+that is not a W&B id starts a new run, and image and table logging catch their errors and warn once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from PIL import Image
 
 from pancreas_mtl.files import atomic_path
 from pancreas_mtl.planning.plan import LESION_LABEL
-from pancreas_mtl.tracking import confusion_plot, resolve_wandb_offline, wandb_table
+from pancreas_mtl.tracking import confusion_plot, resolve_wandb_offline, valid_run_id, wandb_table
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,17 @@ def _require_tensorboard(name: str) -> None:
             "run `pip install tensorboard` in this environment, or choose logger=csv or logger=wandb")
 
 
+def _start_wandb_run(logger, name: str, entry: Mapping) -> str | None:
+    """Start the W&B run now (``wandb.init`` on rank 0; Lightning's placeholder on the others) rather than
+    inside ``fit``, so that a failure drops this logger instead of stopping training; what failed, or None."""
+    try:
+        logger.experiment  # noqa: B018 - the property calls wandb.init
+    except Exception as error:  # noqa: BLE001 - wandb raises many types (UsageError, CommError, timeouts)
+        setting = f" (logger.{name}.id={entry.get('id')!r})" if entry.get("id") is not None else ""
+        return f"W&B: logger {name!r} could not start its run{setting}: {type(error).__name__}: {error}"
+    return None
+
+
 def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Mapping | None = None,
                   resumed_run: Mapping | None = None) -> list:
     """Every logger of the ``logger`` config group, with the resolved run config logged to each.
@@ -109,10 +121,11 @@ def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Ma
             W&B run config, CSV hparams.yaml, TensorBoard hparams).
         resumed_run: the W&B reference of the checkpoint training resumes from (``checkpoint["wandb"]``):
             a W&B entry without an ``id`` of its own continues that run (``resume="allow"``) instead of
-            starting another.
+            starting another; an id that is not a W&B run id starts a new run, with a warning.
 
     A W&B entry's ``offline: auto`` is decided by :func:`resolve_wandb_offline`; its ``name`` and ``group``,
-    when null, come from :func:`wandb_run_identity` (the Hydra sweep the run is part of).
+    when null, come from :func:`wandb_run_identity` (the Hydra sweep the run is part of). Its run starts
+    here; when ``wandb.init`` fails the logger is left out with a warning and the others log the run.
     """
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
@@ -122,6 +135,7 @@ def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Ma
     if not isinstance(logger_cfg, DictConfig):
         logger_cfg = OmegaConf.create(dict(logger_cfg))
     loggers = []
+    failures = []
     for name, entry in logger_cfg.items():
         if not isinstance(entry, DictConfig) or not _target(entry):
             continue
@@ -138,7 +152,12 @@ def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Ma
             identity = wandb_run_identity(_hydra_config(), str((config or {}).get("task_name") or "train"))
             overrides.update({key: value for key, value in identity.items() if entry.get(key) is None})
             if resumed_run and resumed_run.get("id") and entry.get("id") is None:
-                overrides.update(id=resumed_run["id"], resume="allow")
+                if valid_run_id(resumed_run["id"]):
+                    overrides.update(id=resumed_run["id"], resume="allow")
+                else:  # tracking.training_runs leaves such ids out; a reference from elsewhere is checked here
+                    log.warning("W&B: the run id %r of the checkpoint training resumes from is not a W&B run id "
+                                "(letters, digits, - and _ only); logger %r starts a new W&B run",
+                                resumed_run["id"], name)
             if config is not None:
                 wandb_config["config"] = dict(config)  # goes to wandb.init(config=...)
         elif target.endswith("TensorBoardLogger"):
@@ -146,9 +165,17 @@ def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Ma
         Path(overrides.get("save_dir", entry.get("save_dir"))).mkdir(parents=True, exist_ok=True)
         # a partial first: instantiate's own first parameter is called `config`
         logger = instantiate(entry, _partial_=True, **overrides)(**wandb_config)
+        if target.endswith("WandbLogger"):
+            failure = _start_wandb_run(logger, name, entry)
+            if failure:
+                failures.append(failure)
+                continue
         if config is not None and not target.endswith("WandbLogger"):
             logger.log_hyperparams(dict(config))
         loggers.append(logger)
+    others = ", ".join(type(logger).__name__ for logger in loggers) or "no logger (logger=csv adds one)"
+    for failure in failures:
+        log.warning("%s; the run goes on with the other loggers: %s", failure, others)
     return loggers
 
 

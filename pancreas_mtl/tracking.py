@@ -8,6 +8,7 @@ import logging
 import math
 import netrc
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,6 +21,14 @@ WANDB_OFFLINE_MODES = ("offline", "dryrun", "disabled")
 # checkpoint["wandb"]: the reference (run_reference) of the W&B run that trained the checkpoint, written by
 # monitoring.WandbArtifacts; predict.py and evaluate record it as train_run_id
 CHECKPOINT_KEY = "wandb"
+# what W&B makes its run ids of; an id read back from a file is used only when it is one (wandb.init
+# refuses others with a UsageError, which would stop the training resumed from that checkpoint)
+RUN_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def valid_run_id(run_id) -> bool:
+    """Whether ``run_id`` is a W&B run id: letters, digits, ``-`` and ``_``."""
+    return isinstance(run_id, str) and RUN_ID.fullmatch(run_id) is not None
 
 
 def wandb_credentials_available() -> bool:
@@ -130,8 +139,9 @@ def config_artifact_name(run_id: str) -> str:
 
 def training_runs(checkpoints: Sequence[str | Path]) -> list[dict]:
     """The W&B reference each checkpoint carries, in order; checkpoints without one (trained without W&B,
-    or before runs were recorded) or no longer readable are left out. Reads the file memory-mapped, so
-    the weights are not loaded."""
+    or before runs were recorded), no longer readable, or whose id is not a W&B run id (a warning names
+    the checkpoint; training resumed from it starts a new W&B run) are left out. Reads the file
+    memory-mapped, so the weights are not loaded."""
     references = []
     for path in checkpoints:
         try:
@@ -141,5 +151,10 @@ def training_runs(checkpoints: Sequence[str | Path]) -> list[dict]:
             continue
         reference = saved.get(CHECKPOINT_KEY) if isinstance(saved, Mapping) else None
         if isinstance(reference, Mapping) and reference.get("id"):
+            if not valid_run_id(reference["id"]):
+                log.warning("W&B: %s: checkpoint[%r] names the run id %r, expected letters, digits, - and _ only; "
+                            "it is ignored (no link to that run; training resumed from the checkpoint starts a "
+                            "new W&B run)", path, CHECKPOINT_KEY, reference["id"])
+                continue
             references.append(dict(reference))
     return references

@@ -183,8 +183,21 @@ def test_search_job_is_named_from_the_sampled_parameters(tmp_path):
     assert wandb_run_identity(hydra_cfg, "train")["name"] == "loss.cls_weight=0.3"
 
 
-def test_wandb_logger_gets_group_name_and_job_type_offline(tmp_path, monkeypatch):
+@pytest.fixture
+def offline_wandb(monkeypatch, tmp_path):
+    """W&B offline, every folder it writes under tmp_path; build_loggers starts the run, finished after."""
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    yield tmp_path
+    import wandb
+
+    wandb.finish()
+
+
+def test_wandb_logger_gets_group_name_and_job_type_offline(offline_wandb):
+    tmp_path = offline_wandb
     hydra_cfg = multirun_hydra_config(tmp_path, ["data.fold=0"], master_overrides=["data.fold=0,1"])
     cfg = compose_train("logger=wandb", "logger.wandb.job_type=crossval", f"paths.output_dir={tmp_path / 'run'}")
     HydraConfig.instance().set_config(OmegaConf.create({"hydra": hydra_cfg}))
@@ -195,11 +208,11 @@ def test_wandb_logger_gets_group_name_and_job_type_offline(tmp_path, monkeypatch
     init = logger._wandb_init
     assert (init["name"], init["group"], init["job_type"], logger._offline) == (
         "data.fold=0", "train_2026-01-02_03-04-05", "crossval", True)
-    assert logger._experiment is None  # nothing started, no network
+    assert logger.experiment.settings.mode in ("offline", "dryrun")  # started offline: no network
 
 
-def test_explicit_wandb_name_and_group_are_kept(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_explicit_wandb_name_and_group_are_kept(offline_wandb):
+    tmp_path = offline_wandb
     cfg = compose_train("logger=wandb", "logger.wandb.name=mine", "logger.wandb.group=study",
                         f"paths.output_dir={tmp_path}")
     (logger,) = build_loggers(cfg.logger, tmp_path, config={"task_name": "train"})

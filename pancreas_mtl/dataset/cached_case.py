@@ -5,7 +5,8 @@ Files per case, in the cache folder of one plan::
     {case}_image.npy   float32 (C, Z, Y, X), normalised, at the plan's target spacing
     {case}_seg.npy     int8 (Z, Y, X), labels 0/1/2 (absent for unlabelled cases)
     {case}_fg.npy      int32 (N, 4) rows (label, z, y, x): sampled voxels of each foreground label
-    {case}.json        properties; written last, so its presence marks a complete entry
+    {case}.json        properties and the SHA-256 of each array (checked before every run, cache.py);
+                       written last, so its presence marks a complete entry
 """
 
 from __future__ import annotations
