@@ -36,23 +36,12 @@ DATA ?=
 RUNS ?=
 COMPARE ?=
 EVAL ?=
-PAPERMILL = $(VENV)/bin/papermill --no-progress-bar
-comma := ,
-space := $(subst ,, )
-yaml_list = [$(subst $(space),$(comma),$(patsubst %,'%',$(strip $(1))))]
 
+# scripts/run_notebooks.py: papermill through the output-folder guard (NB_OUT inside notebooks/ is refused)
 notebooks: setup-notebooks
-	@if [ -z "$(strip $(DATA)$(RUNS)$(EVAL))" ]; then \
-	    echo "make notebooks: give DATA=<dataset root>, RUNS=<run or multirun folders> and/or EVAL=<evaluation folder>"; \
-	    exit 2; fi
-	mkdir -p $(NB_OUT)
-	@if [ -n "$(DATA)" ]; then set -x; $(PAPERMILL) notebooks/01_data.ipynb $(NB_OUT)/01_data.ipynb \
-	    -r data_root "$(DATA)"; fi
-	@if [ -n "$(strip $(RUNS))" ]; then set -x; $(PAPERMILL) notebooks/02_training.ipynb $(NB_OUT)/02_training.ipynb \
-	    -y "runs: $(call yaml_list,$(RUNS))" -y "compare_runs: $(call yaml_list,$(COMPARE))" \
-	    -r compare_out "$(NB_OUT)/compare"; fi
-	@if [ -n "$(EVAL)" ]; then set -x; $(PAPERMILL) notebooks/03_errors.ipynb $(NB_OUT)/03_errors.ipynb \
-	    -r evaluation_dir "$(EVAL)"; fi
+	$(PY) scripts/run_notebooks.py --out "$(NB_OUT)" $(if $(strip $(DATA)),--data "$(DATA)") \
+	    $(if $(strip $(RUNS)),--runs $(RUNS)) $(if $(strip $(COMPARE)),--compare $(COMPARE)) \
+	    $(if $(strip $(EVAL)),--eval "$(EVAL)")
 
 # Remove outputs and execution counts from the committed notebooks (tests/test_notebooks.py refuses them).
 notebooks-strip: setup-dev

@@ -27,3 +27,17 @@ def config_dir() -> Path:
     """The folder of the package's Hydra configs: the repository's ``conf/`` in a source checkout or an
     editable install, the ``pancreas_mtl/conf`` package data in a wheel."""
     return Path(str(resources.files("pancreas_mtl.conf")))
+
+
+def config_differences(ours: Any, theirs: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configs (plain containers), as
+    ``key: ours vs theirs``."""
+    if isinstance(ours, Mapping) and isinstance(theirs, Mapping):
+        lines = []
+        for key in sorted(set(ours) | set(theirs), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            lines += config_differences(ours.get(key, "<absent>"), theirs.get(key, "<absent>"), name)
+        return lines
+    if isinstance(ours, (list, tuple)) and isinstance(theirs, (list, tuple)):
+        ours, theirs = list(ours), list(theirs)
+    return [] if ours == theirs else [f"{prefix}: {ours!r} vs {theirs!r}"]

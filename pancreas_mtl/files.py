@@ -4,6 +4,7 @@ JSON and CSV."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -53,3 +54,12 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence])
     with atomic_path(path) as tmp:
         tmp.write_text(buffer.getvalue())
     return Path(path)
+
+
+def sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -101,8 +101,8 @@ def test_crossval_rerun_skips_finished_cases(swept):
 def test_predict_accepts_the_fold_ensemble(swept, tmp_path):
     a, _ = swept
     ensemble = a / "crossval" / "ensemble.yaml"
-    listed = yaml.safe_load(ensemble.read_text())["checkpoints"]
-    assert listed == [str(a / str(fold) / "checkpoints" / "last.ckpt") for fold in range(NUM_FOLDS)]
+    listed = [member["checkpoint"] for member in yaml.safe_load(ensemble.read_text())["members"]]
+    assert listed == [f"../{fold}/checkpoints/last.ckpt" for fold in range(NUM_FOLDS)]  # from the file's folder
     names = write_cases(tmp_path / "images", count=1)
     for ckpt, output in ((ensemble, tmp_path / "by_file"), (a / "crossval", tmp_path / "by_folder")):
         summary = run_predict([f"ckpt={ckpt}", f"input={tmp_path / 'images'}", f"output={output}"])
@@ -111,15 +111,17 @@ def test_predict_accepts_the_fold_ensemble(swept, tmp_path):
         assert len(run["identity"]["networks"]) == NUM_FOLDS
 
 
-def test_an_ensemble_file_without_checkpoints_is_refused(tmp_path):
-    from pancreas_mtl.inference.checkpoint import expand_checkpoints
+def test_an_ensemble_file_without_members_is_refused(tmp_path):
+    from pancreas_mtl.inference.checkpoint import ENSEMBLE_FORMAT, expand_checkpoints
 
-    (tmp_path / "ensemble.yaml").write_text("folds: [0, 1]\n")
-    with pytest.raises(ValueError, match="lists its checkpoints as 'checkpoints: "):
+    (tmp_path / "ensemble.yaml").write_text(f"format: {ENSEMBLE_FORMAT}\nfolds: [0, 1]\n")
+    with pytest.raises(ValueError, match="gives 'plan_sha256' and a non-empty 'members' list"):
         expand_checkpoints([str(tmp_path)])
+    # a hand-written list has no digests to check: the checkpoints are passed themselves instead
     (tmp_path / "other.yaml").write_text("checkpoints: [fold0.ckpt, /abs/fold1.ckpt]\n")
-    assert expand_checkpoints([tmp_path / "other.yaml", "x.ckpt"]) == [
-        str(tmp_path / "fold0.ckpt"), "/abs/fold1.ckpt", "x.ckpt"]
+    with pytest.raises(ValueError, match=re.escape("ckpt=[a.ckpt,b.ckpt]")):
+        expand_checkpoints([tmp_path / "other.yaml", "x.ckpt"])
+    assert expand_checkpoints(["x.ckpt", tmp_path / "absent.yaml"]) == ["x.ckpt", str(tmp_path / "absent.yaml")]
 
 
 def test_compare_ranks_experiments_and_scores_their_ensemble(swept, tmp_path, capsys):
@@ -135,7 +137,11 @@ def test_compare_ranks_experiments_and_scores_their_ensemble(swept, tmp_path, ca
     with open(out / "compare.csv") as stream:
         assert [row["rank"] for row in csv.DictReader(stream)] == ["1", "2", "3"]
     assert "rank" in capsys.readouterr().out
-    assert main(["compare", f"runs=[{b}]", f"out={out}", "metric=whole_pancreas_hd95", *QUIET]) == 0
+    # another comparison into the same folder is refused; overwrite=true replaces it (the ensembles' folders too)
+    assert main(["compare", f"runs=[{b}]", f"out={out}", "metric=whole_pancreas_hd95", *QUIET]) == 1
+    assert "holds the outputs of compare made with another model, inputs or settings" in capsys.readouterr().err
+    assert main(["compare", f"runs=[{b}]", f"out={out}", "metric=whole_pancreas_hd95", "overwrite=true", *QUIET]) == 0
+    assert json.loads((out / "compare.json").read_text())["metric"] == "whole_pancreas_hd95"
 
 
 @pytest.mark.parametrize("problem, expected", [

@@ -267,21 +267,21 @@ def test_reference_from_a_dataset_root_and_a_split_folder(tmp_path):
     rows = "".join(f"{case}.nii.gz,{subtype}\n" for case, subtype in subtypes.items())
     (pred / "subtype_results.csv").write_text("Names,Subtype\n" + rows)
     for gt, extra in ((root, {"splits": ["validation"]}), (root / "validation", {})):
-        summary = evaluate({"pred": str(pred), "gt": str(gt), "out": str(tmp_path / "e"), "plots": False,
+        summary = evaluate({"pred": str(pred), "gt": str(gt), "out": str(tmp_path / "e"), "overwrite": True, "plots": False,
                             "progress": False, "bootstrap": 10, **extra}).summary
         assert summary["num_cases"] == 3 and summary["segmentation"]["whole_pancreas_dice"]["mean"] == 1.0
         assert summary["classification"]["macro_f1"] == 1.0 and "macro_auroc" not in summary["classification"]
     with pytest.raises(ValueError, match="missing from the predictions"):  # every labelled case of the root
-        evaluate({"pred": str(pred), "gt": str(root), "out": str(tmp_path / "e"), "plots": False, "progress": False})
+        evaluate({"pred": str(pred), "gt": str(root), "out": str(tmp_path / "e"), "overwrite": True, "plots": False, "progress": False})
     chosen = sorted(subtypes)[:2]  # cases= scores some reference cases only (holdout: a k-fold split's validation)
     for case in set(subtypes) - set(chosen):
         (pred / f"{case}.nii.gz").unlink()
     (pred / "subtype_results.csv").write_text("Names,Subtype\n" + "".join(f"{c}.nii.gz,{subtypes[c]}\n" for c in chosen))
-    summary = evaluate({"pred": str(pred), "gt": str(root), "out": str(tmp_path / "e"), "plots": False,
+    summary = evaluate({"pred": str(pred), "gt": str(root), "out": str(tmp_path / "e"), "overwrite": True, "plots": False,
                         "progress": False, "bootstrap": 10, "cases": chosen}).summary
     assert summary["num_cases"] == 2
     with pytest.raises(ValueError, match=r"cases: 1 case\(s\) have no reference in .*: quiz_9_999"):
-        evaluate({"pred": str(pred), "gt": str(root), "out": str(tmp_path / "e"), "cases": [*chosen, "quiz_9_999"]})
+        evaluate({"pred": str(pred), "gt": str(root), "out": str(tmp_path / "e"), "overwrite": True, "cases": [*chosen, "quiz_9_999"]})
 
 
 def test_synthetic_test_labels_are_a_reference(tmp_path):

@@ -76,7 +76,7 @@ def test_holdout_scores_each_finished_job_on_validation_and_test(scored, dataset
             predicted = sorted(p.name[: -len(".nii.gz")] for p in (folder / "predictions").glob("*.nii.gz"))
             assert predicted == sorted(case.case_id for case in cases)
             records = [json.loads(p.read_text()) for p in (folder / "predictions" / ".records").glob("*.json")
-                       if p.name != ".run.json"]
+                       if not p.name.startswith(".")]  # the case records (.run.json, .tables.json: the folder's)
             assert {tuple(r["checkpoints"]) for r in records} == {(str(checkpoint),)}
             with open(folder / "evaluation" / "per_case.csv") as stream:
                 assert sorted(row["case_id"] for row in csv.DictReader(stream)) == predicted

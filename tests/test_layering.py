@@ -17,14 +17,15 @@ from tests.conftest import REPO_ROOT
 PACKAGE = REPO_ROOT / "pancreas_mtl"
 # (layer, first dotted-name components below pancreas_mtl); entry points (cli, evaluate) may import anything
 LAYERS = [
-    ("helpers", {"files", "config", "devices", "parallel", "run_info", "tracking", "tables"}),
+    ("helpers", {"files", "config", "devices", "parallel", "run_info", "tracking", "tables", "output_guard"}),
     ("raw data", {"data", "synthetic"}),
     ("planning", {"planning"}),
     ("planned dataset", {"dataset"}),
     ("models and losses", {"models", "losses", "optim"}),
     ("inference", {"inference"}),
     ("evaluation", {"evaluation", "wandb_runs"}),
-    ("training", {"module", "logging_utils", "checkpointing", "training_plots", "monitoring", "wandb_media"}),
+    ("training", {"module", "logging_utils", "checkpointing", "training_plots", "monitoring", "wandb_media",
+                  "validation_schedule", "refusals"}),
 ]
 ENTRY_POINTS = {"cli", "evaluate", "__init__"}
 

@@ -32,8 +32,8 @@ def test_ground_truth_in_the_output_folder_is_never_replaced(tmp_path, cases, ov
     truth.write_bytes((folder / f"{names[1]}.nii.gz").read_bytes())  # the case's reference mask
     before = truth.read_bytes()
     checkpoint = save_checkpoint(tmp_path / "c.ckpt", tiny_plan())
-    with pytest.raises(OutputFolderError, match=rf"1 file\(s\) this run would replace that this tool did not "
-                                                rf"write: {truth}.*never replaced"):
+    with pytest.raises(OutputFolderError, match=rf"{labels} holds 1 file\(s\) or folder\(s\) this tool did not "
+                                                rf"write: {truth.name}\. predict writes only into an empty"):
         run_predict(_args(checkpoint, folder, labels, f"overwrite={str(overwrite).lower()}"))
     assert truth.read_bytes() == before
     assert sorted(p.name for p in labels.iterdir()) == [truth.name]  # nothing else was written either
@@ -44,13 +44,19 @@ def test_tables_this_tool_did_not_write_are_refused_and_unrelated_files_kept(tmp
     checkpoint = save_checkpoint(tmp_path / "c.ckpt", tiny_plan())
     out = tmp_path / "results"
     out.mkdir()
-    (out / "subtype_results.csv").write_text("Names,Subtype\nmine.nii.gz,1\n")
-    with pytest.raises(OutputFolderError, match="subtype_results.csv"):
-        run_predict(_args(checkpoint, folder, out))
-    (out / "subtype_results.csv").unlink()
     (out / "notes.txt").write_text("kept")
-    summary = run_predict(_args(checkpoint, folder, out))
-    assert sorted(summary.predicted) == names and (out / "notes.txt").read_text() == "kept"
+    with pytest.raises(OutputFolderError, match="this tool did not write: notes.txt"):  # a folder of the user's
+        run_predict(_args(checkpoint, folder, out))
+    (out / "notes.txt").unlink()
+    run_predict(_args(checkpoint, folder, out))
+    (out / "notes.txt").write_text("kept")  # beside this tool's record: left alone
+    (out / "subtype_results.csv").unlink()
+    (out / "subtype_results.csv").write_text("Names,Subtype\nmine.nii.gz,1\n")  # the user's, no record lists it
+    (out / ".records" / ".tables.json").unlink()
+    with pytest.raises(OutputFolderError, match="subtype_results.csv"):
+        run_predict(_args(checkpoint, folder, out, "overwrite=true"))
+    assert (out / "notes.txt").read_text() == "kept"
+    assert (out / "subtype_results.csv").read_text() == "Names,Subtype\nmine.nii.gz,1\n"
 
 
 def test_a_rerun_with_another_model_or_preset_is_refused_until_overwrite_redoes_the_folder(tmp_path, cases):
@@ -66,7 +72,7 @@ def test_a_rerun_with_another_model_or_preset_is_refused_until_overwrite_redoes_
     copy.write_bytes(first.read_bytes())
     assert sorted(run_predict(_args(copy, folder, out)).skipped) == names
 
-    with pytest.raises(OutputFolderError, match=r"another model or settings .*\n  networks: "):
+    with pytest.raises(OutputFolderError, match=r"another model, inputs or settings .*\n  networks: "):
         run_predict(_args(second, folder, out))
     with pytest.raises(OutputFolderError, match=r"inference\.mirror_axes: \[0, 1, 2\] vs \[\]"):
         run_predict([*_args(first, folder, out)[:-1], "inference=accurate"])

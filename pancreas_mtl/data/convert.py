@@ -1,7 +1,7 @@
 """Converting a dataset in the distributed layout to an nnU-Net v2 raw dataset (``pancreas-mtl convert``).
 
 Only what a conversion wrote is ever replaced: ``conversion.json`` lists every file (written first),
-and a target holding anything else is refused (:mod:`pancreas_mtl.data.manifest`).
+and a target holding anything else is refused (:mod:`pancreas_mtl.output_guard`).
 """
 
 from __future__ import annotations
@@ -20,15 +20,18 @@ from pancreas_mtl.data.layout import (
     DatasetIndex,
     discover,
 )
-from pancreas_mtl.data.manifest import (
+from pancreas_mtl.files import atomic_path
+from pancreas_mtl.output_guard import (
+    changed_files,
     describe_paths,
+    file_digests,
     foreign_entries,
     listed_files,
     read_manifest,
+    refuse_reads,
     remove_listed,
     write_manifest,
 )
-from pancreas_mtl.files import atomic_path
 
 CONVERSION_MANIFEST = "conversion.json"  # what a conversion wrote: only those files are ever replaced
 log = logging.getLogger(__name__)
@@ -82,6 +85,12 @@ def convert_to_nnunet(source: str | Path, destination: str | Path, *, dataset_na
             f"{destination}: holds {len(foreign)} file(s) or folder(s) the converter did not write ({why}): "
             f"{describe_paths(foreign)}. The converter writes only into an empty folder or over its own "
             "earlier conversion, with or without overwrite: choose another destination.")
+    refuse_reads(destination, [index.root])
+    changed = changed_files(destination, found.get("sha256") if found else None)
+    if changed:
+        raise FileExistsError(f"{destination}: {describe_paths(changed)} changed after the conversion wrote them "
+                              "(edited by hand?): they are the user's and never replaced, with or without "
+                              "overwrite: move them out, or choose another destination.")
     if listed is not None:
         if (destination / "dataset.json").is_file() and not overwrite:
             raise FileExistsError(f"{destination}: holds a dataset converted earlier (from "
@@ -109,6 +118,8 @@ def convert_to_nnunet(source: str | Path, destination: str | Path, *, dataset_na
         "converted_from": str(index.root),
     }
     _write_text(destination / "dataset.json", json.dumps(description, indent=1))
+    write_manifest(manifest_path, {"converted_from": str(index.root), "files": files,
+                                   "sha256": file_digests(destination, files)})
     return discover(destination, num_subtypes=index.num_subtypes)
 
 

@@ -35,9 +35,10 @@ from pancreas_mtl.evaluation.holdout import SUMMARY_FILE as HOLDOUT_SUMMARY
 from pancreas_mtl.evaluation.holdout import holdout_dir, read_holdout
 from pancreas_mtl.evaluation.metrics import lower_is_better
 from pancreas_mtl.evaluation.runs import REPEAT_KEYS
-from pancreas_mtl.files import save_json, write_csv
+from pancreas_mtl.files import atomic_path, save_json, write_csv
 from pancreas_mtl.inference.export import write_mask
 from pancreas_mtl.inference.output_folder import SUBTYPE_PROBABILITIES, SUBTYPE_RESULTS
+from pancreas_mtl.output_guard import OutputFolder
 from pancreas_mtl.tables import Table
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,14 @@ class CompareConfig:
     plots: bool = MISSING
     workers: int = MISSING
     progress: bool = MISSING
+    overwrite: bool = MISSING
 
 
-def _ensemble_pair(first: dict, second: dict, out: Path) -> Path:
+COMMAND = "compare"
+OUTPUT_FILES = ("compare.json", "compare.csv", "compare.md")
+
+
+def _ensemble_pair(first: dict, second: dict, out: Path, overwrite: bool) -> Path:
     """The out-of-fold predictions of two experiments averaged into ``out`` (masks and subtype tables)."""
     folders = [Path(entry["folder"]) / "out_of_fold" for entry in (first, second)]
     for entry in (first, second):
@@ -74,22 +80,28 @@ def _ensemble_pair(first: dict, second: dict, out: Path) -> Path:
     if cases[0] != cases[1]:
         raise ValueError(f"{first['name']} and {second['name']} predicted different cases "
                          f"({len(cases[0])} vs {len(cases[1])}); an ensemble needs the same dataset")
-    out.mkdir(parents=True, exist_ok=True)
+    names = [f"{case}.nii.gz" for case in cases[0]]
+    folder = OutputFolder.open(out, COMMAND, identity={"members": [str(f.resolve()) for f in folders]},
+                               reads=folders, writes=[*names, SUBTYPE_RESULTS, SUBTYPE_PROBABILITIES], overwrite=overwrite)
     results, probabilities = [], []
     for case in cases[0]:
         loaded = [np.load(folder / f"{case}.npz") for folder in folders]
         mean = sum(item["probabilities"].astype(np.float32) for item in loaded) / 2  # (K, Z, Y, X)
         reference = folders[0] / f"{case}.nii.gz"
-        write_mask(np.argmax(mean, axis=0), read_volume(reference).affine, out / f"{case}.nii.gz", reference)
+        if folder.may_write(f"{case}.nii.gz"):
+            write_mask(np.argmax(mean, axis=0), read_volume(reference).affine, out / f"{case}.nii.gz", reference)
         subtype = [item["subtype_probabilities"] for item in loaded]
         if all(s.size for s in subtype):
             mean_subtype = (subtype[0] + subtype[1]) / 2
             results.append((f"{case}.nii.gz", int(np.argmax(mean_subtype))))
             probabilities.append((f"{case}.nii.gz", *(f"{p:.6f}" for p in mean_subtype)))
+    tables = []
     if results:
         write_csv(out / SUBTYPE_RESULTS, ["Names", "Subtype"], results)
         write_csv(out / SUBTYPE_PROBABILITIES, ["Names", *(f"p{k}" for k in range(len(probabilities[0]) - 1))],
                   probabilities)
+        tables = [SUBTYPE_RESULTS, SUBTYPE_PROBABILITIES]
+    folder.record(f".{COMMAND}", [*names, *tables])
     return out
 
 
@@ -97,8 +109,9 @@ def _is_holdout(name: str) -> bool:
     return (holdout_dir(name) / HOLDOUT_SUMMARY).is_file()
 
 
-def _crossval_rows(cfg, names: list[str], out: Path) -> list[dict]:
-    """One row per cross-validated sweep, and with ``ensembles`` one per pair of them."""
+def _crossval_rows(cfg, names: list[str], output: OutputFolder) -> list[dict]:
+    """One row per cross-validated sweep, and with ``ensembles`` one per pair of them (in ``output``)."""
+    out = output.path
     entries = []
     for name in names:
         summary = read_crossval(name)
@@ -112,16 +125,17 @@ def _crossval_rows(cfg, names: list[str], out: Path) -> list[dict]:
              "num_cases": entry["crossval"]["num_cases"], **{k: entry["scores"].get(k) for k in COLUMNS}}
             for entry in entries]
     if cfg.ensembles:
+        output.claim()
         for first, second in itertools.combinations(entries, 2):
             label = f"{first['name']} + {second['name']}"
             folder = out / "ensembles" / f"{entries.index(first)}+{entries.index(second)}"
             log.info("ensemble %s -> %s", label, folder)
-            predictions = _ensemble_pair(first, second, folder / "predictions")
+            predictions = _ensemble_pair(first, second, folder / "predictions", cfg.overwrite)
             evaluation = evaluate(EvaluationConfig(
                 pred=str(predictions), gt=first["crossval"]["dataset"], out=str(folder / "evaluation"),
                 tolerance_mm=cfg.tolerance_mm, bootstrap=cfg.bootstrap, seed=cfg.seed, plots=cfg.plots,
                 num_subtypes=int(first["crossval"]["split"].get("num_subtypes") or 3), workers=cfg.workers,
-                progress=cfg.progress))
+                progress=cfg.progress, overwrite=cfg.overwrite))
             scores = headline_scores(evaluation.summary)
             rows.append({"name": label, "members": [first["name"], second["name"]], "folder": str(folder),
                          "num_cases": len(evaluation.rows), **{k: scores.get(k) for k in COLUMNS}})
@@ -192,6 +206,10 @@ def compare(cfg) -> list[dict]:
     if len(set(names)) != len(names) or len(names) < 1:
         raise ValueError(f"runs must name distinct scored sweep folders, got {names}")
     out = Path(cfg.out).expanduser()
+    identity = {"runs": [str(Path(name).expanduser().resolve()) for name in names],
+                **{key: cfg[key] for key in ("metric", "split", "ensembles")}}
+    output = OutputFolder.open(out, COMMAND, identity=identity, reads=names, writes=OUTPUT_FILES,
+                               overwrite=cfg.overwrite, claim=False)  # claimed once the runs are read
     holdout = [name for name in names if _is_holdout(name)]
     if holdout and len(holdout) != len(names):
         raise ValueError(f"runs mixes holdout-scored sweeps ({', '.join(holdout)}) with others "
@@ -200,7 +218,7 @@ def compare(cfg) -> list[dict]:
         rows, splits = _holdout_rows(cfg, names)
         key_column = f"{cfg.split}/{cfg.metric}"
     else:
-        rows, splits = _crossval_rows(cfg, names, out), []
+        rows, splits = _crossval_rows(cfg, names, output), []
         key_column = cfg.metric
     worst = float("inf") if lower_is_better(cfg.metric) else float("-inf")
 
@@ -212,11 +230,15 @@ def compare(cfg) -> list[dict]:
     rows.sort(key=key)
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
-    out.mkdir(parents=True, exist_ok=True)
-    save_json({"metric": cfg.metric, "split": cfg.split if holdout else None,
-               "lower_is_better": lower_is_better(cfg.metric), "source": HOLDOUT_SUMMARY if holdout else SUMMARY_FILE,
-               "splits": splits, "ranking": rows}, out / "compare.json")
-    if holdout:
+    output.claim()
+    if output.may_write("compare.json"):
+        save_json({"metric": cfg.metric, "split": cfg.split if holdout else None,
+                   "lower_is_better": lower_is_better(cfg.metric),
+                   "source": HOLDOUT_SUMMARY if holdout else SUMMARY_FILE, "splits": splits, "ranking": rows},
+                  out / "compare.json")
+    if not output.may_write("compare.csv"):
+        pass
+    elif holdout:
         columns = ["rank", "name", "runs", *(f"{split}/{c}{sd}" for split in splits for c in COLUMNS for sd in ("", "_sd")),
                    "final_f1", "final_f1_sd", "best_minus_final_f1", "best_minus_final_f1_sd"]
         Table([{**row, "members": " ".join(row["members"])} for row in rows],
@@ -225,7 +247,10 @@ def compare(cfg) -> list[dict]:
         write_csv(out / "compare.csv", ["rank", "name", "num_cases", *COLUMNS, "folder"],
                   [[row["rank"], row["name"], row["num_cases"], *(_cell(row.get(c)) for c in COLUMNS), row["folder"]]
                    for row in rows])
-    (out / "compare.md").write_text(report_table(rows, cfg.metric).to_markdown() + "\n")
+    if output.may_write("compare.md"):
+        with atomic_path(out / "compare.md") as tmp:
+            tmp.write_text(report_table(rows, cfg.metric).to_markdown() + "\n")
+    output.record(f".{COMMAND}", OUTPUT_FILES)
     return rows
 
 

@@ -34,17 +34,20 @@ from pancreas_mtl.data.layout import DatasetIndex, discover
 from pancreas_mtl.data.splits import make_split
 from pancreas_mtl.dataset.prepare import dataset_root
 from pancreas_mtl.evaluation.evaluate import EvaluationConfig, evaluate
-from pancreas_mtl.files import load_json, save_json, write_csv
-from pancreas_mtl.inference.checkpoint import ENSEMBLE_FILE, read_checkpoint
+from pancreas_mtl.files import atomic_path, load_json, save_json, sha256, write_csv
+from pancreas_mtl.inference.checkpoint import ENSEMBLE_FILE, ENSEMBLE_FORMAT, plan_sha256, read_checkpoint
 from pancreas_mtl.inference.output_folder import SUBTYPE_PROBABILITIES, SUBTYPE_RESULTS
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.runner import predict_cases, read_records
 from pancreas_mtl.inference.sources import find_cases
+from pancreas_mtl.output_guard import OutputFolder
 from pancreas_mtl.tracking import log_summary_run
 
 log = logging.getLogger(__name__)
 
 CROSSVAL_DIR = "crossval"
+COMMAND = "crossval"
+OUT_OF_FOLD_UNIT = ".out_of_fold"
 SUMMARY_FILE = "crossval.json"
 # the data settings every fold must share: they decide which cases exist and how they are split
 SHARED_DATA_KEYS = ("source", "root", "num_subtypes", "split", "num_folds", "split_seed")
@@ -204,38 +207,59 @@ def crossval_dir(folder: str | Path) -> Path:
     return folder if (folder / SUMMARY_FILE).is_file() or folder.name == CROSSVAL_DIR else folder / CROSSVAL_DIR
 
 
-def merge_out_of_fold(fold_dirs: Sequence[Path], out: Path) -> Path:
+def merge_out_of_fold(fold_dirs: Sequence[Path], out: Path, overwrite: bool = False) -> Path:
     """``out``: a relative link to every fold's mask (and probabilities) plus the subtype tables of all
-    folds, so that one evaluation scores every case. ``out`` is this command's own folder; the files it
-    held before are replaced."""
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.iterdir():
-        if old.is_symlink() or old.name in (SUBTYPE_RESULTS, SUBTYPE_PROBABILITIES):
-            old.unlink()
-    results, probabilities = [], []
+    folds, so that one evaluation scores every case. ``out`` is this command's own folder (the output-folder
+    guard's record lists its links and tables); the ones it held before are replaced."""
+    links, results, probabilities = {}, [], []
     for fold_dir in fold_dirs:
         for record in read_records(fold_dir):
             for name in record.get("files", [record["mask"]]):
                 if (fold_dir / name).is_file():
-                    os.symlink(os.path.relpath(fold_dir / name, out), out / name)
+                    links[name] = fold_dir / name
             if record.get("subtype_probabilities"):
                 results.append((record["mask"], record["subtype"]))
                 probabilities.append((record["mask"], *(f"{p:.6f}" for p in record["subtype_probabilities"])))
+    folder = OutputFolder.open(out, COMMAND, identity={"folds": [str(Path(d).resolve()) for d in fold_dirs]},
+                               reads=fold_dirs, writes=[*links, SUBTYPE_RESULTS, SUBTYPE_PROBABILITIES],
+                               overwrite=overwrite)
+    folder.remove_unit(OUT_OF_FOLD_UNIT)
+    for name, target in links.items():
+        if folder.may_write(name):
+            os.symlink(os.path.relpath(target, out), out / name)
+    tables = []
     if results:
-        write_csv(out / SUBTYPE_RESULTS, ["Names", "Subtype"], sorted(results))
+        tables.append(write_csv(out / SUBTYPE_RESULTS, ["Names", "Subtype"], sorted(results)).name)
     if probabilities:
         width = len(probabilities[0]) - 1
-        write_csv(out / SUBTYPE_PROBABILITIES, ["Names", *(f"p{k}" for k in range(width))], sorted(probabilities))
+        tables.append(write_csv(out / SUBTYPE_PROBABILITIES, ["Names", *(f"p{k}" for k in range(width))],
+                                sorted(probabilities)).name)
+    folder.record(OUT_OF_FOLD_UNIT, [*links, *tables])
     return out
 
 
 def write_ensemble(path: Path, runs: Sequence[FoldRun]) -> Path:
-    """ensemble.yaml: the fold checkpoints (absolute paths), read by predict.py's ``ckpt=``."""
+    """ensemble.yaml, read by predict.py's ``ckpt=``: the fold checkpoints by path relative to the file's
+    folder (so a copied or moved sweep predicts from its own files), each with its SHA-256 and fold, and
+    the SHA-256 of the plan they share; ``checkpoint.ensemble_members`` checks all three when reading.
+    ValueError when the folds' plans differ (they would not form one ensemble)."""
+    folder = path.parent.resolve()
+    plans = [read_checkpoint(run.checkpoint)[1] for run in runs]
+    first = plans[0].to_dict()
+    for run, plan in zip(runs[1:], plans[1:]):
+        differing = sorted(key for key, value in plan.to_dict().items() if first.get(key) != value)
+        if differing:
+            raise ValueError(f"{path}: fold {run.fold}'s checkpoint {run.checkpoint} has another plan than fold "
+                             f"{runs[0].fold}'s ({', '.join(differing)} differ), so the folds do not form one "
+                             "ensemble; train every fold with the same planning settings")
+    members = [{"checkpoint": Path(os.path.relpath(Path(run.checkpoint).resolve(), folder)).as_posix(),
+                "sha256": sha256(run.checkpoint), "fold": run.fold} for run in runs]
     text = ("# The fold ensemble of a cross-validated sweep: predict.py ckpt=<this file> averages the folds.\n"
-            + yaml.safe_dump({"checkpoints": [str(run.checkpoint) for run in runs],
-                              "folds": [run.fold for run in runs]}, sort_keys=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+            "# Members are paths from this file's folder; a member whose SHA-256 differs is refused.\n"
+            + yaml.safe_dump({"format": ENSEMBLE_FORMAT, "plan_sha256": plan_sha256(plans[0]), "members": members},
+                             sort_keys=False))
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
@@ -266,7 +290,13 @@ def run_crossval(cfg) -> dict:
     runs, index = read_sweep(multirun, cfg.checkpoint)
     out = Path(cfg.out).expanduser().resolve() if cfg.out else multirun / CROSSVAL_DIR
     settings = inference_preset(cfg.inference)
+    # what decides the predictions and the ensemble (the evaluation's own settings are checked by evaluate)
+    identity = {"multirun": str(multirun), "checkpoint": cfg.checkpoint, "inference": settings.name,
+                "precision": cfg.precision}
+    folder = OutputFolder.open(out, COMMAND, identity=identity, reads=[*(run.job_dir for run in runs), index.root],
+                               writes=[ENSEMBLE_FILE, SUMMARY_FILE], overwrite=cfg.overwrite, claim=False)
     cases, problems = find_cases(index.root)
+    folder.claim()  # before the folds' predictions, which are folders of their own inside it
     by_id = {case.case_id: case for case in cases}
     fold_dirs, failed = [], {}
     for run in runs:
@@ -285,19 +315,23 @@ def run_crossval(cfg) -> dict:
     if failed:
         raise ValueError(f"{len(failed)} case(s) could not be predicted, so the cross-validation is incomplete:\n  "
                          + "\n  ".join(f"{case}: {reason}" for case, reason in sorted(failed.items())))
-    out_of_fold = merge_out_of_fold(fold_dirs, out / "out_of_fold")
+    out_of_fold = merge_out_of_fold(fold_dirs, out / "out_of_fold", overwrite=cfg.overwrite)
     evaluation = evaluate(EvaluationConfig(
         pred=str(out_of_fold), gt=str(index.root), out=str(out / "evaluation"), tolerance_mm=cfg.tolerance_mm,
         bootstrap=cfg.bootstrap, seed=cfg.seed, plots=cfg.plots, num_subtypes=int(runs[0].data.get("num_subtypes", 3)),
-        workers=cfg.workers, progress=cfg.progress))
-    ensemble = write_ensemble(out / ENSEMBLE_FILE, runs)
+        workers=cfg.workers, progress=cfg.progress, overwrite=cfg.overwrite))
+    ensemble = out / ENSEMBLE_FILE
+    if folder.may_write(ENSEMBLE_FILE):
+        write_ensemble(ensemble, runs)
     result = {"multirun": str(multirun), "dataset": str(index.root), "inference": settings.name,
               "save_probabilities": bool(cfg.save_probabilities), "num_cases": len(evaluation.rows),
               "folds": [{"fold": run.fold, "job": run.job_dir.name, "checkpoint": str(run.checkpoint),
                          "held_out": run.held_out} for run in runs],
               "split": {key: runs[0].data.get(key) for key in SHARED_DATA_KEYS},
               "ensemble": str(ensemble), "scores": headline_scores(evaluation.summary)}
-    save_json(result, out / SUMMARY_FILE)
+    if folder.may_write(SUMMARY_FILE):
+        save_json(result, out / SUMMARY_FILE)
+    folder.record(f".{COMMAND}", [ENSEMBLE_FILE, SUMMARY_FILE])
     if cfg.wandb:
         log_crossval_run(out, multirun, result, evaluation.rows, cfg.wandb_project)
     return result

@@ -53,14 +53,21 @@ from pancreas_mtl.evaluation.metrics import (
     per_class_recall,
     segmentation_metrics,
 )
-from pancreas_mtl.evaluation.plots import write_plots
+from pancreas_mtl.evaluation.plots import PLOT_FILES, write_plots
 from pancreas_mtl.files import save_json
+from pancreas_mtl.output_guard import OutputFolder
 from pancreas_mtl.parallel import map_with_progress
 
 log = logging.getLogger(__name__)
 
 SEGMENTATION_METRICS = ("whole_pancreas_dice", "lesion_dice", "whole_pancreas_nsd", "lesion_nsd",
                         "whole_pancreas_hd95", "lesion_hd95")
+COMMAND = "evaluate"
+PER_CASE_FILE, SUMMARY_FILE = "per_case.csv", "summary.json"
+# what is evaluated: another value of any of these in the same out is another evaluation (refused without
+# overwrite); the other keys only shape its report, and a rerun with them changed replaces its own files
+IDENTITY_KEYS = ("pred", "gt", "probs", "subtypes", "splits", "cases", "tolerance_mm", "num_subtypes")
+PATH_KEYS = ("pred", "gt", "probs", "subtypes")
 STRUCTURES = ("whole_pancreas", "lesion")  # each has a ``{structure}_miss`` flag per case
 SUBTYPE_FILES = ("subtypes.json", "subtype_mapping.json", "subtype_reference.csv")
 
@@ -87,6 +94,7 @@ class EvaluationConfig:
     num_subtypes: int = 3               # the dataset's declared subtypes: macro scores average over all
     workers: int = 0                    # processes scoring cases; 0: in this process
     progress: bool = True
+    overwrite: bool = False             # an earlier evaluation of other inputs in out: remove its files first
     wandb: bool = False                 # the evaluate command (cli) only: also log a W&B run (wandb_runs.py)
     wandb_project: str = "pancreas_mtl"
 
@@ -295,6 +303,12 @@ def evaluate(config: EvaluationConfig | dict) -> Evaluation:
     pred_dir, out = Path(cfg.pred).expanduser(), Path(cfg.out).expanduser()
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder {pred_dir} not found")
+    options = OmegaConf.to_container(cfg, resolve=True)
+    identity = {key: str(Path(options[key]).expanduser().resolve()) if key in PATH_KEYS and options[key] else options[key]
+                for key in IDENTITY_KEYS}
+    folder = OutputFolder.open(out, COMMAND, identity=identity, overwrite=cfg.overwrite,
+                               reads=[pred_dir, cfg.gt, cfg.probs, cfg.subtypes, cfg.images],
+                               writes=[PER_CASE_FILE, SUMMARY_FILE, *PLOT_FILES], claim=False)
     reference = reference_cases(cfg.gt, cfg.subtypes, list(cfg.splits) if cfg.splits else None, cfg.num_subtypes)
     if cfg.cases is not None:
         absent = sorted(set(cfg.cases) - set(reference))
@@ -337,13 +351,20 @@ def evaluate(config: EvaluationConfig | dict) -> Evaluation:
                          if probabilities is not None else None, "subtypes": cfg.subtypes,
                          "tolerance_mm": cfg.tolerance_mm, "images": cfg.images}
     summary["conventions"] = conventions(cfg.num_subtypes)
-    write_per_case(out / "per_case.csv", rows)
-    save_json(_json_safe(summary), out / "summary.json")
+    folder.claim()
+    folder.remove_unit(f".{COMMAND}")  # its own earlier files (a rerun may write fewer plots); kept if changed
+    written = []
+    if folder.may_write(PER_CASE_FILE):
+        written.append(write_per_case(out / PER_CASE_FILE, rows).name)
+    if folder.may_write(SUMMARY_FILE):
+        written.append(save_json(_json_safe(summary), out / SUMMARY_FILE).name)
     if cfg.plots:
         from pancreas_mtl.evaluation.case_views import find_case_files  # it imports this module
         files = (find_case_files(pred_dir, cfg.gt, cases, cfg.images, cfg.subtypes, cfg.num_subtypes)
                  if cfg.montage_cases > 0 else None)
-        write_plots(out, rows, matrix, summary, files, cfg.montage_cases, cfg.calibration_bins)
+        written += [path.name for path in write_plots(out, rows, matrix, summary, files, cfg.montage_cases,
+                                                      cfg.calibration_bins, skip=folder.kept)]
+    folder.record(f".{COMMAND}", written)
     return Evaluation(rows, summary, matrix)
 
 
@@ -377,13 +398,13 @@ def _json_safe(value):
     return value
 
 
-def write_per_case(path: Path, rows: list[dict]) -> None:
+def write_per_case(path: Path, rows: list[dict]) -> Path:
     from pancreas_mtl.files import write_csv
 
     columns = list(rows[0])
     def cell(value):
         return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else value)
-    write_csv(path, columns, [[cell(row[c]) for c in columns] for row in rows])
+    return write_csv(path, columns, [[cell(row[c]) for c in columns] for row in rows])
 
 
 def format_summary(summary: dict) -> str:

@@ -44,10 +44,12 @@ from pancreas_mtl.files import load_json, save_json
 from pancreas_mtl.inference.predictor import Predictor
 from pancreas_mtl.inference.runner import predict_cases
 from pancreas_mtl.inference.sources import find_cases
+from pancreas_mtl.output_guard import OutputFolder, refuse_reads
 
 log = logging.getLogger(__name__)
 
 HOLDOUT_DIR = "holdout"
+COMMAND = "holdout"
 SUMMARY_FILE = "holdout.json"
 SPLITS = ("validation", "test")
 SELECTED = "selected"  # checkpoint=selected: the one model selection kept (conf/callbacks: model_checkpoint)
@@ -157,6 +159,12 @@ def run_holdout(cfg) -> dict:
     settings = inference_preset(cfg.inference)
     if cfg.engine is not None:
         settings = dataclasses.replace(settings, engine=cfg.engine)
+    # what decides the predictions and what they are scored against (the evaluations check their own settings)
+    identity = {"multirun": str(multirun), "checkpoint": cfg.checkpoint, "inference": settings.name,
+                "engine": settings.engine, "precision": cfg.precision,
+                "test_labels": cfg.test_labels and str(Path(cfg.test_labels).expanduser().resolve())}
+    folder = OutputFolder.open(out, COMMAND, identity=identity, reads=job_dirs(multirun), writes=[SUMMARY_FILE],
+                               overwrite=cfg.overwrite, claim=False)  # claimed by the first job's predictions
     jobs, skipped, datasets = [], [], set()
     for job in job_dirs(multirun):
         job_config = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml"))
@@ -171,6 +179,7 @@ def run_holdout(cfg) -> dict:
         data = run_data_config(job, checkpoint)
         index = index_of(data)
         datasets.add(str(index.root))
+        refuse_reads(out, [index.root])
         split = make_split(index, mode=data.get("split", "auto"), fold=int(data.get("fold", 0)),
                            num_folds=int(data.get("num_folds", 5)), seed=int(data.get("split_seed", 12345)))
         test_labels = _test_labels(cfg, index.root)
@@ -185,6 +194,7 @@ def run_holdout(cfg) -> dict:
                 log.warning("job %s: no labelled %s cases (test labels: %s); %s not scored", job.name, name,
                             test_labels or f"no {index.root / 'test_labels'}", name)
                 continue
+            folder.claim()
             scores[name] = _score_split(cfg, predictor, images, wanted, reference, out / job.name / name,
                                         num_subtypes=int(data.get("num_subtypes", 3)),
                                         run_info={"checkpoints": [str(checkpoint)], "inference": settings.name})
@@ -200,7 +210,9 @@ def run_holdout(cfg) -> dict:
               "inference": settings.name,
               "engine": settings.engine, "precision": cfg.precision, "splits": list(cfg.splits), "jobs": jobs,
               "unfinished": skipped}
-    save_json(result, out / SUMMARY_FILE)
+    if folder.may_write(SUMMARY_FILE):
+        save_json(result, out / SUMMARY_FILE)
+    folder.record(f".{COMMAND}", [SUMMARY_FILE])
     return result
 
 
@@ -219,7 +231,7 @@ def _score_split(cfg, predictor: Predictor, images: tuple[list, dict], wanted: s
         pred=str(folder / "predictions"), gt=reference, out=str(folder / "evaluation"),
         cases=sorted(case.case_id for case in chosen), tolerance_mm=cfg.tolerance_mm,
         bootstrap=cfg.bootstrap, seed=cfg.seed, plots=cfg.plots, num_subtypes=num_subtypes, workers=cfg.workers,
-        progress=cfg.progress))
+        progress=cfg.progress, overwrite=cfg.overwrite))
     scores = headline_scores(evaluation.summary)
     ci = evaluation.summary.get("classification", {}).get("ci", {}).get("macro_f1")
     return {**scores, "num_cases": len(evaluation.rows), "macro_f1_ci": ci}

@@ -8,7 +8,7 @@ same function draws for a PNG, in a training run and in a notebook (which shows 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -161,25 +161,31 @@ def reliability_figure(rows: Sequence[dict], probabilities: np.ndarray, bins: in
     return figure
 
 
+PLOT_FILES = (*(f"{kind}_by_subtype.png" for kind in METRIC_PANELS), "confusion_matrix.png", "roc_curves.png",
+              "reliability.png", "worst_cases.png")  # every PNG write_plots may write
+
+
 def write_plots(out: Path, rows: list[dict], probabilities: np.ndarray | None, summary: dict,
-                case_files: dict | None = None, montage_cases: int = 0, calibration_bins: int = 10) -> list[Path]:
+                case_files: dict | None = None, montage_cases: int = 0, calibration_bins: int = 10,
+                skip: Collection[str] = ()) -> list[Path]:
     """``{dice,nsd,hd95}_by_subtype.png``; with subtypes ``confusion_matrix.png``; with probabilities
     ``roc_curves.png`` and ``reliability.png``; with ``case_files`` ({case: CaseFiles}) and
-    ``montage_cases`` > 0, ``worst_cases.png`` (lowest lesion Dice: image, reference, prediction)."""
+    ``montage_cases`` > 0, ``worst_cases.png`` (lowest lesion Dice: image, reference, prediction).
+    File names in ``skip`` (the user's: changed by hand since written) are not written."""
     out.mkdir(parents=True, exist_ok=True)
-    written = [save_figure(metric_by_subtype_figure(rows, kind), out / f"{kind}_by_subtype.png")
-               for kind in METRIC_PANELS]
+    figures = {f"{kind}_by_subtype.png": (lambda kind=kind: metric_by_subtype_figure(rows, kind))
+               for kind in METRIC_PANELS}
     scores = summary.get("classification")
     if scores:
         matrix = np.array(scores["confusion_matrix"])
         title = f"macro F1 {scores['macro_f1']:.3f} over {len(matrix)} subtypes"
-        written.append(save_figure(confusion_matrix_figure(matrix, title), out / "confusion_matrix.png"))
+        figures["confusion_matrix.png"] = lambda: confusion_matrix_figure(matrix, title)
     if probabilities is not None and any(row["subtype"] is not None for row in rows):
-        written.append(save_figure(roc_figure(rows, probabilities, scores or {}), out / "roc_curves.png"))
-        written.append(save_figure(reliability_figure(rows, probabilities, calibration_bins), out / "reliability.png"))
+        figures["roc_curves.png"] = lambda: roc_figure(rows, probabilities, scores or {})
+        figures["reliability.png"] = lambda: reliability_figure(rows, probabilities, calibration_bins)
     if case_files and montage_cases > 0:
         from pancreas_mtl.evaluation.case_views import worst_cases, worst_cases_figure
 
         worst = worst_cases(rows, "lesion_dice", montage_cases)
-        written.append(save_figure(worst_cases_figure(worst, case_files, "lesion_dice"), out / "worst_cases.png"))
-    return written
+        figures["worst_cases.png"] = lambda: worst_cases_figure(worst, case_files, "lesion_dice")
+    return [save_figure(draw(), out / name) for name, draw in figures.items() if name not in skip]

@@ -10,6 +10,9 @@ about 6 s of start-up, which the predictor does not need.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,9 +22,13 @@ import torch
 import yaml
 from torch import Tensor
 
-from pancreas_mtl.inference.model_folder import MANIFEST, ExportedModel, is_model_folder, read_model_folder
+from pancreas_mtl.config import config_differences  # noqa: F401 - imported from here by module.py and others
+from pancreas_mtl.files import sha256
+from pancreas_mtl.inference.model_folder import (MANIFEST, PLAN_FILE, ExportedModel, is_model_folder,
+                                                 read_model_folder)
+from pancreas_mtl.models.factory import UntrustedConfigError
 from pancreas_mtl.models.multitask import MultiTaskNet, build_model
-from pancreas_mtl.planning.plan import Plan
+from pancreas_mtl.planning.plan import Plan, PlanError
 
 MODEL_PREFIX = "model."
 
@@ -58,11 +65,81 @@ def _load_error(path: Path, error: Exception) -> str:
 
 ENSEMBLE_FILE = "ensemble.yaml"  # written by pancreas-mtl crossval: the fold checkpoints of a sweep
 ENSEMBLE_SUFFIXES = (".yaml", ".yml")
+# version 1 was a bare 'checkpoints:' list of absolute paths: a copied sweep read the original's files
+ENSEMBLE_FORMAT = "pancreas_mtl.ensemble/2"
+
+
+def plan_sha256(plan: Plan) -> str:
+    """The SHA-256 of a plan's canonical JSON (sorted keys, no spaces): equal exactly for equal plans."""
+    canonical = json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _read_ensemble_yaml(path: Path) -> dict:
+    """The mapping of an ensemble file, read with ``yaml.safe_load`` (plain values only)."""
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.constructor.ConstructorError as error:
+        raise ValueError(f"{path}: refused, it holds a YAML tag that is not a plain value ({error.problem}); "
+                         "a python tag could build objects or run code, and an ensemble file lists plain values "
+                         "only; rerun pancreas-mtl crossval to write it again") from None
+    except yaml.YAMLError as error:
+        first_line = next((line for line in str(error).splitlines() if line.strip()), "")
+        raise ValueError(f"{path}: not valid YAML ({first_line}); expected an ensemble file written by "
+                         "pancreas-mtl crossval") from None
+    if isinstance(content, dict) and "format" not in content and "checkpoints" in content:
+        raise ValueError(f"{path}: an ensemble file of the old format (a 'checkpoints:' list without digests, "
+                         "whose absolute paths a copied sweep still reads from the original folder); rerun "
+                         "pancreas-mtl crossval multirun=<the sweep> to write it again, or pass the checkpoints "
+                         "themselves: ckpt=[a.ckpt,b.ckpt]")
+    if not isinstance(content, dict) or content.get("format") != ENSEMBLE_FORMAT:
+        found = content.get("format") if isinstance(content, dict) else type(content).__name__
+        raise ValueError(f"{path}: expected an ensemble file with format: {ENSEMBLE_FORMAT}, found {found!r}; "
+                         "rerun pancreas-mtl crossval to write it again")
+    if not isinstance(content.get("members"), list) or not content["members"] \
+            or not isinstance(content.get("plan_sha256"), str):
+        raise ValueError(f"{path}: an ensemble file gives 'plan_sha256' and a non-empty 'members' list "
+                         f"(checkpoint, sha256, fold each); found plan_sha256={content.get('plan_sha256')!r}, "
+                         f"members={content.get('members')!r}")
+    return content
+
+
+def ensemble_members(path: Path) -> list[str]:
+    """The member checkpoints of the ensemble file ``path``, each found relative to the file's folder (a
+    copied or moved sweep predicts from its own files) and checked before anything is predicted.
+
+    Raises:
+        ValueError: naming the file (and the member) for YAML with a python tag, another format (the old
+            absolute list included), a malformed member, a member missing, one whose SHA-256 differs from
+            the listed one (replaced or changed since crossval wrote the file), or one whose plan is not
+            the shared ``plan_sha256``.
+    """
+    path = path.resolve()  # its folder without symbolic links, so that a member's '..' is that folder's parent
+    content = _read_ensemble_yaml(path)
+    checkpoints = []
+    for number, member in enumerate(content["members"]):
+        if not isinstance(member, dict) or not all(isinstance(member.get(k), str) for k in ("checkpoint", "sha256")):
+            raise ValueError(f"{path}: member {number} gives 'checkpoint' (a path relative to the file's folder) "
+                             f"and 'sha256'; found {member!r}")
+        checkpoint = Path(os.path.normpath(path.parent / member["checkpoint"]))
+        which = f"member {number} (fold {member.get('fold')}) of {path}"
+        if not checkpoint.is_file():
+            raise ValueError(f"{checkpoint}: not found; it is {which}, listed as {member['checkpoint']!r} from the "
+                             "file's folder (copy the sweep with its job folders, or rerun pancreas-mtl crossval)")
+        if sha256(checkpoint) != member["sha256"]:
+            raise ValueError(f"{checkpoint}: its SHA-256 differs from the one listed for {which}: the file was "
+                             "replaced or changed after crossval wrote the ensemble; rerun pancreas-mtl crossval "
+                             "to score and ensemble the checkpoints now in the sweep")
+        if plan_sha256(read_checkpoint(checkpoint)[1]) != content["plan_sha256"]:
+            raise ValueError(f"{checkpoint}: its plan differs from the ensemble's plan_sha256 ({which}); the "
+                             "members of an ensemble share one plan; rerun pancreas-mtl crossval")
+        checkpoints.append(str(checkpoint))
+    return checkpoints
 
 
 def expand_checkpoints(paths: Sequence[str | Path]) -> list[str]:
-    """``paths`` with every ensemble file (``checkpoints: [...]``, relative paths from its folder) and every
-    folder holding ``ensemble.yaml`` replaced by the checkpoints it lists; other paths are kept as given."""
+    """``paths`` with every ensemble file and every folder holding ``ensemble.yaml`` replaced by its
+    members (``ensemble_members``: checked, relative to the file); other paths are kept as given."""
     expanded: list[str] = []
     for given in paths:
         path = Path(given).expanduser()
@@ -71,12 +148,7 @@ def expand_checkpoints(paths: Sequence[str | Path]) -> list[str]:
         if path.suffix.lower() not in ENSEMBLE_SUFFIXES or not path.is_file():
             expanded.append(str(given))
             continue
-        content = yaml.safe_load(path.read_text())
-        listed = content.get("checkpoints") if isinstance(content, dict) else None
-        if not isinstance(listed, list) or not listed:
-            raise ValueError(f"{path}: an ensemble file lists its checkpoints as 'checkpoints: [a.ckpt, ...]'; "
-                             f"found {listed!r}")
-        expanded += [str(path.parent / str(item)) for item in listed]  # an absolute item stays absolute
+        expanded += ensemble_members(path)
     return expanded
 
 
@@ -98,7 +170,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
              if key.startswith(MODEL_PREFIX)}
     if not state:
         raise ValueError(f"{path}: the checkpoint's state_dict holds no '{MODEL_PREFIX}*' weights")
-    return state, Plan.from_dict(saved["plan"]), saved["config"]
+    return state, Plan.from_dict(saved["plan"], source=f"{path} (its stored plan)"), saved["config"]
 
 
 def state_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], limit: int = 4) -> list[str]:
@@ -116,24 +188,13 @@ def state_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor], 
     return lines
 
 
-def config_differences(ours: Any, theirs: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested configs (plain containers), as
-    ``key: ours vs theirs``."""
-    if isinstance(ours, Mapping) and isinstance(theirs, Mapping):
-        lines = []
-        for key in sorted(set(ours) | set(theirs), key=str):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            lines += config_differences(ours.get(key, "<absent>"), theirs.get(key, "<absent>"), name)
-        return lines
-    if isinstance(ours, (list, tuple)) and isinstance(theirs, (list, tuple)):
-        ours, theirs = list(ours), list(theirs)
-    return [] if ours == theirs else [f"{prefix}: {ours!r} vs {theirs!r}"]
-
-
 def load_network(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MultiTaskNet, Plan, dict]:
     """The trained network (eval mode, the checkpoint's weights), its :class:`Plan` and the run config."""
     state, plan, config = read_checkpoint(path, map_location)
-    model = build_model(config["model"], plan)
+    try:
+        model = build_model(config["model"], plan)
+    except UntrustedConfigError as error:  # the config names the key; the file is known only here
+        raise UntrustedConfigError(f"{path}: {error}") from None
     mismatch = state_mismatch(model.state_dict(), state)
     if mismatch:
         raise ValueError(f"{path}: the weights do not fit the network its plan and config describe (was the file "
@@ -146,7 +207,10 @@ def load_predictable(path: str | Path) -> tuple[MultiTaskNet | ExportedModel, Pl
     """What ``predict.py ckpt=`` names: a training checkpoint (its network, in eval mode, and plan), or a
     model folder written by ``pancreas-mtl export``, recognised by its manifest (read, never built from)."""
     if is_model_folder(path):
-        exported = read_model_folder(path)
+        try:
+            exported = read_model_folder(path)
+        except PlanError as error:
+            raise error.in_file(Path(path) / PLAN_FILE) from None
         return exported, exported.plan
     network, plan, _ = load_network(path)
     return network, plan

@@ -19,26 +19,20 @@ removes the files its manifest lists, nothing else); a folder holding anything e
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
-from pancreas_mtl.data.manifest import (
-    describe_paths,
-    foreign_entries,
-    listed_files,
-    read_manifest,
-    remove_listed,
-    write_manifest,
-)
-from pancreas_mtl.files import atomic_path, load_json, save_json
+from pancreas_mtl.files import atomic_path, load_json, save_json, sha256
 from pancreas_mtl.inference.engines import (
+    INSTALL_HINT,
     EngineNetwork,
+    EngineUnavailable,
     import_engine,
     resolve_engine,
     resolve_engine_precision,
@@ -46,6 +40,16 @@ from pancreas_mtl.inference.engines import (
 from pancreas_mtl.inference.onnx_export import export_onnx, output_names
 from pancreas_mtl.models.heads import ClassificationHead, OneVsRestHead
 from pancreas_mtl.models.multitask import MultiTaskNet
+from pancreas_mtl.output_guard import (
+    changed_files,
+    describe_paths,
+    foreign_entries,
+    listed_files,
+    read_manifest,
+    refuse_reads,
+    remove_listed,
+    write_manifest,
+)
 from pancreas_mtl.planning.plan import LESION_LABEL, Plan
 
 log = logging.getLogger(__name__)
@@ -60,18 +64,10 @@ PROBABILITY_HEADS = {"ce": ClassificationHead, "bce": OneVsRestHead}
 PROBABILITY_RULES = {"ce": "softmax", "bce": "sigmoid, normalised to sum to 1"}
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_model_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a folder with a model folder's manifest (``format`` says so)."""
-    manifest = read_manifest(Path(path) / MANIFEST) if Path(path).is_dir() else None
-    return manifest is not None and manifest.get("format") == FORMAT
+    """Whether ``path`` is a folder holding a ``manifest.json``: a model folder to open with
+    :func:`read_model_folder`, which says what is wrong with a manifest it cannot read or of another format."""
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
 
 
 def class_probabilities_for(loss_kind: str | None, num_subtypes: int):
@@ -120,13 +116,84 @@ class ExportedModel:
                              compiled_cache)
 
 
+def _opened_manifest(folder: Path) -> dict:
+    """The folder's manifest; ValueError naming it when it is missing, not a JSON object, or of another format."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{folder}: not a model folder (no {MANIFEST}); pancreas-mtl export writes one") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a JSON object ({type(error).__name__}: {error}); copy or export the "
+                         "folder again") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a JSON object (found a {type(manifest).__name__}); copy or export the "
+                         "folder again")
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}: not the manifest of a "
+                         "model folder written by pancreas-mtl export")
+    return manifest
+
+
+def _leaves(folder: Path, name: str) -> str | None:
+    """How the relative POSIX path ``name`` leads out of ``folder`` (absolute, through ``..``, a link out
+    of it); None when it stays inside."""
+    pure = PurePosixPath(name)
+    if not pure.parts or pure.is_absolute() or "\\" in name:
+        return "not a relative path"
+    if ".." in pure.parts:
+        return "through '..'"
+    target = (folder / name).resolve()
+    return None if target.is_relative_to(folder.resolve()) else f"{folder / name} links to {target}"
+
+
+def _check_listed_inside(folder: Path, manifest: dict) -> None:
+    """Every file the manifest lists is a path inside the folder that stays there (no link out of it)."""
+    listed = manifest.get("files")
+    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+        raise ValueError(f"{folder / MANIFEST}: 'files' is {listed!r}, expected a list of the folder's file names; "
+                         "export the checkpoint again")
+    for name in [*listed, *manifest["sha256"]]:
+        how = _leaves(folder, name)
+        if how:
+            raise ValueError(f"{folder / MANIFEST}: lists {name!r}, a path outside the model folder ({how}); a "
+                             "model folder is read only inside itself: copy or export the folder again")
+
+
+def _check_external_data(folder: Path, digested: set[str]) -> None:
+    """Weights that model.onnx keeps in external data files must be files of the folder with a digest in the
+    manifest: listed from the graph (onnx.external_data_helper), the weights not loaded."""
+    try:
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+    except ImportError:
+        raise EngineUnavailable(f"{folder}: opening a model folder needs the onnx package: {INSTALL_HINT}") from None
+    path = folder / ONNX_FILE
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - protobuf raises its own DecodeError
+        raise ValueError(f"{path}: cannot read it as ONNX ({type(error).__name__}: {error}); export the checkpoint "
+                         "again") from None
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        how = _leaves(folder, location)
+        if how:
+            raise ValueError(f"{path}: weight {tensor.name!r} is read from external data at {location!r}, outside "
+                             f"the model folder ({how}); the folder is refused (an export keeps its weights inside "
+                             "it): export the checkpoint again")
+        if location not in digested:
+            raise ValueError(f"{path}: weight {tensor.name!r} is read from external data {location!r}, a file not "
+                             f"listed in {MANIFEST} with its SHA-256; export the checkpoint again")
+
+
 def read_model_folder(path: str | Path) -> ExportedModel:
-    """The model folder at ``path``; ValueError naming the folder and the file for a wrong format or
-    version, a missing file, or a file whose SHA-256 differs from the manifest's (a partial copy)."""
+    """The model folder at ``path``; ValueError naming the folder and the file for an unreadable manifest,
+    a wrong format or version, a missing file, a file whose SHA-256 differs from the manifest's (a partial
+    copy), or a path that leads outside the folder (a listed file, ONNX external data)."""
     folder = Path(path)
-    manifest = read_manifest(folder / MANIFEST)
-    if manifest is None or manifest.get("format") != FORMAT:
-        raise ValueError(f"{folder}: not a model folder (no {MANIFEST} with format {FORMAT!r})")
+    manifest = _opened_manifest(folder)
     if manifest.get("version") != VERSION:
         raise ValueError(f"{folder / MANIFEST}: model folder version {manifest.get('version')!r}, this code reads "
                          f"version {VERSION}; export the checkpoint again")
@@ -139,6 +206,7 @@ def read_model_folder(path: str | Path) -> ExportedModel:
     if set(manifest["sha256"]) != {ONNX_FILE, PLAN_FILE} | ({IR_FILE, IR_WEIGHTS} & set(manifest["sha256"])):
         raise ValueError(f"{folder / MANIFEST}: its digests list {sorted(manifest['sha256'])}, expected "
                          f"{ONNX_FILE}, {PLAN_FILE} and optionally {IR_FILE}/{IR_WEIGHTS}")
+    _check_listed_inside(folder, manifest)
     for name, expected in manifest["sha256"].items():
         file = folder / name
         if not file.is_file():
@@ -146,6 +214,7 @@ def read_model_folder(path: str | Path) -> ExportedModel:
         if sha256(file) != expected:
             raise ValueError(f"{file}: its SHA-256 differs from the one in {MANIFEST} (a partial copy or an "
                              "edited file); copy or export the folder again")
+    _check_external_data(folder, set(manifest["sha256"]))
     return ExportedModel(folder, manifest, Plan.from_dict(load_json(folder / PLAN_FILE)))
 
 
@@ -166,6 +235,11 @@ def _check_out(out: Path, overwrite: bool) -> list[str]:
         raise FileExistsError(f"{out}: holds {len(foreign)} file(s) or folder(s) the export did not write ({why}): "
                               f"{describe_paths(foreign)}. The export writes only into an empty or new folder or "
                               "over its own earlier export; choose another folder")
+    changed = changed_files(out, manifest.get("sha256")) if ours else []
+    if changed:
+        raise FileExistsError(f"{out}: {describe_paths(changed)} changed after the export wrote them (edited by "
+                              "hand?): they are the user's and never replaced, with or without overwrite: move them "
+                              "out, or choose another folder")
     if ours and not overwrite:
         raise FileExistsError(f"{out}: holds an earlier export (of {manifest.get('source_checkpoint')}); "
                               "overwrite=true replaces it (only the files its manifest lists)")
@@ -216,6 +290,7 @@ def export_model_folder(checkpoint: str | Path, network: MultiTaskNet, plan: Pla
     resolve_engine_precision(precision, engine)  # ValueError for bf16 with onnxruntime, before any file
     window = tuple(int(s) for s in (roi_size or plan.patch_size))
     window_shape = (int(sw_batch_size), plan.num_input_channels, *window)
+    refuse_reads(out, [checkpoint])
     earlier = _check_out(out, overwrite)
     network = network.cpu().eval()
     files = [ONNX_FILE, PLAN_FILE] + ([IR_FILE, IR_WEIGHTS] if engine == "openvino" else [])

@@ -32,8 +32,11 @@ from pancreas_mtl.inference.export import restore_original_geometry, write_mask,
 from pancreas_mtl.inference.output_folder import (
     SUBTYPE_PROBABILITIES,
     SUBTYPE_RESULTS,
+    TABLES,
+    TABLES_UNIT,
     TIMINGS,
-    case_records,
+    TIMINGS_UNIT,
+    case_files,
     finished_records,
     is_finished,
     mark_finished,
@@ -41,12 +44,11 @@ from pancreas_mtl.inference.output_folder import (
     mask_name,
     open_output_folder,
     probabilities_name,
-    record_path,
-    written_files,
 )
 from pancreas_mtl.inference.postprocessing import keep_largest_components
 from pancreas_mtl.inference.predictor import Predictor
 from pancreas_mtl.inference.sliding_window import OutOfMemoryError, release_memory
+from pancreas_mtl.output_guard import OutputFolder
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     timings: list[dict] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # files changed by hand since written: never replaced
 
     @property
     def exit_code(self) -> int:
@@ -100,30 +103,31 @@ def predict_cases(predictor: Predictor, cases: Sequence[Case], output_dir: str |
         run_info: stored in every record (checkpoints, preset, ...).
     """
     output_dir = Path(output_dir)
-    input_folders = {path.resolve().parent for case in cases for path in case.image_paths}
-    if output_dir.resolve() in input_folders:
-        raise ValueError(f"output folder {output_dir} holds input images; write predictions to a folder of their own")
     # every switch named, off unless given: a folder predicted without postprocessing has the identity of
     # predict.py's default (both off), so either may finish the other's cases
     postprocessing = {"largest_pancreas": False, "largest_lesion": False, **dict(postprocessing or {})}
     identity = {**predictor.identity(), "postprocessing": {key: bool(value) for key, value in postprocessing.items()}}
-    open_output_folder(output_dir, [case.case_id for case in cases], identity, overwrite=overwrite,
-                       save_probabilities=save_probabilities)
+    folder = open_output_folder(output_dir, [case.case_id for case in cases], identity, overwrite=overwrite,
+                                save_probabilities=save_probabilities,
+                                reads=[path for case in cases for path in case.image_paths])
     summary = RunSummary(failed=dict(problems or {}))
     for case_id, reason in summary.failed.items():
         log.error("case %s failed: %s", case_id, reason)
     todo = []
-    records = case_records(output_dir)
     for case in cases:
+        changed = [name for name in case_files(case.case_id, save_probabilities) if not folder.may_write(name)]
+        if changed:  # corrected by hand: the user's now (the guard warned, naming the file)
+            summary.skipped.append(case.case_id)
+            summary.kept.extend(changed)
+            continue
         if not overwrite and is_finished(output_dir, case.case_id, save_probabilities):
             summary.skipped.append(case.case_id)
             continue
         # redone from scratch: a failure now must not leave an earlier run's files looking current; only
-        # files this tool's record lists are removed (open_output_folder refused anything else)
-        if case.case_id in records:
-            for path in (*written_files(output_dir, case.case_id, records[case.case_id]),
-                         record_path(output_dir, case.case_id)):
-                path.unlink(missing_ok=True)
+        # files this tool's record lists, unchanged, are removed (open_output_folder refused anything else)
+        if folder.remove_unit(case.case_id):
+            summary.skipped.append(case.case_id)
+            continue
         todo.append(case)
     if summary.skipped:
         log.info("%d case(s) finished earlier, skipped (overwrite=true redoes them)", len(summary.skipped))
@@ -140,7 +144,7 @@ def predict_cases(predictor: Predictor, cases: Sequence[Case], output_dir: str |
             bar.set_postfix_str(case.case_id)
             try:
                 loaded = current.result() if current is not None else _load(predictor, case)
-                timing = _predict_one(predictor, loaded, output_dir, save_probabilities, postprocessing,
+                timing = _predict_one(predictor, loaded, folder, save_probabilities, postprocessing,
                                       dict(run_info or {}))
                 summary.predicted.append(case.case_id)
                 summary.timings.append(timing)
@@ -153,9 +157,8 @@ def predict_cases(predictor: Predictor, cases: Sequence[Case], output_dir: str |
         bar.close()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-    write_tables(output_dir)
+    _write_run_tables(folder, summary)
     if summary.timings:
-        write_timings(output_dir / TIMINGS, summary.timings)
         log.info("per-case timings (s):\n%s", format_timings(summary.timings))
     log.info("%d predicted, %d skipped, %d failed -> %s", len(summary.predicted), len(summary.skipped),
              len(summary.failed), output_dir)
@@ -164,12 +167,12 @@ def predict_cases(predictor: Predictor, cases: Sequence[Case], output_dir: str |
     return summary
 
 
-def _predict_one(predictor: Predictor, loaded: _Loaded, output_dir: Path, save_probabilities: bool,
+def _predict_one(predictor: Predictor, loaded: _Loaded, folder: OutputFolder, save_probabilities: bool,
                  postprocessing: dict, run_info: dict) -> dict:
     seconds = dict(loaded.seconds)
     case_id = loaded.case.case_id
     start = time.perf_counter()
-    prediction = predictor.predict_preprocessed(loaded.preprocessed.image)
+    prediction = predictor.predict_preprocessed(loaded.preprocessed.image, case_id=case_id)
     predictor.synchronize()
     network_done = time.perf_counter()
     # nnunet_compat: nnU-Net resamples the logits; otherwise the probabilities are (export.py)
@@ -193,8 +196,9 @@ def _predict_one(predictor: Predictor, loaded: _Loaded, output_dir: Path, save_p
                                          lesion_label=predictor.lesion_channel)
     export_done = time.perf_counter()
     subtypes = None if prediction.subtype_probabilities is None else prediction.subtype_probabilities.tolist()
-    files = [mask_name(case_id)] + ([probabilities_name(case_id)] if save_probabilities else [])
-    mark_writing(output_dir, case_id, files)
+    output_dir = folder.path
+    files = case_files(case_id, save_probabilities)
+    mark_writing(folder, case_id, files)
     write_mask(labels, loaded.affine, output_dir / mask_name(case_id), loaded.case.image_paths[0])
     if save_probabilities:
         write_probabilities(output_dir / probabilities_name(case_id), probabilities, subtypes)
@@ -216,7 +220,7 @@ def _predict_one(predictor: Predictor, loaded: _Loaded, output_dir: Path, save_p
         **prediction.info,
         **run_info,
     }
-    mark_finished(output_dir, record)  # last: the case is finished once this exists
+    mark_finished(folder, record)  # last: the case is finished once this exists
     return {"case_id": case_id, **seconds, "windows": prediction.windows,
             "shape_zyx": "x".join(map(str, labels.shape))}
 
@@ -226,16 +230,40 @@ def read_records(output_dir: str | Path) -> list[dict]:
     return finished_records(output_dir)
 
 
-def write_tables(output_dir: str | Path) -> None:
+def write_tables(folder: OutputFolder) -> list[str]:
     """``subtype_results.csv`` (``Names,Subtype``) and ``subtype_probabilities.csv`` (``Names,p0,p1,...``)
-    from the records, sorted by name; not written when no case has subtype probabilities."""
-    records = [r for r in read_records(output_dir) if r.get("subtype_probabilities")]
-    if not records:
-        return
-    num_subtypes = len(records[0]["subtype_probabilities"])
-    write_csv(Path(output_dir) / SUBTYPE_RESULTS, ["Names", "Subtype"], [[r["mask"], r["subtype"]] for r in records])
-    write_csv(Path(output_dir) / SUBTYPE_PROBABILITIES, ["Names", *(f"p{k}" for k in range(num_subtypes))],
-              [[r["mask"], *(f"{p:.6f}" for p in r["subtype_probabilities"])] for r in records])
+    from the records, sorted by name; not written when no case has subtype probabilities, nor where the user
+    changed them by hand. Under the folder's lock: parallel runs into one folder each rebuild them whole."""
+    with folder.lock():
+        records = [r for r in read_records(folder.path) if r.get("subtype_probabilities")]
+        if not records:
+            return []
+        num_subtypes = len(records[0]["subtype_probabilities"])
+        tables = {SUBTYPE_RESULTS: (["Names", "Subtype"], [[r["mask"], r["subtype"]] for r in records]),
+                  SUBTYPE_PROBABILITIES: (["Names", *(f"p{k}" for k in range(num_subtypes))],
+                                          [[r["mask"], *(f"{p:.6f}" for p in r["subtype_probabilities"])]
+                                           for r in records])}
+        for name in folder.changed(TABLES):
+            folder.keep(name)
+        written = [name for name in TABLES if folder.may_write(name)]
+        for name in written:
+            write_csv(folder.path / name, *tables[name])
+        folder.record(TABLES_UNIT, written)
+    return written
+
+
+def _write_run_tables(folder: OutputFolder, summary: RunSummary) -> None:
+    """The tables, and this run's timings; a failure to write them (a full disk) fails no case already
+    written: it is logged and counted among the failures, and a rerun writes them."""
+    try:
+        write_tables(folder)
+        if summary.timings and folder.may_write(TIMINGS) and not folder.changed([TIMINGS]):
+            write_timings(folder.path / TIMINGS, summary.timings)
+            folder.record(TIMINGS_UNIT, [TIMINGS])
+    except OSError as error:
+        reason = f"{type(error).__name__}: {error.strerror or error}"
+        summary.failed["(tables)"] = f"could not write the tables in {folder.path}: {reason}; rerun to write them"
+        log.error("could not write the tables in %s: %s", folder.path, reason)
 
 
 def write_timings(path: Path, timings: Sequence[dict]) -> None:

@@ -19,15 +19,17 @@ import numpy as np
 from pancreas_mtl.config import config_dir
 from pancreas_mtl.data.io import write_nifti
 from pancreas_mtl.data.layout import DEFAULT_LABELS, image_file_name
-from pancreas_mtl.data.manifest import (
+from pancreas_mtl.files import atomic_path
+from pancreas_mtl.output_guard import (
+    changed_files,
     describe_paths,
+    file_digests,
     foreign_entries,
     listed_files,
     read_manifest,
     remove_listed,
     write_manifest,
 )
-from pancreas_mtl.files import atomic_path
 from pancreas_mtl.synthetic.anatomy import (
     HU_MAX,
     HU_MIN,
@@ -375,6 +377,11 @@ def generate_dataset(root: str | Path, config: SyntheticConfig, *, overwrite: bo
             write_manifest(marker_path, {**expected, "complete": True, "files": listed})
         return root
     _refuse_foreign(root, foreign, listed is not None)
+    changed = changed_files(root, found.get("sha256") if found else None)
+    if changed:
+        raise FileExistsError(f"{root}: {describe_paths(changed)} changed after the generator wrote them (edited "
+                              "by hand?): they are the user's and never replaced, with or without overwrite: move "
+                              "them out, or choose another folder.")
     stale = found is not None and found.get("generator_version", 0) < GENERATOR_VERSION
     if found is not None and not same and not stale and not overwrite:
         found_config = found.get("config", {})
@@ -399,5 +406,5 @@ def generate_dataset(root: str | Path, config: SyntheticConfig, *, overwrite: bo
         tmp.write_text(json.dumps({c.case_id: c.subtype for c in test}, indent=1))
     with atomic_path(root / TEST_LABELS_DIR / "subtype_reference.csv") as tmp:
         tmp.write_text("Names,Subtype\n" + "".join(f"{c.case_id}.nii.gz,{c.subtype}\n" for c in test))
-    write_manifest(marker_path, {**expected, "complete": True, "files": files})
+    write_manifest(marker_path, {**expected, "complete": True, "files": files, "sha256": file_digests(root, files)})
     return root
