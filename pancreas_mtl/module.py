@@ -220,18 +220,19 @@ class MultiTaskModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._predictor = None  # a fresh predictor each epoch: no out-of-memory fallback carried over
 
-    def predict_case(self, image: Tensor) -> Prediction:
+    def predict_case(self, image: Tensor, case_id: str | None = None) -> Prediction:
         """(1, C, Z, Y, X) preprocessed case -> :class:`Prediction`: probabilities (K, Z, Y, X) on the plan's
         grid and subtype probabilities (K_subtypes,) or None, by ``predict.py``'s predictor with the
-        ``validation`` settings (under the Trainer's autocast, if any)."""
+        ``validation`` settings (under the Trainer's autocast, if any; its window cap too, naming
+        ``case_id``)."""
         if self._predictor is None or self._predictor.device != image.device:
             self._predictor = Predictor([self.model], self.plan, self.validation, device=image.device,
                                         precision="fp32", tf32=False, channels_last=self.hparams.channels_last)
-        return self._predictor.predict_preprocessed(image[0])
+        return self._predictor.predict_preprocessed(image[0], case_id)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         split = batch.get("split", "val")
-        prediction = self.predict_case(batch["image"])
+        prediction = self.predict_case(batch["image"], batch["case_id"][0])
         probabilities = prediction.subtype_probabilities
         pred = prediction.probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy()  # (Z, Y, X)
         true = batch["label"][0, 0].cpu().numpy()                                     # (Z, Y, X)
