@@ -21,6 +21,7 @@ from pancreas_mtl.inference.checkpoint import expand_checkpoints
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.runner import RunSummary, predict_cases
 from pancreas_mtl.inference.sources import find_cases
+from pancreas_mtl.refusals import one_line_refusals
 
 log = logging.getLogger("predict")
 
@@ -44,7 +45,8 @@ def predict(cfg: DictConfig) -> RunSummary:
     predictor = Predictor.from_checkpoints(checkpoints, settings, device=cfg.device, precision=cfg.precision,
                                            tf32=cfg.tf32, channels_last=cfg.channels_last,
                                            limits=InputLimits.from_config(cfg.limits),
-                                           engine_cache=cfg.get("engine_cache"), num_threads=threads)
+                                           engine_cache=cfg.get("engine_cache"), num_threads=threads,
+                                           progress=cfg.progress)
     splits = _as_list(cfg.get("input_splits")) or None
     cases, problems = find_cases(_as_list(cfg.input), splits)
     log.info("%d case(s) to predict with %d network(s) on %s (%s), preset %s (overlap %g, mirror axes %s%s)",
@@ -77,6 +79,7 @@ def log_to_wandb(cfg: DictConfig, summary: RunSummary, checkpoints: list[str], p
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pancreas_mtl.conf", config_name="predict")
+@one_line_refusals  # a refused file or key: "error: ..." and exit 1 (2 for usage), not a traceback
 def main(cfg: DictConfig) -> None:
     summary = predict(cfg)
     if summary.exit_code:

@@ -8,10 +8,12 @@ folder (Hydra's output dir) keeps the resolved config, the plan, the fingerprint
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import shutil
 import signal
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import hydra
@@ -23,14 +25,17 @@ from omegaconf import DictConfig, OmegaConf
 from pancreas_mtl.checkpointing import AtomicCheckpointIO
 from pancreas_mtl.dataset.datamodule import PancreasDataModule
 from pancreas_mtl.dataset.prepare import prepare_dataset, prepare_shard
+from pancreas_mtl.dataset.settings import data_settings
 from pancreas_mtl.devices import set_tf32
 from pancreas_mtl.files import save_json
-from pancreas_mtl.inference.checkpoint import read_checkpoint
+from pancreas_mtl.inference.checkpoint import config_differences, read_checkpoint
 from pancreas_mtl.logging_utils import build_loggers
 from pancreas_mtl.module import build_module
 from pancreas_mtl.planning.planner import describe_plan
+from pancreas_mtl.refusals import one_line_refusals
 from pancreas_mtl.run_info import write_run_info
 from pancreas_mtl.tracking import training_runs
+from pancreas_mtl.validation_schedule import validation_problem
 
 log = logging.getLogger("train")
 
@@ -93,6 +98,42 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: str | Path) -> str | None:
     return str(newest)
 
 
+def resume_changes(stored: Mapping, current: Mapping, ignore: Sequence[str]) -> list[str]:
+    """The settings that differ between a checkpoint's run config and this run's, as ``key: the checkpoint's
+    vs this run's``, less the keys matching a ``resume.ignore`` pattern (and the keys below them)."""
+    def ignored(key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, pattern) or fnmatch.fnmatchcase(key, f"{pattern}.*")
+                   for pattern in ignore)
+
+    return [line for line in config_differences(stored, current) if not ignored(line.split(": ", 1)[0])]
+
+
+def check_resume_settings(cfg: DictConfig, ckpt_path: str, stored: Mapping, shown: int = 20) -> None:
+    """Refuse to resume in this run folder from its checkpoint when that was trained with other settings,
+    naming the keys that differ, unless ``resume.allow_changes`` (then a warning names them). A checkpoint
+    from another folder starts this one, whose .hydra/config.yaml records its settings: not compared."""
+    if not Path(ckpt_path).resolve().is_relative_to(Path(cfg.paths.output_dir).resolve()):
+        return
+    resume = cfg.get("resume") or {}
+    current = OmegaConf.to_container(cfg, resolve=True)
+    changes = resume_changes(stored, current, list(resume.get("ignore") or []))
+    if not changes:
+        return
+    more = f"\n  ... and {len(changes) - shown} more" if len(changes) > shown else ""
+    listed = "\n  ".join(changes[:shown]) + more
+    if resume.get("allow_changes"):
+        log.warning("resume.allow_changes=true: resuming %s with other settings than it was trained with "
+                    "(optimizer and lr-schedule state stay the checkpoint's); checkpoint vs this run:\n  %s",
+                    ckpt_path, listed)
+        return
+    raise ValueError(
+        f"{ckpt_path}: this run folder's checkpoint was trained with other settings than this run's, and "
+        f"resuming would train one run under two configs; checkpoint vs this run:\n  {listed}\n"
+        "Resume with the checkpoint's values, start a new run folder (without hydra.run.dir or "
+        "hydra.sweep.dir), or pass resume.allow_changes=true to resume with this run's (keys that may differ "
+        "on a resume: resume.ignore in conf/train.yaml)")
+
+
 def cluster_plugins(slurm_cfg: DictConfig | None) -> list:
     """Lightning's SLURM environment with ``slurm.auto_requeue`` on ``slurm.requeue_signal`` when this
     process is a SLURM task; none elsewhere, and none under torchrun (its own environment then applies)."""
@@ -109,6 +150,7 @@ def cluster_plugins(slurm_cfg: DictConfig | None) -> list:
 
 def train(cfg: DictConfig) -> float | None:
     """The whole run for a composed config; returns the best ``cfg.optimized_metric`` (None if not logged)."""
+    check_settings(cfg)  # before the run writes anything: a refused run leaves no run folder
     L.seed_everything(cfg.seed, workers=True)
     log.info("run folder %s", cfg.paths.output_dir)
     if is_first_process():  # DDP: run files from rank 0 only
@@ -119,6 +161,10 @@ def train(cfg: DictConfig) -> float | None:
                              "add prepare_only=true, or leave data.shard unset")
         prepare_shard(cfg.data, cfg.planning, progress=cfg.data.progress)
         return None
+    # before the dataset is prepared, so a checkpoint refused here costs no preprocessing
+    ckpt_path = None if cfg.prepare_only else resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    if ckpt_path:  # a truncated or foreign file, or one carrying code, fails here with its path
+        check_resume_settings(cfg, ckpt_path, read_checkpoint(ckpt_path)[2])
     datamodule = prepare(cfg)
     if cfg.prepare_only:
         check_one_batch(datamodule)
@@ -126,9 +172,6 @@ def train(cfg: DictConfig) -> float | None:
         return None
     datamodule.setup("fit")
     module = build_module(cfg, datamodule.plan, datamodule.subtype_counts())
-    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
-    if ckpt_path:
-        read_checkpoint(ckpt_path)  # a truncated or foreign file, or one carrying code, fails here with its path
     resumed_run = next(iter(training_runs([ckpt_path])), None) if ckpt_path else None  # W&B continues its run
     loggers = build_loggers(cfg.get("logger"), cfg.paths.output_dir, config=OmegaConf.to_container(cfg, resolve=True),
                             resumed_run=resumed_run)
@@ -148,6 +191,21 @@ def train(cfg: DictConfig) -> float | None:
     return metric
 
 
+# --- settings checked before anything is written (tune.py checks each trial's the same way) ---
+def check_settings(cfg: DictConfig, need_validation: bool = False) -> None:
+    """ValueError naming a ``data`` count out of range; for a run that would never validate (no
+    ``optimized_metric``, no best checkpoint) a warning at the start, or ValueError if ``need_validation``."""
+    data_settings(cfg.data)
+    if cfg.prepare_only:
+        return  # trains nothing, validates nothing
+    problem = validation_problem(cfg.trainer, cfg.data.iterations_per_epoch)
+    if problem and need_validation:
+        raise ValueError(problem)
+    if problem:
+        log.warning("%s; this run will report no %s and save no best checkpoint", problem, cfg.optimized_metric)
+# --- end settings checks ---
+
+
 # --- best metric of the run (tune.py optimises it) ---
 def best_metric(trainer: L.Trainer, name: str) -> float | None:
     """The best ``name`` of the run, as the ModelCheckpoint monitoring it scored it (its ``mode``);
@@ -161,6 +219,7 @@ def best_metric(trainer: L.Trainer, name: str) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://pancreas_mtl.conf", config_name="train")
+@one_line_refusals  # a refused file or key: "error: ..." and exit 1 (2 for usage), not a traceback
 def main(cfg: DictConfig) -> float | None:
     return train(cfg)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -31,6 +32,7 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pancreas_mtl import refusals
 from pancreas_mtl.config import config_dir
 from pancreas_mtl.files import save_json
 
@@ -72,12 +74,24 @@ def check_search_space(cfg: DictConfig, overrides: list[str]) -> dict:
                             f"choices}}, found {spec}")
         if key in given:
             raise TuneError(f"{key} is searched (tune.params) and also set on the command line; drop one")
-        first = spec["choices"][0] if kind == "categorical" else spec["low"]
-        try:  # an unknown key or group option fails now, with Hydra's message, not in trial 0
-            compose_tune([*overrides, f"{key}={first}"])
-        except Exception as error:
-            raise TuneError(f"tune.params.{key}={first} does not compose with conf/train.yaml: {error}") from error
+        for value in spec["choices"] if kind == "categorical" else (spec["low"], spec["high"]):
+            try:  # an unknown key or group option fails now, with Hydra's message, not in trial 0
+                trial_cfg = compose_tune([*overrides, f"{key}={value}"])
+            except Exception as error:
+                raise TuneError(f"tune.params.{key}={value} does not compose with conf/train.yaml: {error}") from error
+            try:  # and a value no trial could train with (data.batch_size=0, too few steps to validate)
+                check_trial_settings(trial_cfg)
+            except ValueError as error:
+                raise TuneError(f"tune.params.{key}={value}: {error}") from None
     return params
+
+
+def check_trial_settings(cfg: DictConfig) -> None:
+    """train.py's checks of a run's settings, where a run that never validates is an error: a trial
+    returns the best validation ``optimized_metric``."""
+    from train import check_settings
+
+    check_settings(cfg, need_validation=True)
 
 
 def check_one_device(cfg: DictConfig) -> None:
@@ -135,6 +149,7 @@ def trial_config(overrides: list[str], values: dict, run_dir: Path) -> DictConfi
     resuming from the folder's newest checkpoint if there is one (a retried trial)."""
     sampled = [f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items()]
     cfg = compose_tune([*overrides, *sampled])
+    check_trial_settings(cfg)  # before the trial's folder is written
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
         # last.ckpt, or hpc_ckpt_N.ckpt that Lightning writes on SLURM's requeue signal: the newest
@@ -217,6 +232,40 @@ def claim_study_dir(study_dir: Path, cfg: DictConfig) -> None:
         save_json({"study_name": cfg.tune.study_name, "storage": str(cfg.tune.storage)}, marker)
 
 
+FIXED_OVERRIDES = "fixed_overrides"  # the study's user attribute: {key: override} of the worker that created it
+
+
+def fixed_overrides(overrides: list[str], worker_overrides) -> dict[str, str]:
+    """{key: override as given} of the command line's overrides that every trial of the study shares: all
+    but ``tune.worker_overrides`` (and the keys below them), which may differ between workers."""
+    worker_keys = [str(key) for key in worker_overrides or []]
+    fixed = {}
+    for override in overrides:
+        key = override.split("=", 1)[0].strip().lstrip("+~")
+        if not any(key == worker_key or key.startswith(f"{worker_key}.") for worker_key in worker_keys):
+            fixed[key] = override.strip()  # a key given twice: the later one applies, as in Hydra
+    return fixed
+
+
+def check_fixed_overrides(study, fixed: dict[str, str], cfg: DictConfig) -> None:
+    """Record ``fixed`` with a new study; refuse to join a study recorded with other fixed overrides,
+    listing each that differs."""
+    recorded = study.user_attrs.get(FIXED_OVERRIDES)
+    if recorded is None and study.get_trials(deepcopy=False):
+        log.warning("study %s records no fixed overrides (created by an earlier tune.py): this worker's are "
+                    "not compared with those of its trials", study.study_name)
+        return
+    if recorded is None:
+        study.set_user_attr(FIXED_OVERRIDES, fixed)
+        recorded = study.user_attrs[FIXED_OVERRIDES]  # two workers creating it at once: the one that wrote last
+    differences = [f"{recorded.get(key, f'no {key}')} (study) vs {fixed.get(key, f'no {key}')} (this worker)"
+                   for key in sorted(set(recorded) | set(fixed)) if recorded.get(key) != fixed.get(key)]
+    if differences:
+        raise TuneError(f"study {study.study_name} in {cfg.tune.storage} was created with other overrides: "
+                        f"{'; '.join(differences)}; start this worker with the study's overrides (tune."
+                        "worker_overrides may differ), or choose another tune.study_name")
+
+
 def count(study, *states: str) -> int:
     return sum(trial.state.name in states for trial in study.get_trials(deepcopy=False))
 
@@ -232,6 +281,10 @@ def run_study(overrides: list[str]) -> dict:
     taken_states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
     cfg = compose_tune(overrides)
+    try:
+        check_trial_settings(cfg)
+    except ValueError as error:
+        raise TuneError(str(error)) from None
     params = check_search_space(cfg, overrides)
     check_one_device(cfg)
     check_objective(cfg)
@@ -241,8 +294,10 @@ def run_study(overrides: list[str]) -> dict:
     study = optuna.create_study(study_name=cfg.tune.study_name, storage=storage, load_if_exists=True,
                                 direction=cfg.tune.direction, sampler=instantiate(cfg.tune.sampler),
                                 pruner=instantiate(cfg.tune.pruner))
+    check_fixed_overrides(study, fixed_overrides(overrides, cfg.tune.worker_overrides), cfg)
     log.info("study %s in %s: %d of %d trials finished", cfg.tune.study_name, cfg.tune.storage,
              count(study, *FINISHED), cfg.tune.n_trials)
+    refused: list[TuneError] = []  # a trial whose sampled settings no run can train with
 
     def objective(trial) -> float:
         taken = sorted(t.number for t in study.get_trials(deepcopy=False, states=taken_states))
@@ -250,7 +305,12 @@ def run_study(overrides: list[str]) -> dict:
             raise SurplusTrial(f"trial {trial.number}: another worker took the study's last trial")
         values = suggest(trial, params)
         run_dir = retried_folder(trial, study_dir) or trial_folder(study_dir, trial.number, values)
-        run_cfg = trial_config(overrides, values, run_dir)
+        try:
+            run_cfg = trial_config(overrides, values, run_dir)
+        except ValueError as error:  # checked before training: the trial fails untrained, the worker stops
+            refused.append(TuneError(f"trial {trial.number} {values}: {error}"))
+            trial.set_user_attr("refused", str(error))
+            return float("nan")  # Optuna fails a trial whose value is NaN (no traceback of our own making)
         log.info("trial %d: %s -> %s%s", trial.number, values, run_dir,
                  f", resuming from {run_cfg.ckpt_path}" if run_cfg.ckpt_path else "")
         with running(trial, run_dir / "train.log"):
@@ -272,6 +332,8 @@ def run_study(overrides: list[str]) -> dict:
             waited = True
             continue
         study.optimize(objective, n_trials=1, gc_after_trial=True, catch=(SurplusTrial,))
+        if refused:
+            raise refused[0]
         ran += 1
     return summarise(study, study_dir)
 
@@ -310,9 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run_study(overrides)
-    except (TuneError, HydraException) as error:  # a wrong setting: its message, without a traceback
-        print(f"tune.py: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:
+        # a wrong study setting (exit 2) or a refused file or value (exit 1): one line, without a traceback
+        usage = (TuneError, HydraException)
+        if not refusals.is_refusal(error, usage) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        return refusals.report(error, usage)
     return 0
 
 

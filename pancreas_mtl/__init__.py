@@ -15,9 +15,26 @@ def cpu_precision() -> str:
     return "bf16-mixed" if flags & {"avx512_bf16", "amx_bf16"} else "32-true"
 
 
+def config_part_subdir(run_dir: str) -> str:
+    """Where Hydra saves this start's config in the run folder ``run_dir`` (``hydra.output_subdir`` of
+    conf/train.yaml): ``.hydra`` for the first, ``.hydra/resume-<N>`` (N = 1, 2, ...) for each later start
+    in the same folder (a resume, a requeued job), so the first part's ``.hydra/config.yaml`` is never
+    replaced."""
+    from pathlib import Path
+
+    hydra_dir = Path(run_dir) / ".hydra"
+    if not (hydra_dir / "config.yaml").is_file():
+        return ".hydra"
+    numbers = [int(path.name[len("resume-"):]) for path in hydra_dir.glob("resume-*")
+               if path.name[len("resume-"):].isdigit()]
+    return f".hydra/resume-{max(numbers, default=0) + 1}"
+
+
 def _register_resolvers() -> None:
     """``${cwd:}``: the launch directory, resolvable before Hydra sets its runtime config (sweepers
-    need it); ``${cpu_precision:}``: see :func:`cpu_precision`."""
+    need it); ``${cpu_precision:}``: see :func:`cpu_precision`; ``${config_part_subdir:<run folder>}``:
+    see :func:`config_part_subdir` (cached: every read in one start names the same folder, though the
+    config written there changes the answer)."""
     import os
 
     from omegaconf import OmegaConf
@@ -26,6 +43,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("cwd", os.getcwd)
     if not OmegaConf.has_resolver("cpu_precision"):
         OmegaConf.register_new_resolver("cpu_precision", cpu_precision, use_cache=True)
+    if not OmegaConf.has_resolver("config_part_subdir"):
+        OmegaConf.register_new_resolver("config_part_subdir", config_part_subdir, use_cache=True)
 
 
 _register_resolvers()

@@ -150,7 +150,28 @@ def data_settings(cfg: DataSettings | Mapping | None) -> DataSettings:
     base = OmegaConf.load(config_dir() / "data" / "folder.yaml")
     base.pop("defaults", None)
     base.limits = OmegaConf.load(config_dir() / "limits" / "default.yaml")
-    return _checked(DataSettings, config_dir() / "data" / "folder.yaml", None, cfg, "data", base=base)
+    settings = _checked(DataSettings, config_dir() / "data" / "folder.yaml", None, cfg, "data", base=base)
+    _check_counts(settings)
+    return settings
+
+
+# (key, smallest value, what it counts): counts that a wrong sign or a zero would only break much later,
+# e.g. data.batch_size=-1 as "samples_per_epoch must be positive, got -2" in the patch sampler
+COUNTS = (("batch_size", 1, "patches per training step; null: the plan's"),
+          ("iterations_per_epoch", 1, "optimizer steps per epoch"),
+          ("num_workers", 0, "DataLoader worker processes; 0: none"),
+          ("preprocessing_workers", 0, "preprocessing processes; 0: none"),
+          ("prefetch_factor", 1, "batches each worker loads ahead"),
+          ("fingerprint_samples_per_case", 1, "foreground voxels sampled per case"))
+
+
+def _check_counts(settings: DataSettings) -> None:
+    """ValueError naming every ``data`` count below its smallest sensible value, with what it counts."""
+    wrong = [f"data.{key}={getattr(settings, key)} ({meaning}): expected a whole number >= {smallest}"
+             for key, smallest, meaning in COUNTS
+             if getattr(settings, key) is not None and getattr(settings, key) < smallest]
+    if wrong:
+        raise ValueError("; ".join(wrong) + f" (values in {config_dir() / 'data' / 'folder.yaml'})")
 
 
 def augmentation_settings(cfg: AugmentationSettings | Mapping | None = None) -> AugmentationSettings:

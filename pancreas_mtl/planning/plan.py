@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 from pancreas_mtl.data.layout import DEFAULT_LABELS
 from pancreas_mtl.planning import anisotropy
@@ -69,6 +71,20 @@ class Fingerprint:
         data["subtype_counts"] = {int(k): int(v) for k, v in data["subtype_counts"].items()}
         data["channel_names"] = {int(k): v for k, v in data.get("channel_names", {0: "CT"}).items()}
         return cls(**data)
+
+
+class PlanError(ValueError):
+    """A plan field that does not hold the plain value it should: names the file (when known) and the field."""
+
+    def __init__(self, field_name: str, message: str, source: str | Path | None = None):
+        self.field_name, self.message, self.source = field_name, message, source
+        where = [str(source)] if source else []
+        where.append(f"plan field {field_name}" if field_name else "plan")
+        super().__init__(f"{': '.join(where)}: {message}")
+
+    def in_file(self, source: str | Path) -> "PlanError":
+        """The same error, now naming the file the plan was read from (unless it names one already)."""
+        return self if self.source else PlanError(self.field_name, self.message, source)
 
 
 @dataclass
@@ -140,19 +156,19 @@ class Plan:
         return {**asdict(self), "anisotropic_axis": self.anisotropic_axis}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        for key in ("target_spacing",):
-            data[key] = tuple(float(v) for v in data[key])
-        if "anisotropy_threshold" in data:  # absent from plans written before it was a plan value: the default
-            data["anisotropy_threshold"] = float(data["anisotropy_threshold"])
-        for key in ("median_shape", "patch_size"):
-            data[key] = tuple(int(v) for v in data[key])
-        for key in ("kernel_sizes", "strides"):
-            data[key] = [tuple(int(v) for v in entry) for entry in data[key]]
-        data["normalization"] = [ChannelNormalization(**n) for n in data["normalization"]]
-        return cls(**data)
+    def from_dict(cls, data: dict, source: str | Path | None = None) -> "Plan":
+        """The plan ``to_dict`` wrote (plan.json, a checkpoint's plan). Every field must be the plain value
+        it holds; anything else (a Hydra ``_target_`` node, a mapping where a number belongs) is a
+        PlanError naming ``source`` (the file it was read from, when the caller knows it) and the field."""
+        if not isinstance(data, dict):
+            raise PlanError("", f"expected a plan (a mapping of its fields), found {_describe(data)}", source)
+        known = {f.name: f for f in fields(cls)}
+        missing = [name for name, f in known.items()
+                   if name not in data and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise PlanError("", f"lacks the field(s) {missing}", source)
+        # absent from plans written before it was a plan value: anisotropy_threshold keeps the default
+        return cls(**{name: _read_field(name, data[name], source) for name in known if name in data})
 
     def preprocessing_key(self) -> str:
         """Short hash of what the preprocessed voxels depend on (spacing, separate-axis threshold,
@@ -165,3 +181,75 @@ class Plan:
             # hashed only when not nnU-Net's default, so caches built before it was a plan value stay valid
             relevant["anisotropy_threshold"] = self.anisotropy_threshold
         return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# --- reading a stored plan: each field as the plain value it holds ---------------------------------------
+
+DIRECTIVE = " (a Hydra directive: a plan holds plain values only)"
+
+
+def _is_directive(key: Any) -> bool:
+    return str(key).startswith("_") and str(key).endswith("_")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict) and any(_is_directive(key) for key in value):
+        return f"a mapping with {', '.join(sorted(str(k) for k in value if _is_directive(k)))}{DIRECTIVE}"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"
+
+
+def _number(value: Any, kind: type, where: str, source: str | Path | None) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PlanError(where, f"expected a number, found {_describe(value)}", source)
+    return kind(value)
+
+
+def _numbers(value: Any, kind: type, where: str, source: str | Path | None, length: int | None = None) -> list:
+    if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+        expected = f"a list of {length} numbers" if length else "a list of numbers"
+        raise PlanError(where, f"expected {expected}, found {_describe(value)}", source)
+    return [_number(v, kind, f"{where}[{i}]", source) for i, v in enumerate(value)]
+
+
+def _entries(value: Any, where: str, source: str | Path | None) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise PlanError(where, f"expected a list, found {_describe(value)}", source)
+    return list(value)
+
+
+def _normalization(value: Any, where: str, source: str | Path | None) -> ChannelNormalization:
+    names = [f.name for f in fields(ChannelNormalization)]
+    if not isinstance(value, dict):
+        raise PlanError(where, f"expected a mapping of {names}, found {_describe(value)}", source)
+    unexpected = sorted(str(key) for key in value if key not in names)
+    if unexpected:
+        why = DIRECTIVE if any(_is_directive(key) for key in unexpected) else ""
+        raise PlanError(where, f"unexpected key(s) {unexpected}{why}; expected {names}", source)
+    if not isinstance(value.get("scheme"), str):
+        raise PlanError(f"{where}.scheme", f"expected a string, found {_describe(value.get('scheme'))}", source)
+    numbers = {key: None if value.get(key) is None else _number(value[key], float, f"{where}.{key}", source)
+               for key in names if key != "scheme"}
+    return ChannelNormalization(value["scheme"], **numbers)
+
+
+def _read_field(name: str, value: Any, source: str | Path | None) -> Any:
+    """Field ``name`` of a stored plan as the type ``Plan`` holds; PlanError for anything else."""
+    if name in ("target_spacing", "median_shape", "patch_size"):
+        return tuple(_numbers(value, float if name == "target_spacing" else int, name, source, length=3))
+    if name in ("kernel_sizes", "strides"):
+        return [tuple(_numbers(entry, int, f"{name}[{i}]", source, length=3))
+                for i, entry in enumerate(_entries(value, name, source))]
+    if name in ("features_per_stage", "n_blocks_per_stage", "n_conv_per_stage_decoder"):
+        return _numbers(value, int, name, source)
+    if name == "normalization":
+        return [_normalization(entry, f"{name}[{i}]", source) for i, entry in enumerate(_entries(value, name, source))]
+    if name == "labels":
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise PlanError(name, f"expected a mapping of label names to values, found {_describe(value)}", source)
+        return {key: _number(v, int, f"{name}.{key}", source) for key, v in value.items()}
+    if name == "preset":
+        if not isinstance(value, str):
+            raise PlanError(name, f"expected a string, found {_describe(value)}", source)
+        return value
+    return _number(value, float if name == "anisotropy_threshold" else int, name, source)
