@@ -35,12 +35,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pancreas_mtl import refusals
 from pancreas_mtl.config import config_dir
 from pancreas_mtl.files import save_json
+from pancreas_mtl.output_guard import RECORDS_DIR, OutputFolder, OutputFolderError, read_manifest
 
 # Trial configs name their pruning callback ``tune.pruning_callback``: the same module when run as a script.
 sys.modules.setdefault("tune", sys.modules[__name__])
 
 log = logging.getLogger("tune")
 FINISHED = ("COMPLETE", "PRUNED")
+STUDY_FILE, BEST_FILE = "study.json", "best.json"  # in tune.study_dir, beside the trials' run folders
 _current_trial = None  # the trial train() is running; a Trial object cannot travel through a YAML config
 
 
@@ -218,18 +220,27 @@ def open_storage(cfg: DictConfig):
         raise TuneError(f"tune.storage={url}: cannot open the study database ({type(error).__name__}: {error})") from error
 
 
-def claim_study_dir(study_dir: Path, cfg: DictConfig) -> None:
-    """One folder, one study: a folder holding another study's trials (or anything else) is refused."""
-    marker = study_dir / "study.json"
-    if marker.is_file():
-        found = json.loads(marker.read_text())
-        if found.get("study_name") != cfg.tune.study_name:
-            raise TuneError(f"tune.study_dir={study_dir} holds study {found.get('study_name')!r} (study.json), not "
-                            f"{cfg.tune.study_name!r}; choose another tune.study_dir or tune.study_name")
-    elif study_dir.is_dir() and any(study_dir.iterdir()):
-        raise TuneError(f"tune.study_dir={study_dir} is not empty and holds no study.json; choose an empty folder")
-    else:
+def claim_study_dir(study_dir: Path, cfg: DictConfig) -> OutputFolder:
+    """One folder, one study (the output-folder guard): a folder holding another study's trials, or anything
+    this tool did not write, is refused."""
+    marker = study_dir / STUDY_FILE
+    identity = {"study_name": str(cfg.tune.study_name)}
+    found = read_manifest(marker)
+    if found is not None and found.get("study_name") != cfg.tune.study_name:
+        raise TuneError(f"tune.study_dir={study_dir} holds study {found.get('study_name')!r} ({STUDY_FILE}), not "
+                        f"{cfg.tune.study_name!r}; choose another tune.study_dir or tune.study_name")
+    if found is not None and not (study_dir / RECORDS_DIR).is_dir():  # a study an earlier version started
+        folder = OutputFolder(study_dir, "tune", identity).claim()
+        folder.record(".study", [STUDY_FILE])
+        return folder
+    try:
+        folder = OutputFolder.open(study_dir, "tune", identity=identity, writes=[STUDY_FILE])
+    except OutputFolderError as error:
+        raise TuneError(f"tune.study_dir={study_dir}: {error}") from None
+    if folder.may_write(STUDY_FILE):
         save_json({"study_name": cfg.tune.study_name, "storage": str(cfg.tune.storage)}, marker)
+        folder.record(".study", [STUDY_FILE])
+    return folder
 
 
 FIXED_OVERRIDES = "fixed_overrides"  # the study's user attribute: {key: override} of the worker that created it
@@ -290,7 +301,7 @@ def run_study(overrides: list[str]) -> dict:
     check_objective(cfg)
     storage = open_storage(cfg)
     study_dir = Path(cfg.tune.study_dir)
-    claim_study_dir(study_dir, cfg)
+    folder = claim_study_dir(study_dir, cfg)
     study = optuna.create_study(study_name=cfg.tune.study_name, storage=storage, load_if_exists=True,
                                 direction=cfg.tune.direction, sampler=instantiate(cfg.tune.sampler),
                                 pruner=instantiate(cfg.tune.pruner))
@@ -335,16 +346,19 @@ def run_study(overrides: list[str]) -> dict:
         if refused:
             raise refused[0]
         ran += 1
-    return summarise(study, study_dir)
+    return summarise(study, folder)
 
 
-def summarise(study, study_dir: Path) -> dict:
+def summarise(study, folder: OutputFolder) -> dict:
     summary = {"study_name": study.study_name, "finished": count(study, *FINISHED),
                "complete": count(study, "COMPLETE"), "pruned": count(study, "PRUNED"), "failed": count(study, "FAIL")}
     if summary["complete"]:
         best = study.best_trial
         summary.update(best_trial=best.number, best_value=best.value, best_params=best.params)
-    save_json(summary, study_dir / "best.json")
+    if folder.may_write(BEST_FILE):
+        with folder.lock():  # several workers may finish at once
+            save_json(summary, folder.path / BEST_FILE)
+            folder.record(".best", [BEST_FILE])
     log.info("study %s: %s", study.study_name, summary)
     return summary
 

@@ -66,7 +66,7 @@ def test_a_folder_of_something_else_is_refused(tmp_path, capsys):
     study_dir.mkdir(parents=True)
     (study_dir / "notes.txt").write_text("mine")
     assert tune.main(study_overrides(tmp_path)) == 2
-    assert "is not empty and holds no study.json" in capsys.readouterr().err
+    assert "holds 1 file(s) or folder(s) this tool did not write: notes.txt" in capsys.readouterr().err
     (study_dir / "notes.txt").unlink()
     tune.claim_study_dir(study_dir, tune.compose_tune(study_overrides(tmp_path, "tune.study_name=other")))
     assert tune.main(study_overrides(tmp_path)) == 2
