@@ -172,3 +172,24 @@ def test_make_notebooks_never_writes_into_notebooks(tmp_path):
                                  str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True)
         assert result.returncode == 1 and "holds the committed notebooks" in result.stderr, result.stderr
     assert snapshot(REPO_ROOT / "notebooks") == before and not (REPO_ROOT / "notebooks" / "run").exists()
+
+
+def test_a_full_disk_at_the_table_write_is_listed_in_the_summary_not_a_traceback(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from pancreas_mtl.inference import runner
+
+    folder = tmp_path / "imagesTs"
+    names = write_cases(folder, count=2)
+    checkpoint = save_checkpoint(tmp_path / "c.ckpt", tiny_plan())
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runner, "write_csv", full)
+    out = tmp_path / "pred"
+    summary = run_predict([f"ckpt={checkpoint}", f"input={folder}", f"output={out}", "inference=fast"])
+    assert sorted(summary.predicted) == names and summary.exit_code == 1
+    assert "No space left on device" in summary.failed["(tables)"]
+    assert all((out / f"{name}.nii.gz").is_file() for name in names)
