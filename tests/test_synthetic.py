@@ -141,7 +141,8 @@ def test_a_dataset_of_an_older_generator_version_is_regenerated(tmp_path, tiny):
     (case,) = plan_cases(config)
     image = root / case.relative_paths()[0]
     image.write_bytes(b"an image from an older generator")
-    marker.write_text(json.dumps({**written, "generator_version": GENERATOR_VERSION - 1}))
+    older = {key: value for key, value in written.items() if key != "sha256"}  # older versions kept no digests
+    marker.write_text(json.dumps({**older, "generator_version": GENERATOR_VERSION - 1}))
 
     generate_dataset(root, config, progress=False)
 
