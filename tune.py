@@ -16,7 +16,6 @@ fails with SQLAlchemy 2, hence this thin command over a current Optuna. ``--help
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re

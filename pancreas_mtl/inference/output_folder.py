@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from pancreas_mtl.output_guard import OutputFolder, OutputFolderError, read_manifest
+from pancreas_mtl.output_guard import RECORDS_DIR, OutputFolder, OutputFolderError, read_manifest
 
 __all__ = ["OutputFolderError", "open_output_folder"]
 
@@ -46,7 +46,7 @@ def case_files(case_id: str, save_probabilities: bool) -> list[str]:
 
 
 def record_path(output_dir: Path, case_id: str) -> Path:
-    return OutputFolder(Path(output_dir), COMMAND).unit_path(case_id)
+    return Path(output_dir) / RECORDS_DIR / f"{case_id}.json"
 
 
 def read_record(path: Path) -> dict | None:
