@@ -17,7 +17,7 @@ from tests.conftest import REPO_ROOT
 PACKAGE = REPO_ROOT / "pancreas_mtl"
 # (layer, first dotted-name components below pancreas_mtl); entry points (cli, evaluate) may import anything
 LAYERS = [
-    ("helpers", {"files", "config", "devices", "parallel", "run_info", "tracking", "tables", "output_guard"}),
+    ("helpers", {"files", "config", "devices", "run_info", "tracking", "tables", "output_guard"}),
     ("raw data", {"data", "synthetic"}),
     ("planning", {"planning"}),
     ("planned dataset", {"dataset"}),

@@ -30,7 +30,7 @@ from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.dataset.cached_case import CachedCase
 from pancreas_mtl.dataset.preprocessing import preprocess, sample_foreground_locations
 from pancreas_mtl.files import atomic_path, load_json, save_json, sha256
-from pancreas_mtl.parallel import map_with_progress
+from pancreas_mtl.devices import map_with_progress
 from pancreas_mtl.planning.plan import Plan
 
 log = logging.getLogger(__name__)

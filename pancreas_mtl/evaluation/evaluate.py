@@ -56,7 +56,7 @@ from pancreas_mtl.evaluation.metrics import (
 from pancreas_mtl.evaluation.plots import PLOT_FILES, write_plots
 from pancreas_mtl.files import save_json
 from pancreas_mtl.output_guard import OutputFolder
-from pancreas_mtl.parallel import map_with_progress
+from pancreas_mtl.devices import map_with_progress
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pancreas_mtl.data.errors import DataError, DatasetError, Problem
 from pancreas_mtl.data.layout import Case, DatasetIndex
 from pancreas_mtl.data.limits import InputLimits
 from pancreas_mtl.files import load_json, save_json
-from pancreas_mtl.parallel import map_with_progress
+from pancreas_mtl.devices import map_with_progress
 from pancreas_mtl.planning.plan import LESION_LABEL, ChannelIntensity, Fingerprint
 
 log = logging.getLogger(__name__)

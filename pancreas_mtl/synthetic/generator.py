@@ -363,7 +363,7 @@ def generate_dataset(root: str | Path, config: SyntheticConfig, *, overwrite: bo
             no manifest (a dataset of one's own): flag or not, nothing is written or removed. Or
             ``root`` holds a dataset of another config and ``overwrite`` is False.
     """
-    from pancreas_mtl.parallel import map_with_progress
+    from pancreas_mtl.devices import map_with_progress
 
     root = Path(root).expanduser().resolve()
     if root.exists() and not root.is_dir():
