@@ -16,7 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pancreas_mtl.data.limits import InputLimits
+from pancreas_mtl.raw.limits import InputLimits
 from pancreas_mtl.inference.checkpoint import expand_checkpoints
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.runner import RunSummary, predict_cases

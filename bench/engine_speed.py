@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from _machine import cpu_model  # bench/ is on sys.path when a script runs
 from param_count import quiz_like_fingerprint  # noqa: E402
 
-from pancreas_mtl.data.io import write_nifti  # noqa: E402
+from pancreas_mtl.raw.io import write_nifti  # noqa: E402
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor  # noqa: E402
 from pancreas_mtl.inference.runner import predict_cases  # noqa: E402
 from pancreas_mtl.inference.sliding_window import autocast_context, window_forward  # noqa: E402

@@ -33,8 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench._machine import cpu_model  # noqa: E402
-from pancreas_mtl.data.checks import load_case  # noqa: E402
-from pancreas_mtl.data.layout import discover  # noqa: E402
+from pancreas_mtl.raw.checks import load_case  # noqa: E402
+from pancreas_mtl.raw.layout import discover  # noqa: E402
 from pancreas_mtl.dataset.preprocessing import preprocess  # noqa: E402
 from pancreas_mtl.evaluation.metrics import confusion_matrix, dice, macro_f1  # noqa: E402
 from pancreas_mtl.inference.checkpoint import load_network  # noqa: E402

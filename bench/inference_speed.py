@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from _machine import cpu_model  # bench/ is on sys.path when a script runs
 
-from pancreas_mtl.data.layout import discover  # noqa: E402
+from pancreas_mtl.raw.layout import discover  # noqa: E402
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor  # noqa: E402
 from pancreas_mtl.inference.runner import predict_cases  # noqa: E402
 from pancreas_mtl.inference.sliding_window import window_forward  # noqa: E402

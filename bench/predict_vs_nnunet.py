@@ -69,10 +69,10 @@ sys.path.insert(0, str(REPO_ROOT))
 from _machine import cpu_model  # bench/ is on sys.path when a script runs
 from param_count import quiz_like_fingerprint  # noqa: E402
 
-from pancreas_mtl.data.checks import load_case  # noqa: E402
+from pancreas_mtl.raw.checks import load_case  # noqa: E402
 from pancreas_mtl.evaluation.metrics import dice  # noqa: E402
 from pancreas_mtl.inference.checkpoint import MODEL_PREFIX, load_network  # noqa: E402
-from pancreas_mtl.inference.export import restore_original_geometry  # noqa: E402
+from pancreas_mtl.inference.input_grid import restore_original_geometry  # noqa: E402
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor  # noqa: E402
 from pancreas_mtl.inference.sliding_window import predict_windows, window_starts  # noqa: E402
 from pancreas_mtl.inference.sources import find_cases  # noqa: E402

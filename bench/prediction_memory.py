@@ -54,7 +54,7 @@ def make_checkpoint(dataset: Path, path: Path) -> Path:
     import torch
     from omegaconf import OmegaConf
 
-    from pancreas_mtl.data.layout import discover
+    from pancreas_mtl.raw.layout import discover
     from pancreas_mtl.models.multitask import build_model
     from pancreas_mtl.planning.fingerprint import compute_fingerprint
     from pancreas_mtl.planning.planner import load_preset, plan_experiment

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _machine import cpu_model  # bench/ is on sys.path when a script runs
 
-from pancreas_mtl.data.layout import discover
+from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.dataset.cache import build_cache
 from pancreas_mtl.planning.fingerprint import compute_fingerprint
 from pancreas_mtl.planning.planner import load_preset, plan_experiment

@@ -36,7 +36,7 @@ plan_overrides = {}               # as planning.overrides in train.py, e.g. {"sp
 
 # %%
 # %matplotlib inline
-from pancreas_mtl.data.summary import by_subtype, mid_lesion_views, split_subtype_counts, summarise_dataset
+from pancreas_mtl.raw.summary import by_subtype, mid_lesion_views, split_subtype_counts, summarise_dataset
 from pancreas_mtl.evaluation.dataset_plots import (
     intensity_histograms_figure,
     montage_figure,

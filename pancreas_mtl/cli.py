@@ -32,7 +32,7 @@ from pathlib import Path
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pancreas_mtl.config import config_dir
-from pancreas_mtl.data.errors import DatasetError
+from pancreas_mtl.raw.errors import DatasetError
 
 PROG = "pancreas-mtl"
 HELP_FLAGS = ("-h", "--help")
@@ -95,7 +95,7 @@ def run_generate(cfg: DictConfig) -> int:
 
 
 def run_convert(cfg: DictConfig) -> int:
-    from pancreas_mtl.data.convert import convert_to_nnunet
+    from pancreas_mtl.raw.convert import convert_to_nnunet
 
     index = convert_to_nnunet(cfg.source, cfg.destination, dataset_name=cfg.name, link=cfg.link,
                               overwrite=cfg.overwrite)
@@ -105,8 +105,8 @@ def run_convert(cfg: DictConfig) -> int:
 
 
 def run_check(cfg: DictConfig) -> int:
-    from pancreas_mtl.data.layout import discover
-    from pancreas_mtl.data.limits import InputLimits
+    from pancreas_mtl.raw.layout import discover
+    from pancreas_mtl.raw.limits import InputLimits
     from pancreas_mtl.planning.fingerprint import compute_fingerprint
 
     index = discover(cfg.root, num_subtypes=cfg.num_subtypes)

@@ -32,7 +32,7 @@ from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, Interpolatio
 USAGE_ERRORS: tuple[type[BaseException], ...] = (MissingMandatoryValue, ConfigKeyError, ConfigAttributeError,
                                                  InterpolationResolutionError, ValidationError)
 # A file or value refused with a message naming it: exit status 1. ValueError covers the package's own
-# refusals: DataError, DatasetError (pancreas_mtl/data/errors.py), UntrustedConfigError (a checkpoint's
+# refusals: DataError, DatasetError (pancreas_mtl/raw/errors.py), UntrustedConfigError (a checkpoint's
 # config outside the allowlist), PlanError, OutputFolderError.
 REFUSALS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
                                              IsADirectoryError, PermissionError)

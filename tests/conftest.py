@@ -12,7 +12,7 @@ import torch
 # which made small forward passes a hundred times slower.
 torch.set_num_threads(1)
 
-from pancreas_mtl.data.io import write_nifti
+from pancreas_mtl.raw.io import write_nifti
 # in-process inference is torch; tests marked engines run OpenVINO / ONNX Runtime in forked children
 from tests.forked import cpu_engines_kept_out_of_the_worker, pytest_runtest_protocol  # noqa: F401
 

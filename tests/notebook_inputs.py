@@ -10,8 +10,8 @@ import numpy as np
 import yaml
 from scipy import ndimage
 
-from pancreas_mtl.data.io import read_volume, write_nifti
-from pancreas_mtl.data.layout import discover
+from pancreas_mtl.raw.io import read_volume, write_nifti
+from pancreas_mtl.raw.layout import discover
 
 LESION = 2
 

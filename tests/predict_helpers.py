@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch import nn
 
-from pancreas_mtl.data.io import write_nifti
+from pancreas_mtl.raw.io import write_nifti
 from pancreas_mtl.inference.predictor import InferenceSettings
 from pancreas_mtl.models.multitask import build_model
 from pancreas_mtl.planning.plan import ChannelNormalization, Plan

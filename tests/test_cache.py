@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from pancreas_mtl.data.errors import DatasetError
-from pancreas_mtl.data.io import write_nifti
-from pancreas_mtl.data.layout import discover
+from pancreas_mtl.raw.errors import DatasetError
+from pancreas_mtl.raw.io import write_nifti
+from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.dataset.cache import build_cache, cached_entry, dataset_cache_root
 from tests.conftest import lps_affine, make_case_arrays
 from tests.test_resampling import small_plan

@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pancreas_mtl.data.checks import load_case
-from pancreas_mtl.data.errors import DataError, DatasetError
-from pancreas_mtl.data.io import write_nifti
-from pancreas_mtl.data.layout import Case, discover
+from pancreas_mtl.raw.checks import load_case
+from pancreas_mtl.raw.errors import DataError, DatasetError
+from pancreas_mtl.raw.io import write_nifti
+from pancreas_mtl.raw.layout import Case, discover
 from pancreas_mtl.planning.fingerprint import compute_fingerprint
 from tests.conftest import lps_affine, make_case_arrays
 

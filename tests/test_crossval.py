@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from pancreas_mtl.cli import main
-from pancreas_mtl.data.layout import discover
-from pancreas_mtl.data.splits import make_split
+from pancreas_mtl.raw.layout import discover
+from pancreas_mtl.raw.splits import make_split
 from pancreas_mtl.evaluation.crossval import read_sweep
 from tests.conftest import write_distributed_dataset
 from tests.predict_helpers import run_predict, save_checkpoint, tiny_plan, write_cases

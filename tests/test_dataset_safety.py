@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from pancreas_mtl.cli import main as cli_main
-from pancreas_mtl.data.convert import convert_to_nnunet
-from pancreas_mtl.data.layout import discover
+from pancreas_mtl.raw.convert import convert_to_nnunet
+from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.dataset.prepare import dataset_root, prepare_dataset
 from pancreas_mtl.synthetic import generator as synthetic
 from pancreas_mtl.synthetic.generator import (

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from pancreas_mtl.cli import main
 from pancreas_mtl.dataset.preprocessing import PreprocessedCase
-from pancreas_mtl.inference import export as export_module
+from pancreas_mtl.inference import input_grid as export_module
 from pancreas_mtl.inference.engines import (
     EngineUnavailable,
     cpu_has_bf16,
@@ -24,7 +24,7 @@ from pancreas_mtl.inference.engines import (
     resolve_engine_precision,
 )
 from pancreas_mtl.inference.model_folder import MANIFEST, read_model_folder
-from pancreas_mtl.inference.onnx_export import _central_differences, _logical_where
+from pancreas_mtl.inference.onnx_graph import _central_differences, _logical_where
 from pancreas_mtl.inference.predictor import Predictor
 from pancreas_mtl.models.multitask import build_model
 from tests.predict_helpers import CONF, run_predict, save_checkpoint, settings, tiny_plan, write_cases

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pancreas_mtl.config import config_dir
-from pancreas_mtl.data.io import write_nifti
+from pancreas_mtl.raw.io import write_nifti
 from pancreas_mtl.evaluate import main  # python -m pancreas_mtl.evaluate, i.e. pancreas-mtl evaluate
 from pancreas_mtl.evaluation.evaluate import (
     EvaluationConfig,

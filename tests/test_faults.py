@@ -17,8 +17,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from pancreas_mtl.data.io import read_volume, write_nifti
-from pancreas_mtl.data.layout import discover
+from pancreas_mtl.raw.io import read_volume, write_nifti
+from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.dataset.cache import build_cache, cached_entry, dataset_cache_root
 from pancreas_mtl.dataset.prepare import prepare_dataset
 from pancreas_mtl.inference.output_folder import finished_records

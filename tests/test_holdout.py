@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from pancreas_mtl.cli import main
-from pancreas_mtl.data.layout import discover
-from pancreas_mtl.data.splits import make_split
+from pancreas_mtl.raw.layout import discover
+from pancreas_mtl.raw.splits import make_split
 from pancreas_mtl.evaluation.holdout import chosen_checkpoint
 from pancreas_mtl.evaluation.runs import read_run_metrics
 from tests import notebook_inputs

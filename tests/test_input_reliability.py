@@ -11,10 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pancreas_mtl.data.checks import load_case
-from pancreas_mtl.data.errors import DataError, DatasetError
-from pancreas_mtl.data.io import read_volume, write_nifti
-from pancreas_mtl.data.layout import Case, discover
+from pancreas_mtl.raw.checks import load_case
+from pancreas_mtl.raw.errors import DataError, DatasetError
+from pancreas_mtl.raw.io import read_volume, write_nifti
+from pancreas_mtl.raw.layout import Case, discover
 from pancreas_mtl.inference.sources import find_cases
 from tests.conftest import lps_affine, make_case_arrays
 from tests.predict_helpers import run_predict, save_checkpoint, tiny_plan, write_cases

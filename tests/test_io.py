@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pancreas_mtl.data.errors import DataError
-from pancreas_mtl.data.io import read_volume, spacing_from_affine, strip_suffix, write_nifti
+from pancreas_mtl.raw.errors import DataError
+from pancreas_mtl.raw.io import read_volume, spacing_from_affine, strip_suffix, write_nifti
 from tests.conftest import SHARED_CT, lps_affine
 
 

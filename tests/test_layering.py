@@ -18,7 +18,7 @@ PACKAGE = REPO_ROOT / "pancreas_mtl"
 # (layer, first dotted-name components below pancreas_mtl); entry points (cli, evaluate) may import anything
 LAYERS = [
     ("helpers", {"files", "config", "devices", "run_info", "tracking", "tables", "output_guard"}),
-    ("raw data", {"data", "synthetic"}),
+    ("raw data", {"raw", "synthetic"}),
     ("planning", {"planning"}),
     ("planned dataset", {"dataset"}),
     ("models and losses", {"models", "losses", "optim"}),

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from pancreas_mtl.data.convert import convert_to_nnunet
-from pancreas_mtl.data.errors import DatasetError
-from pancreas_mtl.data.io import write_nifti
-from pancreas_mtl.data.layout import discover
+from pancreas_mtl.raw.convert import convert_to_nnunet
+from pancreas_mtl.raw.errors import DatasetError
+from pancreas_mtl.raw.io import write_nifti
+from pancreas_mtl.raw.layout import discover
 from tests.conftest import lps_affine, make_case_arrays
 
 

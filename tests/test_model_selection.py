@@ -21,7 +21,7 @@ from tests.test_module import CONF, NO_AUGMENTATION, cpu_trainer, make_module, t
 @pytest.fixture(scope="module")
 def with_inner(tiny_dataset):  # noqa: F811
     """The tiny set with 3 of its 12 training cases as the inner validation split."""
-    from pancreas_mtl.data.splits import carve_inner
+    from pancreas_mtl.raw.splits import carve_inner
 
     prepared, data_cfg = tiny_dataset
     split = carve_inner(prepared.split, prepared.index.labelled, 3, seed=0)

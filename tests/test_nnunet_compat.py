@@ -8,11 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pancreas_mtl.data.checks import load_case
-from pancreas_mtl.data.io import read_volume, write_nifti
+from pancreas_mtl.raw.checks import load_case
+from pancreas_mtl.raw.io import read_volume, write_nifti
 from pancreas_mtl.dataset.preprocessing import PreprocessedCase, preprocess
 from pancreas_mtl.evaluation.metrics import lesion_dice, whole_pancreas_dice
-from pancreas_mtl.inference.export import restore_original_geometry
+from pancreas_mtl.inference.input_grid import restore_original_geometry
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.runner import predict_cases
 from pancreas_mtl.inference.sliding_window import gaussian_importance_map

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pancreas_mtl.data.io import write_nifti
+from pancreas_mtl.raw.io import write_nifti
 from pancreas_mtl.evaluation.analysis import (
     classification_figures,
     evaluation_case_files,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pancreas_mtl.data.io import read_volume, write_nifti
+from pancreas_mtl.raw.io import read_volume, write_nifti
 from pancreas_mtl.evaluation.metrics import lesion_dice, whole_pancreas_dice
 from pancreas_mtl.inference.checkpoint import load_network
 from pancreas_mtl.inference.postprocessing import keep_largest_components

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pancreas_mtl.data.io import write_nifti
+from pancreas_mtl.raw.io import write_nifti
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.sources import find_cases
 from tests.conftest import REPO_ROOT, SHARED_CT, lps_affine, make_case_arrays

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from pancreas_mtl.checkpointing import AtomicCheckpointIO, step_checkpoint
-from pancreas_mtl.data.checks import load_case
-from pancreas_mtl.data.errors import DataError
-from pancreas_mtl.data.io import read_volume, write_nifti
-from pancreas_mtl.data.layout import Case, discover
+from pancreas_mtl.raw.checks import load_case
+from pancreas_mtl.raw.errors import DataError
+from pancreas_mtl.raw.io import read_volume, write_nifti
+from pancreas_mtl.raw.layout import Case, discover
 from pancreas_mtl.files import load_json
 from pancreas_mtl.inference import runner
 from pancreas_mtl.inference.checkpoint import load_network, read_checkpoint

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pancreas_mtl.data.layout import discover
+from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.dataset.cache import build_cache, dataset_cache_root
 from pancreas_mtl.files import load_json, save_json, sha256
 from pancreas_mtl.logging_utils import build_loggers

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pancreas_mtl.data.checks import LoadedCase
-from pancreas_mtl.data.layout import Case
+from pancreas_mtl.raw.checks import LoadedCase
+from pancreas_mtl.raw.layout import Case
 from pancreas_mtl.dataset.preprocessing import (
     PreprocessedCase,
     normalize,
@@ -16,7 +16,7 @@ from pancreas_mtl.dataset.preprocessing import (
     sample_foreground_locations,
 )
 from pancreas_mtl.dataset.resampling import resample_image, resample_segmentation, resampled_shape
-from pancreas_mtl.inference.export import restore_original_geometry
+from pancreas_mtl.inference.input_grid import restore_original_geometry
 from pancreas_mtl.planning.anisotropy import separate_axis
 from pancreas_mtl.planning.plan import ChannelNormalization, Plan
 from tests.conftest import lps_affine, make_case_arrays

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from pancreas_mtl.data.errors import DataError
+from pancreas_mtl.raw.errors import DataError
 from pancreas_mtl.dataset import settings
 from pancreas_mtl.dataset.augmentation import augmentation_region_size, build_augmentation
 from pancreas_mtl.dataset.cached_case import CachedCase

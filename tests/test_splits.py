@@ -2,9 +2,9 @@
 
 import pytest
 
-from pancreas_mtl.data.convert import convert_to_nnunet
-from pancreas_mtl.data.layout import Case, DatasetIndex, discover
-from pancreas_mtl.data.splits import carve_inner, make_split, stratified_folds
+from pancreas_mtl.raw.convert import convert_to_nnunet
+from pancreas_mtl.raw.layout import Case, DatasetIndex, discover
+from pancreas_mtl.raw.splits import carve_inner, make_split, stratified_folds
 
 
 def _index(num_per_subtype=(5, 10, 8)):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pancreas_mtl.data.convert import convert_to_nnunet
-from pancreas_mtl.data.summary import (
+from pancreas_mtl.raw.convert import convert_to_nnunet
+from pancreas_mtl.raw.summary import (
     by_subtype,
     mid_lesion_slice,
     mid_lesion_views,
@@ -88,7 +88,7 @@ def test_tables_print_render_and_save(tmp_path):
 
 
 def test_explain_plan_gives_the_planners_plan_and_its_reasons(distributed_dataset):
-    from pancreas_mtl.data.layout import discover
+    from pancreas_mtl.raw.layout import discover
 
     fingerprint = compute_fingerprint(discover(distributed_dataset), progress=False)
     preset = load_preset("small")

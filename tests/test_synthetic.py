@@ -12,8 +12,8 @@ import pytest
 from scipy import ndimage
 
 from pancreas_mtl.cli import main as cli_main
-from pancreas_mtl.data.io import read_volume
-from pancreas_mtl.data.layout import discover
+from pancreas_mtl.raw.io import read_volume
+from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.synthetic.generator import (
     FLOAT_MASK_PANCREAS,
     GENERATOR_VERSION,

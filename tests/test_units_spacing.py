@@ -12,15 +12,15 @@ import pytest
 from omegaconf import OmegaConf
 
 from pancreas_mtl.cli import main as cli_main
-from pancreas_mtl.data.checks import load_case
-from pancreas_mtl.data.errors import DataError, DatasetError
-from pancreas_mtl.data.io import read_volume, write_nifti
-from pancreas_mtl.data.layout import Case, discover
-from pancreas_mtl.data.limits import InputLimits
+from pancreas_mtl.raw.checks import load_case
+from pancreas_mtl.raw.errors import DataError, DatasetError
+from pancreas_mtl.raw.io import read_volume, write_nifti
+from pancreas_mtl.raw.layout import Case, discover
+from pancreas_mtl.raw.limits import InputLimits
 from pancreas_mtl.dataset.cache import build_cache, dataset_cache_root
 from pancreas_mtl.dataset.prepare import prepare_dataset
 from pancreas_mtl.dataset.preprocessing import preprocess
-from pancreas_mtl.inference.export import write_mask
+from pancreas_mtl.inference.input_grid import write_mask
 from tests.conftest import REPO_ROOT, lps_affine, make_case_arrays
 from tests.test_prepare import data_cfg, small_planning
 from tests.test_resampling import small_plan

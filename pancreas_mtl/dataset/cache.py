@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pancreas_mtl.data.checks import load_case
-from pancreas_mtl.data.errors import DataError, DatasetError, Problem
-from pancreas_mtl.data.layout import Case, DatasetIndex
-from pancreas_mtl.data.limits import InputLimits
+from pancreas_mtl.raw.checks import load_case
+from pancreas_mtl.raw.errors import DataError, DatasetError, Problem
+from pancreas_mtl.raw.layout import Case, DatasetIndex
+from pancreas_mtl.raw.limits import InputLimits
 from pancreas_mtl.dataset.cached_case import CachedCase
 from pancreas_mtl.dataset.preprocessing import preprocess, sample_foreground_locations
 from pancreas_mtl.files import atomic_path, load_json, save_json, sha256

@@ -13,9 +13,9 @@ from pathlib import Path
 from filelock import FileLock
 
 from pancreas_mtl.config import plain
-from pancreas_mtl.data.layout import DatasetIndex, discover
-from pancreas_mtl.data.limits import InputLimits
-from pancreas_mtl.data.splits import Split, carve_inner, make_split
+from pancreas_mtl.raw.layout import DatasetIndex, discover
+from pancreas_mtl.raw.limits import InputLimits
+from pancreas_mtl.raw.splits import Split, carve_inner, make_split
 from pancreas_mtl.dataset.cache import build_cache, dataset_cache_root
 from pancreas_mtl.dataset.cached_case import CachedCase
 from pancreas_mtl.dataset.settings import data_settings

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pancreas_mtl.data.checks import LoadedCase
-from pancreas_mtl.data.cropping import crop, nonzero_bbox
-from pancreas_mtl.data.errors import DataError
-from pancreas_mtl.data.limits import InputLimits, config_key
+from pancreas_mtl.raw.checks import LoadedCase
+from pancreas_mtl.raw.cropping import crop, nonzero_bbox
+from pancreas_mtl.raw.errors import DataError
+from pancreas_mtl.raw.limits import InputLimits, config_key
 from pancreas_mtl.dataset.resampling import resample_image, resample_segmentation, resampled_shape
 from pancreas_mtl.planning.anisotropy import ANISOTROPY_THRESHOLD, separate_axis
 from pancreas_mtl.planning.plan import ChannelNormalization, Plan

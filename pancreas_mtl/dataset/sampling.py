@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pancreas_mtl.data.errors import DataError
+from pancreas_mtl.raw.errors import DataError
 from pancreas_mtl.dataset.cached_case import CachedCase
 from pancreas_mtl.planning.plan import LESION_LABEL
 

@@ -1,7 +1,7 @@
 """Looking at evaluated cases: where each case's image, reference and prediction are, the worst cases,
 the slice with the most lesion, the worst-case montage, and lesions missed or over-segmented.
 
-Arrays are (Z, Y, X) as :func:`~pancreas_mtl.data.io.read_volume` returns them; a slice is (Y, X).
+Arrays are (Z, Y, X) as :func:`~pancreas_mtl.raw.io.read_volume` returns them; a slice is (Y, X).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pancreas_mtl.data.errors import DatasetError
-from pancreas_mtl.data.io import image_suffix, read_volume, strip_suffix
-from pancreas_mtl.data.layout import CHANNEL_FILE, discover, image_file_name, is_dataset_root
+from pancreas_mtl.raw.errors import DatasetError
+from pancreas_mtl.raw.io import image_suffix, read_volume, strip_suffix
+from pancreas_mtl.raw.layout import CHANNEL_FILE, discover, image_file_name, is_dataset_root
 from pancreas_mtl.evaluation.evaluate import reference_cases
 from pancreas_mtl.evaluation.metrics import LESION_LABEL
 from pancreas_mtl.evaluation.plots import new_figure

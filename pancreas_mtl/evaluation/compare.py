@@ -28,7 +28,7 @@ import numpy as np
 from omegaconf import MISSING, OmegaConf
 
 from pancreas_mtl.config import config_dir
-from pancreas_mtl.data.io import read_volume
+from pancreas_mtl.raw.io import read_volume
 from pancreas_mtl.evaluation.crossval import SUMMARY_FILE, crossval_dir, headline_scores, read_crossval
 from pancreas_mtl.evaluation.evaluate import EvaluationConfig, evaluate
 from pancreas_mtl.evaluation.holdout import SUMMARY_FILE as HOLDOUT_SUMMARY
@@ -36,7 +36,7 @@ from pancreas_mtl.evaluation.holdout import holdout_dir, read_holdout
 from pancreas_mtl.evaluation.metrics import lower_is_better
 from pancreas_mtl.evaluation.runs import REPEAT_KEYS
 from pancreas_mtl.files import atomic_path, save_json, write_csv
-from pancreas_mtl.inference.export import write_mask
+from pancreas_mtl.inference.input_grid import write_mask
 from pancreas_mtl.inference.output_folder import SUBTYPE_PROBABILITIES, SUBTYPE_RESULTS
 from pancreas_mtl.output_guard import OutputFolder
 from pancreas_mtl.tables import Table

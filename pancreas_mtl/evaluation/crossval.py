@@ -30,8 +30,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pancreas_mtl.data.layout import DatasetIndex, discover
-from pancreas_mtl.data.splits import make_split
+from pancreas_mtl.raw.layout import DatasetIndex, discover
+from pancreas_mtl.raw.splits import make_split
 from pancreas_mtl.dataset.prepare import dataset_root
 from pancreas_mtl.evaluation.evaluate import EvaluationConfig, evaluate
 from pancreas_mtl.files import atomic_path, load_json, save_json, sha256, write_csv

@@ -1,4 +1,4 @@
-"""Figures of a dataset as it is read (:mod:`pancreas_mtl.data.summary`): spacing and shape distributions,
+"""Figures of a dataset as it is read (:mod:`pancreas_mtl.raw.summary`): spacing and shape distributions,
 intensity histograms inside the pancreas and the lesion per subtype, lesion volume per subtype, and a
 montage of mid-lesion slices per subtype with the mask outlines."""
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pancreas_mtl.data.summary import STRUCTURES, DatasetSummary, SliceView
+from pancreas_mtl.raw.summary import STRUCTURES, DatasetSummary, SliceView
 from pancreas_mtl.evaluation.case_views import SOFT_TISSUE_WINDOW, show_slice
 from pancreas_mtl.evaluation.plots import new_figure
 from pancreas_mtl.tables import Table

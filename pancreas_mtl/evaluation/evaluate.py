@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import MISSING, OmegaConf
 
-from pancreas_mtl.data.checks import AFFINE_ATOL_MM, clean_labels
-from pancreas_mtl.data.io import image_suffix, read_volume, strip_suffix
-from pancreas_mtl.data.layout import CHANNEL_FILE, SUBTYPE_FOLDER, discover, is_dataset_root
+from pancreas_mtl.raw.checks import AFFINE_ATOL_MM, clean_labels
+from pancreas_mtl.raw.io import image_suffix, read_volume, strip_suffix
+from pancreas_mtl.raw.layout import CHANNEL_FILE, SUBTYPE_FOLDER, discover, is_dataset_root
 from pancreas_mtl.evaluation.metrics import (
     LESION_LABEL,
     accuracy,

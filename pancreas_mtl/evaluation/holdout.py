@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import MISSING, OmegaConf
 
-from pancreas_mtl.data.splits import make_split
+from pancreas_mtl.raw.splits import make_split
 from pancreas_mtl.evaluation.crossval import (
     headline_scores,
     index_of,

@@ -6,7 +6,7 @@ The modules, in the order a case passes through them: ``settings`` (the presets'
 whose), ``predictor`` (preprocess, windows, coarse-to-fine, ensemble), ``sliding_window``,
 ``export`` (back to the input's grid, atomic files), ``postprocessing``, ``runner`` (skip finished
 cases, records, tables, timings). Beside the predictor: ``engines`` (OpenVINO / ONNX Runtime running
-the network on the CPU), ``onnx_export`` (the network as ONNX, cached on disk) and ``model_folder``
+the network on the CPU), ``onnx_graph`` (the network as ONNX, cached on disk) and ``model_folder``
 (the deployable folder ``pancreas-mtl export`` writes and ``predict.py ckpt=<folder>`` runs).
 """
 

@@ -5,7 +5,7 @@
 always on GPUs. Asked for by name, a missing engine is an error naming the extra to install; ``auto``
 falls back to torch with one info line.
 
-The engine runs the whole network (:mod:`pancreas_mtl.inference.onnx_export`) behind
+The engine runs the whole network (:mod:`pancreas_mtl.inference.onnx_graph`) behind
 :class:`EngineNetwork`, a module with the call contract the sliding windows use for a torch network
 (``window_forward``: windows -> segmentation logits and class probabilities), so mirroring, Gaussian
 stitching, ensembles, coarse-to-fine and the way back to the input grid are the same code for every
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pancreas_mtl.inference.onnx_export import OnnxCache, model_key
+from pancreas_mtl.inference.onnx_graph import OnnxCache, model_key
 from pancreas_mtl.inference.settings import ENGINES
 from pancreas_mtl.models.multitask import MultiTaskNet
 

@@ -10,7 +10,7 @@ sliding windows around the engine.
                     precision, head (num_subtypes, loss_kind, how probabilities are computed), lesion
                     channel, output names, weights digest, source checkpoint, verification figures
     plan.json       the checkpoint's plan (preprocessing, spacing, labels, patch)
-    model.onnx      the network for that window shape (onnx_export.WindowNetwork)
+    model.onnx      the network for that window shape (onnx_graph.WindowNetwork)
     model.xml/.bin  engine=openvino: the same network as OpenVINO IR (read faster than ONNX)
 
 The export writes only into an empty or new folder or over its own earlier export (``overwrite=true``
@@ -37,7 +37,7 @@ from pancreas_mtl.inference.engines import (
     resolve_engine,
     resolve_engine_precision,
 )
-from pancreas_mtl.inference.onnx_export import export_onnx, output_names
+from pancreas_mtl.inference.onnx_graph import export_onnx, output_names
 from pancreas_mtl.models.heads import ClassificationHead, OneVsRestHead
 from pancreas_mtl.models.multitask import MultiTaskNet
 from pancreas_mtl.output_guard import (

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pancreas_mtl.data.checks import LoadedCase
-from pancreas_mtl.data.errors import DataError
-from pancreas_mtl.data.limits import InputLimits
+from pancreas_mtl.raw.checks import LoadedCase
+from pancreas_mtl.raw.errors import DataError
+from pancreas_mtl.raw.limits import InputLimits
 from pancreas_mtl.dataset.preprocessing import PreprocessedCase, preprocess
 from pancreas_mtl.devices import resolve_device, set_tf32
 from pancreas_mtl.inference.checkpoint import load_predictable

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pancreas_mtl.data.checks import load_case
-from pancreas_mtl.data.layout import Case
+from pancreas_mtl.raw.checks import load_case
+from pancreas_mtl.raw.layout import Case
 from pancreas_mtl.dataset.preprocessing import PreprocessedCase
 from pancreas_mtl.files import write_csv
-from pancreas_mtl.inference.export import restore_original_geometry, write_mask, write_probabilities
+from pancreas_mtl.inference.input_grid import restore_original_geometry, write_mask, write_probabilities
 from pancreas_mtl.inference.output_folder import (
     SUBTYPE_PROBABILITIES,
     SUBTYPE_RESULTS,
@@ -175,7 +175,7 @@ def _predict_one(predictor: Predictor, loaded: _Loaded, folder: OutputFolder, sa
     prediction = predictor.predict_preprocessed(loaded.preprocessed.image, case_id=case_id)
     predictor.synchronize()
     network_done = time.perf_counter()
-    # nnunet_compat: nnU-Net resamples the logits; otherwise the probabilities are (export.py)
+    # nnunet_compat: nnU-Net resamples the logits; otherwise the probabilities are (input_grid.py)
     scores, are_logits = ((prediction.logits, True) if prediction.logits is not None
                           else (prediction.probabilities, False))
     try:

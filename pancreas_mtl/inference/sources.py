@@ -2,7 +2,7 @@
 
 Accepted inputs (one, or a list mixing them):
 
-- a dataset root in the distributed or nnU-Net raw layout (``pancreas_mtl.data.layout.discover``): its
+- a dataset root in the distributed or nnU-Net raw layout (``pancreas_mtl.raw.layout.discover``): its
   cases of the chosen splits (all by default); masks are ignored;
 - a folder of images ``{case}_{XXXX}.nii.gz`` (XXXX the 4-digit channel; several channels make one
   multi-channel case), including a split folder of the distributed layout whose images sit in
@@ -25,8 +25,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from pancreas_mtl.data.io import image_suffix, strip_suffix
-from pancreas_mtl.data.layout import (CHANNEL_FILE, NNUNET_FOLDERS, SPLITS, SUBTYPE_FOLDER, Case, discover,
+from pancreas_mtl.raw.io import image_suffix, strip_suffix
+from pancreas_mtl.raw.layout import (CHANNEL_FILE, NNUNET_FOLDERS, SPLITS, SUBTYPE_FOLDER, Case, discover,
                                       image_file_name, is_dataset_root, nameless_file_problem, not_a_dataset)
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pancreas_mtl.data.checks import load_case
-from pancreas_mtl.data.cropping import nonzero_bbox
-from pancreas_mtl.data.errors import DataError, DatasetError, Problem
-from pancreas_mtl.data.layout import Case, DatasetIndex
-from pancreas_mtl.data.limits import InputLimits
+from pancreas_mtl.raw.checks import load_case
+from pancreas_mtl.raw.cropping import nonzero_bbox
+from pancreas_mtl.raw.errors import DataError, DatasetError, Problem
+from pancreas_mtl.raw.layout import Case, DatasetIndex
+from pancreas_mtl.raw.limits import InputLimits
 from pancreas_mtl.files import load_json, save_json
 from pancreas_mtl.devices import map_with_progress
 from pancreas_mtl.planning.plan import LESION_LABEL, ChannelIntensity, Fingerprint

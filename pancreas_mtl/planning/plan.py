@@ -11,7 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pancreas_mtl.data.layout import DEFAULT_LABELS
+from pancreas_mtl.raw.layout import DEFAULT_LABELS
 from pancreas_mtl.planning import anisotropy
 from pancreas_mtl.planning.anisotropy import ANISOTROPY_THRESHOLD
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pancreas_mtl.config import config_dir
-from pancreas_mtl.data.io import write_nifti
-from pancreas_mtl.data.layout import DEFAULT_LABELS, image_file_name
+from pancreas_mtl.raw.io import write_nifti
+from pancreas_mtl.raw.layout import DEFAULT_LABELS, image_file_name
 from pancreas_mtl.files import atomic_path
 from pancreas_mtl.output_guard import (
     changed_files,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pancreas_mtl.data.io import image_suffix
-from pancreas_mtl.data.layout import (
+from pancreas_mtl.raw.io import image_suffix
+from pancreas_mtl.raw.layout import (
     SPLITS_FILE,
     SUBTYPE_MAPPING_FILE,
     DatasetIndex,

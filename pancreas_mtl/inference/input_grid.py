@@ -9,7 +9,7 @@ boundaries stay smooth. nnU-Net resamples logits instead (``logits=True``, for
 
 Every file is written under a temporary name in its folder and renamed (``os.replace``), so a reader
 or a rerun never sees a half-written file. Masks keep the source file's NIfTI header and affine and
-are stored as uint8; arrays are (Z, Y, X) in memory, (x, y, z) on disk (``pancreas_mtl.data.io``).
+are stored as uint8; arrays are (Z, Y, X) in memory, (x, y, z) on disk (``pancreas_mtl.raw.io``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pancreas_mtl.data.io import NIFTI_SUFFIXES, image_suffix, write_nifti
+from pancreas_mtl.raw.io import NIFTI_SUFFIXES, image_suffix, write_nifti
 from pancreas_mtl.dataset.preprocessing import PreprocessedCase
 from pancreas_mtl.dataset.resampling import resample_image
 from pancreas_mtl.files import atomic_path

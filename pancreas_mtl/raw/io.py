@@ -24,8 +24,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pancreas_mtl.data.errors import DataError
-from pancreas_mtl.data.limits import InputLimits, config_key
+from pancreas_mtl.raw.errors import DataError
+from pancreas_mtl.raw.limits import InputLimits, config_key
 from pancreas_mtl.files import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")

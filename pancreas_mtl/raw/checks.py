@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pancreas_mtl.data.errors import DataError
-from pancreas_mtl.data.io import Volume, read_volume
-from pancreas_mtl.data.layout import Case
-from pancreas_mtl.data.limits import InputLimits, config_key
+from pancreas_mtl.raw.errors import DataError
+from pancreas_mtl.raw.io import Volume, read_volume
+from pancreas_mtl.raw.layout import Case
+from pancreas_mtl.raw.limits import InputLimits, config_key
 
 # Labels stored as floats (the real data has 1.0000153) are rounded when this close to an integer.
 LABEL_ROUNDING_TOLERANCE = 1e-3

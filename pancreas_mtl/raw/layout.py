@@ -17,7 +17,7 @@
        root/splits_final.json        optional, nnU-Net's [{"train": [...], "val": [...]}, ...]
 
 Discovery checks structure only (which files exist and what they are called); what is inside the
-files is checked while fingerprinting (``pancreas_mtl.data.checks``). Every structural problem is
+files is checked while fingerprinting (``pancreas_mtl.raw.checks``). Every structural problem is
 collected and raised together as one DatasetError.
 """
 
@@ -30,8 +30,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pancreas_mtl.data.errors import DatasetError, Problem
-from pancreas_mtl.data.io import image_suffix, strip_suffix
+from pancreas_mtl.raw.errors import DatasetError, Problem
+from pancreas_mtl.raw.io import image_suffix, strip_suffix
 
 DEFAULT_LABELS = {"background": 0, "pancreas": 1, "lesion": 2}
 SPLITS = ("train", "validation", "test")

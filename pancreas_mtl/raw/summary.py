@@ -1,7 +1,7 @@
 """A dataset as it is read: cases per split and subtype, per-case spacing, shape, volumes and intensities,
 intensity histograms inside the pancreas and the lesion, and mid-lesion slices (the data notebook's tables).
 
-Every case is read through :func:`~pancreas_mtl.data.checks.load_case`, so what is summarised is what
+Every case is read through :func:`~pancreas_mtl.raw.checks.load_case`, so what is summarised is what
 training sees, and a broken case is an error naming it and its file. Arrays are (Z, Y, X), spacings
 (z, y, x) in mm; intensities are the first channel's values as stored (HU for CT).
 """
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pancreas_mtl.data.checks import LoadedCase, load_case
-from pancreas_mtl.data.layout import SPLITS, DatasetIndex, discover
-from pancreas_mtl.data.limits import InputLimits
+from pancreas_mtl.raw.checks import LoadedCase, load_case
+from pancreas_mtl.raw.layout import SPLITS, DatasetIndex, discover
+from pancreas_mtl.raw.limits import InputLimits
 from pancreas_mtl.tables import Table
 
 STRUCTURES = ("pancreas", "lesion")  # label 1 and the lesion label; the whole gland is both

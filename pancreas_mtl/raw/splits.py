@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from pancreas_mtl.data.layout import Case, DatasetIndex
+from pancreas_mtl.raw.layout import Case, DatasetIndex
 
 
 @dataclass
