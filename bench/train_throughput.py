@@ -164,7 +164,7 @@ def build_ours(plan: Plan, variant: Variant):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from pancreas_mtl.module import build_module
+    from pancreas_mtl.training.module import build_module
 
     overrides = ["num_subtypes=3", f"module.channels_last={variant.channels_last}",
                  f"module.compile={variant.compile}", f"module.tf32={variant.tf32}"]

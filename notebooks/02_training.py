@@ -36,7 +36,7 @@ compare_metric = "combined"
 # %matplotlib inline
 from IPython.display import display
 
-from pancreas_mtl.evaluation.compare import ranking_table
+from pancreas_mtl.studies.compare import ranking_table
 from pancreas_mtl.evaluation.runs import group_runs, metric_over_epochs_figure, run_curves_figures, runs_table
 
 # %% [markdown]

@@ -120,6 +120,6 @@ def compose_predict(overrides: list[str]):
 
 
 def run_predict(overrides: list[str]):
-    from predict import predict
+    from pancreas_mtl.commands.predict import predict
 
     return predict(compose_predict(overrides))

@@ -12,7 +12,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from pancreas_mtl.cli import COMMANDS, main
+from pancreas_mtl.commands.cli import COMMANDS, main
 from pancreas_mtl.config import config_dir
 
 REQUIRED = {"generate": ["out"], "convert": ["source", "destination"], "check": ["root"],
@@ -106,7 +106,7 @@ def test_each_schema_types_exactly_the_keys_of_its_yaml(command):
     (["check", "root=/a,/b"], "one value per key"),
     (["check", "+root=/a"], "give the key as root=value"),
     (["check", "root=/tmp/(1)"], "quote a value"),
-    (["train", "x=1"], "unknown command 'train'"),
+    (["fit", "x=1"], "unknown command 'fit'"),
 ])
 def test_usage_errors_say_what_to_type(args, expected, capsys):
     assert main(args) == 2
@@ -121,17 +121,17 @@ def test_a_quoted_value_may_hold_spaces_and_brackets(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["crossval", "holdout"])
 def test_a_key_named_like_a_config_group_is_a_plain_value(command):
-    from pancreas_mtl.cli import load_config  # conf/inference/ is a group for train.py; here inference is a string
+    from pancreas_mtl.commands.cli import load_config  # conf/inference/ is a group for train.py; here inference is a string
 
     cfg = load_config(command, ["multirun=/x", "inference=accurate", "splits=[validation]"][: 2 + (command == "holdout")])
     assert cfg.inference == "accurate" and cfg.multirun == "/x"
 
 
-def test_python_m_pancreas_mtl_evaluate_is_the_same_command(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pancreas_mtl.evaluate", "--help"], cwd=tmp_path,
+def test_python_m_pancreas_mtl_is_the_same_command(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pancreas_mtl", "evaluate", "--help"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0 and result.stdout.startswith("usage: pancreas-mtl evaluate key=value")
-    result = subprocess.run([sys.executable, "-m", "pancreas_mtl.evaluate", "pred=/nowhere"], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "pancreas_mtl", "evaluate", "pred=/nowhere"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2 and "gt=..." in result.stderr
     assert list(tmp_path.iterdir()) == []

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from pancreas_mtl.cli import main
+from pancreas_mtl.commands.cli import main
 from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.raw.splits import make_split
-from pancreas_mtl.evaluation.crossval import read_sweep
+from pancreas_mtl.studies.crossval import read_sweep
 from tests.conftest import write_distributed_dataset
 from tests.predict_helpers import run_predict, save_checkpoint, tiny_plan, write_cases
 from tests.wandb_records import finished_records
@@ -192,7 +192,7 @@ def test_crossval_of_a_trained_two_fold_sweep(tmp_path):
     from omegaconf import OmegaConf
 
     from tests.test_experiments import compose_train
-    from train import train
+    from pancreas_mtl.training.train import train
 
     sweep = tmp_path / "multirun" / "2026-12-01_00-00-00"
     for fold in range(NUM_FOLDS):

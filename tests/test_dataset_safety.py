@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from pancreas_mtl.cli import main as cli_main
+from pancreas_mtl.commands.cli import main as cli_main
 from pancreas_mtl.raw.convert import convert_to_nnunet
 from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.dataset.prepare import dataset_root, prepare_dataset
@@ -238,7 +238,7 @@ def test_a_folder_source_prepares_that_folder_and_generates_nothing(distributed_
 
 @pytest.mark.slow
 def test_the_demo_experiment_trains_on_a_folder_of_ones_own(distributed_dataset, tmp_path, no_generator):
-    from train import train
+    from pancreas_mtl.training.train import train
 
     before = snapshot(distributed_dataset)
     cfg = compose_train(tmp_path / "outputs", [

@@ -62,7 +62,7 @@ def ranked_datamodule(datamodule_factory, world_size: int, rank: int, batch_size
 @pytest.fixture(scope="module")
 def datamodule_factory(tmp_path_factory):
     from tests.test_experiments import compose_train
-    from train import prepare
+    from pancreas_mtl.training.train import prepare
 
     root = tmp_path_factory.mktemp("ddp_data")
 
@@ -135,7 +135,7 @@ def test_batch_of_one_per_rank_still_forces_a_share_of_foreground():
 
 def test_gathered_validation_counts_each_case_once():
     """Lightning's distributed sampler pads 5 cases to 6 on 2 ranks: the repeated case counts once."""
-    from pancreas_mtl.module import MultiTaskModule
+    from pancreas_mtl.training.module import MultiTaskModule
 
     cases = [{"case_id": f"case{i}", "dice": float(i)} for i in (0, 2, 4, 1, 3, 0)]  # rank 0 + rank 1, padded
     module = SimpleNamespace(trainer=SimpleNamespace(world_size=1))
@@ -244,7 +244,7 @@ def validate_in_one_process(data_root: Path, run_dir: Path, checkpoint: Path) ->
     import lightning as L
 
     from tests.test_experiments import compose_train
-    from train import build_module, prepare
+    from pancreas_mtl.training.train import build_module, prepare
 
     cfg = compose_train(data_root, run_dir, experiment_overrides())
     run_dir.mkdir(parents=True, exist_ok=True)

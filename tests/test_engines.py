@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pancreas_mtl.cli import main
+from pancreas_mtl.commands.cli import main
 from pancreas_mtl.dataset.preprocessing import PreprocessedCase
 from pancreas_mtl.inference import input_grid as export_module
 from pancreas_mtl.inference.engines import (

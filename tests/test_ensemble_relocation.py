@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pancreas_mtl.cli import main
+from pancreas_mtl.commands.cli import main
 from pancreas_mtl.inference.checkpoint import expand_checkpoints
 from tests.conftest import write_distributed_dataset
 from tests.predict_helpers import run_predict, save_checkpoint, tiny_plan, write_cases

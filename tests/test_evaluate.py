@@ -14,7 +14,7 @@ import pytest
 
 from pancreas_mtl.config import config_dir
 from pancreas_mtl.raw.io import write_nifti
-from pancreas_mtl.evaluate import main  # python -m pancreas_mtl.evaluate, i.e. pancreas-mtl evaluate
+from pancreas_mtl.commands.cli import main as cli_main
 from pancreas_mtl.evaluation.evaluate import (
     EvaluationConfig,
     evaluate,
@@ -46,6 +46,11 @@ def test_parallel_planes_have_known_distances():
     c, d = np.zeros((12, 8, 8), bool), np.zeros((12, 8, 8), bool)
     c[3], d[6] = True, True
     assert hausdorff_distance_95(c, d, spacing) == pytest.approx(6.0)
+
+
+def main(argv):
+    """``pancreas-mtl evaluate`` (``python -m pancreas_mtl evaluate``) with these arguments."""
+    return cli_main(["evaluate", *argv])
 
 
 def test_empty_mask_conventions():

@@ -37,7 +37,7 @@ def output_root(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_with_fast_dev_run(experiment, output_root, tmp_path):
-    from train import train
+    from pancreas_mtl.training.train import train
 
     cfg = compose_train(output_root, tmp_path / "run", [f"experiment={experiment}", "debug=fdr"])
     train(cfg)
@@ -50,7 +50,7 @@ def test_experiment_list_is_complete():
 
 @pytest.mark.slow
 def test_short_training_writes_checkpoints_with_plan(output_root, tmp_path):
-    from train import train
+    from pancreas_mtl.training.train import train
 
     cfg = compose_train(output_root, tmp_path / "run", [
         "experiment=cpu_demo", "trainer.max_epochs=1", "data.iterations_per_epoch=2",

@@ -72,7 +72,7 @@ def deterministic_mode_restored():
 
 
 def train_in_process(train_root: Path, run_dir: Path, *extra: str) -> Path:
-    from train import train
+    from pancreas_mtl.training.train import train
 
     train(compose_train(train_root, run_dir, [*short_run_overrides(), *extra]))
     return run_dir

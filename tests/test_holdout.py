@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from pancreas_mtl.cli import main
+from pancreas_mtl.commands.cli import main
 from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.raw.splits import make_split
-from pancreas_mtl.evaluation.holdout import chosen_checkpoint
+from pancreas_mtl.studies.holdout import chosen_checkpoint
 from pancreas_mtl.evaluation.runs import read_run_metrics
 from tests import notebook_inputs
 from tests.predict_helpers import save_checkpoint, tiny_plan

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf, open_dict
 from pancreas_mtl.config import config_dir
 from pancreas_mtl.dataset import cache as cache_module
 from pancreas_mtl.dataset.prepare import parse_shard, prepare_dataset, prepare_shard
-from pancreas_mtl.logging_utils import build_loggers, wandb_run_identity
+from pancreas_mtl.training.loggers import build_loggers, wandb_run_identity
 from tests.conftest import REPO_ROOT
 from tests.test_prepare import data_cfg, small_planning
 
@@ -78,7 +78,7 @@ def test_slurm_job_script_carries_the_cluster_values_and_the_requeue_signal(tmp_
 # --- SLURM environment and auto-resume ------------------------------------------------------------------
 
 def test_ckpt_path_auto_resumes_from_the_newest_checkpoint_of_the_run_folder(tmp_path):
-    from train import resume_checkpoint
+    from pancreas_mtl.training.train import resume_checkpoint
 
     assert resume_checkpoint("auto", tmp_path) is None  # a new run folder: a fresh start
     assert resume_checkpoint(None, tmp_path) is None
@@ -96,7 +96,7 @@ def test_ckpt_path_auto_resumes_from_the_newest_checkpoint_of_the_run_folder(tmp
 def test_slurm_environment_with_requeue_only_under_slurm(monkeypatch):
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from train import cluster_plugins
+    from pancreas_mtl.training.train import cluster_plugins
 
     for name in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -142,7 +142,7 @@ def test_shards_fill_the_cache_that_a_full_prepare_reuses(distributed_dataset, t
 
 
 def test_a_shard_run_does_not_train(tmp_path):
-    from train import train
+    from pancreas_mtl.training.train import train
 
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=["data.shard=0/2", f"paths.output_dir={tmp_path}"])
@@ -269,7 +269,7 @@ def test_shards_then_two_fold_multirun_through_submitit_local(tmp_path):
     assert {path: path.stat().st_mtime_ns for path in entries} == written  # the shards' entries were reused
 
     # the fold set cross-validated in one command, and its ensemble predicts with predict.py
-    from pancreas_mtl.cli import main as cli_main
+    from pancreas_mtl.commands.cli import main as cli_main
     from tests.predict_helpers import run_predict, write_cases
 
     assert cli_main(["crossval", f"multirun={sweep}", "device=cpu", "bootstrap=20", "plots=false",

@@ -23,11 +23,12 @@ from pancreas_mtl.dataset.prepare import prepare_dataset
 from pancreas_mtl.inference.checkpoint import load_network
 from pancreas_mtl.inference.settings import InferenceSettings
 from pancreas_mtl.inference.sliding_window import aggregate_window_predictions, sliding_window_predict
-from pancreas_mtl.logging_utils import build_loggers, render_overlay, write_png
-from pancreas_mtl.module import MultiTaskModule, build_module
-from pancreas_mtl.optim import as_factory, cosine_lr, poly_lr
+from pancreas_mtl.training.loggers import build_loggers
+from pancreas_mtl.training.validation_media import render_overlay, write_png
+from pancreas_mtl.training.module import MultiTaskModule, build_module
+from pancreas_mtl.training.optim import as_factory, cosine_lr, poly_lr
 from pancreas_mtl.planning.planner import load_preset
-from pancreas_mtl.tracking import resolve_wandb_offline, wandb_credentials_available
+from pancreas_mtl.tracking.settings import resolve_wandb_offline, wandb_credentials_available
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NO_AUGMENTATION = {"name": "none", **{group: {"enabled": False} for group in

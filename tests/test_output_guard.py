@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pancreas_mtl.cli import main
+from pancreas_mtl.commands.cli import main
 from pancreas_mtl.output_guard import OutputFolder, OutputFolderError
 from pancreas_mtl.synthetic.generator import generate_dataset, load_config
 from tests import notebook_inputs

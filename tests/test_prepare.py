@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from pancreas_mtl.cli import main as cli_main
+from pancreas_mtl.commands.cli import main as cli_main
 from pancreas_mtl.dataset.datamodule import PancreasDataModule
 from pancreas_mtl.dataset.prepare import prepare_dataset
 from pancreas_mtl.planning.planner import load_preset

@@ -16,12 +16,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from pancreas_mtl import refusals
+from pancreas_mtl.commands import refusals
 from pancreas_mtl.dataset.settings import data_settings
 from pancreas_mtl.inference import checkpoint as checkpoint_module
 from pancreas_mtl.inference.checkpoint import read_checkpoint
 from pancreas_mtl.planning.plan import Plan, PlanError
-from pancreas_mtl.validation_schedule import validation_problem
+from pancreas_mtl.training.validation_schedule import validation_problem
 from tests.conftest import REPO_ROOT
 from tests.predict_helpers import save_checkpoint, tiny_plan, write_cases
 
@@ -226,7 +226,7 @@ def compose_train(tmp_path, overrides):
 
 
 def test_train_reports_a_validation_that_never_runs_at_the_start(tmp_path, caplog):
-    from train import check_settings
+    from pancreas_mtl.training.train import check_settings
 
     cfg = compose_train(tmp_path, ["experiment=cpu_demo", "trainer.max_steps=2", "data.iterations_per_epoch=4"])
     with caplog.at_level(logging.WARNING, logger="train"):
@@ -242,9 +242,15 @@ def test_train_reports_a_validation_that_never_runs_at_the_start(tmp_path, caplo
 @pytest.fixture
 def tune_module():
     pytest.importorskip("optuna")
-    import tune
+    from pancreas_mtl.training import tune
 
     return tune
+
+
+def run_tune(overrides):
+    from pancreas_mtl.commands.tune import main
+
+    return main(overrides)
 
 
 def study_overrides(root, *extra):
@@ -254,7 +260,7 @@ def study_overrides(root, *extra):
 
 
 def test_tune_refuses_settings_no_trial_can_validate_with_before_any_trial(tune_module, tmp_path, capsys):
-    assert tune_module.main(study_overrides(tmp_path, "trainer.max_steps=1")) == 2
+    assert run_tune(study_overrides(tmp_path, "trainer.max_steps=1")) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert "trainer.max_steps=1 ends training after step 1" in line
     assert not (tmp_path / "runs" / "tune" / "tiny").exists()
@@ -288,7 +294,7 @@ def test_tune_checks_each_trials_settings_before_training_it(tune_module, tmp_pa
 
 def test_tune_refuses_to_join_a_study_with_other_fixed_overrides(tune_module, tmp_path, capsys):
     no_trials = "tune.max_trials_per_worker=0"  # a worker that only creates or joins the study
-    assert tune_module.main(study_overrides(tmp_path, no_trials, "seed=1")) == 0
+    assert run_tune(study_overrides(tmp_path, no_trials, "seed=1")) == 0
     import optuna
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/studies/tiny.db")
@@ -297,8 +303,8 @@ def test_tune_refuses_to_join_a_study_with_other_fixed_overrides(tune_module, tm
     capsys.readouterr()
 
     # the same fixed overrides, another worker share: joins
-    assert tune_module.main(study_overrides(tmp_path, "tune.max_trials_per_worker=0", "seed=1")) == 0
-    assert tune_module.main(study_overrides(tmp_path, no_trials, "seed=2", "trainer.max_epochs=3")) == 2
+    assert run_tune(study_overrides(tmp_path, "tune.max_trials_per_worker=0", "seed=1")) == 0
+    assert run_tune(study_overrides(tmp_path, no_trials, "seed=2", "trainer.max_epochs=3")) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert "was created with other overrides" in line
     assert "seed=1 (study) vs seed=2 (this worker)" in line

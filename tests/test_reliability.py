@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from pancreas_mtl.checkpointing import AtomicCheckpointIO, step_checkpoint
+from pancreas_mtl.training.checkpointing import AtomicCheckpointIO, step_checkpoint
 from pancreas_mtl.raw.checks import load_case
 from pancreas_mtl.raw.errors import DataError
 from pancreas_mtl.raw.io import read_volume, write_nifti
@@ -36,7 +36,7 @@ from pancreas_mtl.inference.runner import predict_cases
 from pancreas_mtl.inference.sliding_window import OutOfMemoryError, _Stitcher, predict_windows
 from pancreas_mtl.inference.sources import find_cases
 from pancreas_mtl.models.multitask import build_model
-from pancreas_mtl.module import build_module
+from pancreas_mtl.training.module import build_module
 from pancreas_mtl.planning.fingerprint import compute_fingerprint
 from tests.conftest import lps_affine, make_case_arrays
 from tests.predict_helpers import CONF, Pointwise, save_checkpoint, tiny_plan
@@ -209,7 +209,7 @@ def test_checkpoint_killed_mid_write_leaves_the_previous_one_whole(tmp_path, mon
 def test_step_checkpoint_is_off_by_default_and_a_knob(tmp_path):
     from hydra.utils import instantiate
 
-    from train import build_callbacks
+    from pancreas_mtl.training.train import build_callbacks
 
     callbacks = OmegaConf.create({"callbacks": OmegaConf.load(CONF / "callbacks/default.yaml")})
     callbacks.callbacks.model_checkpoint.dirpath = callbacks.callbacks.last_checkpoint.dirpath = str(tmp_path)
@@ -242,7 +242,7 @@ def test_step_seed_depends_on_seed_step_and_rank_only():
 def test_skipped_nonfinite_loss_is_logged_with_case_names(caplog):
     module = module_for(tiny_plan(), "single_stage")
     terms = {"loss": torch.tensor(float("nan")), "seg": torch.tensor(1.0)}
-    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.module"):
+    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.training.module"):
         assert module._nonfinite_loss(terms, {"case_id": ["quiz_0_007", "quiz_2_011"]}, batch_idx=3) is None
     message = caplog.records[-1].getMessage()
     assert "quiz_0_007" in message and "quiz_2_011" in message

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.dataset.cache import build_cache, dataset_cache_root
 from pancreas_mtl.files import load_json, save_json, sha256
-from pancreas_mtl.logging_utils import build_loggers
-from pancreas_mtl.tracking import training_runs
+from pancreas_mtl.training.loggers import build_loggers
+from pancreas_mtl.tracking.settings import training_runs
 from tests.predict_helpers import CONF, save_checkpoint, tiny_plan
 from tests.test_resampling import small_plan
 from tests.test_wandb_dashboards import offline_wandb  # noqa: F401 - the fixture
@@ -107,7 +107,7 @@ def test_an_invalid_run_id_in_a_checkpoint_is_named_and_left_out(tmp_path, caplo
     bad, good = tmp_path / "bad.ckpt", tmp_path / "good.ckpt"
     torch.save({"wandb": {"id": run_id, "project": "p"}}, bad)
     torch.save({"wandb": {"id": "Ab-3_x9", "project": "p"}}, good)
-    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.tracking.settings"):
         assert [reference["id"] for reference in training_runs([bad, good])] == ["Ab-3_x9"]
     if run_id:  # an empty id was never a reference
         [warning] = [r.getMessage() for r in caplog.records]
@@ -115,7 +115,7 @@ def test_an_invalid_run_id_in_a_checkpoint_is_named_and_left_out(tmp_path, caplo
 
 
 def test_an_invalid_resumed_run_id_starts_a_new_wandb_run(offline_wandb, caplog):  # noqa: F811
-    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.logging_utils"):
+    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.training.loggers"):
         loggers = build_loggers(_logger_cfg(), offline_wandb / "run", config={"seed": 1},
                                 resumed_run={"id": "ab/cd:ef"})
     [wandb_logger] = [logger for logger in loggers if type(logger).__name__ == "WandbLogger"]
@@ -129,7 +129,7 @@ def test_a_failing_wandb_init_leaves_the_other_loggers(offline_wandb, monkeypatc
         raise wandb.errors.UsageError("Run ID cannot contain the characters: :;,#?/'")
 
     monkeypatch.setattr(wandb, "init", refuse)
-    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.logging_utils"):
+    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.training.loggers"):
         loggers = build_loggers(_logger_cfg(), offline_wandb / "run", config={"seed": 1})
     assert [type(logger).__name__ for logger in loggers] == ["CSVLogger"]
     assert "logger 'wandb'" in caplog.text and "Run ID cannot contain" in caplog.text
@@ -139,7 +139,7 @@ def test_a_failing_wandb_init_leaves_the_other_loggers(offline_wandb, monkeypatc
 def test_a_configured_id_wandb_refuses_falls_back_too(offline_wandb, caplog):  # noqa: F811
     cfg = _logger_cfg()
     cfg["wandb"]["id"] = "a#b"
-    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.logging_utils"):
+    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.training.loggers"):
         loggers = build_loggers(cfg, offline_wandb / "run", config={"seed": 1})
     assert [type(logger).__name__ for logger in loggers] == ["CSVLogger"] and "logger.wandb.id" in caplog.text
 
@@ -150,7 +150,7 @@ def test_a_configured_id_wandb_refuses_falls_back_too(offline_wandb, caplog):  #
 
 @pytest.fixture
 def model_folder(tmp_path, monkeypatch):
-    from pancreas_mtl.cli import main
+    from pancreas_mtl.commands.cli import main
     from pancreas_mtl.inference import model_folder as module
 
     # the export's check that ONNX Runtime is installed imports it; nothing else of it runs here

@@ -26,7 +26,7 @@ TINY_RUN = ["experiment=cpu_demo", "data.iterations_per_epoch=2", "trainer.max_e
 def train_with_hydra(output_root: Path, run_dir: Path, *extra: str) -> None:
     """train.py's own entry point in this process, so Hydra writes the run folder's config as on the
     command line (the settings of tests.test_experiments.compose_train, plus hydra.run.dir)."""
-    from train import main
+    from pancreas_mtl.commands.train import main
 
     GlobalHydra.instance().clear()
     argv = ["train.py", "data.synthetic.size=tiny", "planning=small", "planning.spacing_scale=2",
@@ -63,7 +63,7 @@ def run_folder(first_part, tmp_path):
 
 
 def test_resuming_with_another_lr_or_loss_weight_is_refused_listing_the_keys(run_folder, output_root):
-    from train import train
+    from pancreas_mtl.training.train import train
 
     cfg = compose_train(output_root, run_folder, [*TINY_RUN, "trainer.max_epochs=2", "optimizer.lr=0.001",
                                                   "loss.cls_weight=0.5"])
@@ -92,7 +92,7 @@ def test_allow_changes_resumes_and_each_part_keeps_its_config(run_folder, output
 
 
 def test_a_longer_run_on_other_workers_and_folders_is_no_change(first_part):
-    from train import resume_changes
+    from pancreas_mtl.training.train import resume_changes
 
     stored = torch.load(first_part / "checkpoints" / "last.ckpt", weights_only=True)["pancreas_mtl"]["config"]
     ignore = stored["resume"]["ignore"]

@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 
 from pancreas_mtl.config import config_dir
 from pancreas_mtl.evaluation import runs
-from pancreas_mtl.evaluation.compare import ranking_table
-from pancreas_mtl.training_plots import LearningCurvesPlot
+from pancreas_mtl.studies.compare import ranking_table
+from pancreas_mtl.training.plots import LearningCurvesPlot
 from tests import notebook_inputs
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -128,8 +128,8 @@ def test_a_failing_plot_is_a_warning_not_a_failed_run(tmp_path, monkeypatch, cap
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts")
 
-    monkeypatch.setattr("pancreas_mtl.training_plots.write_learning_curves", broken)
-    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.training_plots"):
+    monkeypatch.setattr("pancreas_mtl.training.plots.write_learning_curves", broken)
+    with caplog.at_level(logging.WARNING, logger="pancreas_mtl.training.plots"):
         _fit(tmp_path, LearningCurvesPlot())
     assert "could not draw the learning curves" in caplog.text and "no fonts" in caplog.text
 

@@ -39,7 +39,7 @@ def test_every_search_space_composes_with_tune(search):
     """An Optuna search is tune.py's (tests/test_tune.py); here every search space file still composes,
     each searched key and option included, so none rots unnoticed."""
     pytest.importorskip("optuna")
-    import tune
+    from pancreas_mtl.training import tune
 
     overrides = [f"hparams_search={search}", "experiment=cpu_demo"]
     params = tune.check_search_space(tune.compose_tune(overrides), overrides)

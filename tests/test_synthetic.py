@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pancreas_mtl.cli import main as cli_main
+from pancreas_mtl.commands.cli import main as cli_main
 from pancreas_mtl.raw.io import read_volume
 from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.synthetic.generator import (

@@ -15,8 +15,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from tests.conftest import REPO_ROOT
 
 optuna = pytest.importorskip("optuna")
-import tune  # (after the skip: tune needs optuna)
-from train import best_metric
+from pancreas_mtl.commands.tune import main as run_tune  # (after the skip: tune needs optuna)
+from pancreas_mtl.training import tune
+from pancreas_mtl.training.train import best_metric
 
 TINY = ["experiment=cpu_demo", "data.synthetic.size=tiny", "planning=small", "planning.spacing_scale=2",
         "data.num_workers=0", "data.preprocessing_workers=0", "data.progress=false", "trainer.accelerator=cpu",
@@ -40,7 +41,7 @@ def validation_values(run_dir):
 
 
 def test_help_prints_the_study_config(capsys):
-    assert tune.main(["--help"]) == 0
+    assert run_tune(["--help"]) == 0
     out = capsys.readouterr().out
     assert "hparams_search=optuna" in out and "n_trials:" in out and "storage:" in out
 
@@ -57,7 +58,7 @@ def test_help_prints_the_study_config(capsys):
     ("loss.cls_weight=0.3", "is searched (tune.params) and also set on the command line"),
 ])
 def test_bad_study_settings_are_refused_by_name(tmp_path, capsys, override, message):
-    assert tune.main(study_overrides(tmp_path, override)) == 2
+    assert run_tune(study_overrides(tmp_path, override)) == 2
     assert message in capsys.readouterr().err
 
 
@@ -65,11 +66,11 @@ def test_a_folder_of_something_else_is_refused(tmp_path, capsys):
     study_dir = tmp_path / "runs" / "tune" / "tiny"
     study_dir.mkdir(parents=True)
     (study_dir / "notes.txt").write_text("mine")
-    assert tune.main(study_overrides(tmp_path)) == 2
+    assert run_tune(study_overrides(tmp_path)) == 2
     assert "holds 1 file(s) or folder(s) this tool did not write: notes.txt" in capsys.readouterr().err
     (study_dir / "notes.txt").unlink()
     tune.claim_study_dir(study_dir, tune.compose_tune(study_overrides(tmp_path, "tune.study_name=other")))
-    assert tune.main(study_overrides(tmp_path)) == 2
+    assert run_tune(study_overrides(tmp_path)) == 2
     assert "holds study" in capsys.readouterr().err
 
 

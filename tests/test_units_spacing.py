@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from pancreas_mtl.cli import main as cli_main
+from pancreas_mtl.commands.cli import main as cli_main
 from pancreas_mtl.raw.checks import load_case
 from pancreas_mtl.raw.errors import DataError, DatasetError
 from pancreas_mtl.raw.io import read_volume, write_nifti

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from pancreas_mtl import logging_utils
-from pancreas_mtl.logging_utils import log_validation_cases, validation_slice
-from pancreas_mtl.wandb_media import case_rows, log_validation_media, worst_cases
+from pancreas_mtl.training import validation_media as logging_utils
+from pancreas_mtl.training.validation_media import log_validation_cases, validation_slice
+from pancreas_mtl.tracking.media import case_rows, log_validation_media, worst_cases
 from tests.wandb_records import offline_runs
 
 LABELS = {"background": 0, "pancreas": 1, "lesion": 2}
@@ -129,7 +129,7 @@ def test_training_monitor_logs_throughput_validation_time_and_gpu_memory(tmp_pat
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
-    from pancreas_mtl.monitoring import TrainingMonitor
+    from pancreas_mtl.training.monitoring import TrainingMonitor
 
     # the CUDA branch, on a machine without one: the peak-memory calls answer 3 GiB
     monkeypatch.setattr(TrainingMonitor, "_cuda", staticmethod(lambda module: torch.device("cuda", 0)))
@@ -177,9 +177,9 @@ def compose_train(output_root: Path, run_dir: Path, overrides: list[str]):
 
 @pytest.mark.slow
 def test_training_predict_and_evaluate_runs_link_up(offline_wandb):
-    from pancreas_mtl.cli import main
+    from pancreas_mtl.commands.cli import main
     from tests.predict_helpers import run_predict
-    from train import train
+    from pancreas_mtl.training.train import train
 
     tmp_path = offline_wandb
     run_dir = tmp_path / "run"
@@ -238,7 +238,7 @@ def test_training_predict_and_evaluate_runs_link_up(offline_wandb):
 
 @pytest.mark.slow
 def test_a_resumed_training_continues_its_wandb_run(offline_wandb):
-    from train import train
+    from pancreas_mtl.training.train import train
 
     tmp_path = offline_wandb
     run_dir = tmp_path / "run"

@@ -125,7 +125,7 @@ def test_the_cap_is_a_checked_setting_in_every_preset_and_in_training_validation
 
 
 def test_training_validation_refuses_too_many_windows_naming_the_case():
-    from pancreas_mtl.module import build_module
+    from pancreas_mtl.training.module import build_module
     from tests.test_module import run_config
 
     module = build_module(run_config("module.validation.overlap=0.999", "module.validation.max_windows_per_case=50"),

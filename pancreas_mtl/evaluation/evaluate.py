@@ -3,8 +3,8 @@ bootstrap confidence intervals, and plots.
 
     pancreas-mtl evaluate pred=DIR gt=DIR out=DIR [probs=FILE] [subtypes=FILE] [tolerance_mm=2]
 
-(or ``python -m pancreas_mtl.evaluate ...``; the keys and their defaults are in conf/evaluate.yaml, which
-pancreas_mtl.cli composes and types with EvaluationConfig.)
+(or ``python -m pancreas_mtl evaluate ...``; the keys and their defaults are in conf/evaluate.yaml, which
+pancreas_mtl.commands.cli composes and types with EvaluationConfig.)
 
 ``gt`` is a dataset root in either layout (masks and subtypes from the layout; ``splits=[validation]``
 picks splits), a split folder with ``subtype{k}/`` subfolders, or a folder of masks ``{case}.nii.gz``
@@ -95,7 +95,7 @@ class EvaluationConfig:
     workers: int = 0                    # processes scoring cases; 0: in this process
     progress: bool = True
     overwrite: bool = False             # an earlier evaluation of other inputs in out: remove its files first
-    wandb: bool = False                 # the evaluate command (cli) only: also log a W&B run (wandb_runs.py)
+    wandb: bool = False                 # the evaluate command (cli) only: also log a W&B run (tracking/command_runs.py)
     wandb_project: str = "pancreas_mtl"
 
 

@@ -1,7 +1,7 @@
 """Reading a trained network, its plan and its run config from a checkpoint, without importing Lightning
 (or an exported model folder, ``model_folder``, in its place).
 
-A training checkpoint (``pancreas_mtl.module.MultiTaskModule``) holds the weights under
+A training checkpoint (``pancreas_mtl.training.module.MultiTaskModule``) holds the weights under
 ``state_dict`` with the prefix ``model.`` and, under ``pancreas_mtl``, the plan (``Plan.to_dict()``)
 and the resolved run config (plain containers whose ``model`` entry builds the network). It is read
 with ``torch.load(weights_only=True)``, so an untrusted file cannot run code. Lightning's import costs
@@ -21,7 +21,6 @@ import torch
 import yaml
 from torch import Tensor
 
-from pancreas_mtl.config import config_differences  # noqa: F401 - imported from here by module.py and others
 from pancreas_mtl.files import sha256
 from pancreas_mtl.inference.model_folder import (MANIFEST, PLAN_FILE, ExportedModel, is_model_folder,
                                                  read_model_folder)

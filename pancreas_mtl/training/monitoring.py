@@ -17,9 +17,9 @@ import lightning as L
 import torch
 import yaml
 
-from pancreas_mtl.checkpointing import LastCheckpoint
-from pancreas_mtl.run_info import update_run_info
-from pancreas_mtl.tracking import CHECKPOINT_KEY, config_artifact_name, run_reference
+from pancreas_mtl.training.checkpointing import LastCheckpoint
+from pancreas_mtl.training.run_info import update_run_info
+from pancreas_mtl.tracking.settings import CHECKPOINT_KEY, config_artifact_name, run_reference
 
 log = logging.getLogger(__name__)
 

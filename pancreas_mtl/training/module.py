@@ -35,10 +35,11 @@ from pancreas_mtl import __version__
 from pancreas_mtl.config import plain
 from pancreas_mtl.devices import set_tf32
 from pancreas_mtl.evaluation.metrics import ClassificationMetrics, lesion_dice, whole_pancreas_dice
-from pancreas_mtl.inference.checkpoint import MODEL_PREFIX, config_differences, state_mismatch
+from pancreas_mtl.config import config_differences
+from pancreas_mtl.inference.checkpoint import MODEL_PREFIX, state_mismatch
 from pancreas_mtl.inference.predictor import Prediction, Predictor
 from pancreas_mtl.inference.settings import InferenceSettings
-from pancreas_mtl.logging_utils import (
+from pancreas_mtl.training.validation_media import (
     format_confusion_matrix,
     log_confusion_matrix,
     log_image,
@@ -49,7 +50,7 @@ from pancreas_mtl.logging_utils import (
     write_png,
 )
 from pancreas_mtl.models.multitask import MultiTaskNet, build_model
-from pancreas_mtl.optim import as_factory
+from pancreas_mtl.training.optim import as_factory
 from pancreas_mtl.planning.plan import LESION_LABEL, Plan
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,11 @@
-"""The ``pancreas-mtl`` command: dataset tools and evaluation, each taking ``key=value`` overrides of its
-YAML file under conf/, in Hydra's override syntax as train.py and predict.py take theirs.
+"""The ``pancreas-mtl`` command: training, prediction and studies (``train``, ``predict``, ``tune``: the
+Hydra commands that train.py, predict.py and tune.py run in a checkout, with the same grammar and
+outputs), and the dataset tools and evaluation, each taking ``key=value`` overrides of its YAML file
+under conf/, in Hydra's override syntax.
+
+    pancreas-mtl train experiment=cpu_demo [-m seed=1,2,3]
+    pancreas-mtl predict ckpt=<run>/checkpoints/last.ckpt input=/data/test output=/data/pred
+    pancreas-mtl tune hparams_search=optuna experiment=cpu_demo
 
     pancreas-mtl generate out=outputs/data/synthetic_default [size=tiny] [seed=3] [overwrite=true]
     pancreas-mtl convert source=/data/quiz destination=/data/Dataset501_Pancreas
@@ -11,8 +17,9 @@ YAML file under conf/, in Hydra's override syntax as train.py and predict.py tak
     pancreas-mtl export ckpt=outputs/runs/train/<run>/checkpoints/last.ckpt out=models/fold0 [engine=onnxruntime]
 
 ``conf/{command}.yaml`` holds every key of a command with its default and its meaning (``pancreas-mtl
-{command} --help`` prints the file); a dataclass here types it. The overrides are read by Hydra's
-override parser and set on the file's keys, rather than through ``@hydra.main``: the same override
+{command} --help`` prints the file); a dataclass here types it. For the dataset tools and evaluation the
+overrides are read by Hydra's override parser and set on the file's keys, rather than through
+``@hydra.main``: the same override
 grammar, but no run folder, no log file and no change of directory, so a command writes only where its
 keys say. Exit codes: 0 done, 1 the command
 failed (the error names the file or case), 2 a usage error (unknown command or key, missing required
@@ -21,6 +28,7 @@ key, a value of the wrong type).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import sys
@@ -140,7 +148,7 @@ def run_evaluate(cfg: DictConfig) -> int:
     print(format_summary(evaluation.summary))
     print(f"written to {Path(cfg.out)}")
     if cfg.wandb:
-        from pancreas_mtl.wandb_runs import log_evaluation_run
+        from pancreas_mtl.tracking.command_runs import log_evaluation_run
 
         options = OmegaConf.to_container(cfg, resolve=True)
         keys = ("pred", "gt", "out", "splits", "tolerance_mm", "bootstrap", "num_subtypes")
@@ -155,13 +163,13 @@ def run_evaluate(cfg: DictConfig) -> int:
 
 
 def _crossval_schema() -> type:
-    from pancreas_mtl.evaluation.crossval import CrossvalConfig
+    from pancreas_mtl.studies.crossval import CrossvalConfig
 
     return CrossvalConfig
 
 
 def run_crossval(cfg: DictConfig) -> int:
-    from pancreas_mtl.evaluation.crossval import run_crossval
+    from pancreas_mtl.studies.crossval import run_crossval
     from pancreas_mtl.evaluation.evaluate import format_summary
     from pancreas_mtl.files import load_json
 
@@ -176,13 +184,13 @@ def run_crossval(cfg: DictConfig) -> int:
 
 
 def _holdout_schema() -> type:
-    from pancreas_mtl.evaluation.holdout import HoldoutConfig
+    from pancreas_mtl.studies.holdout import HoldoutConfig
 
     return HoldoutConfig
 
 
 def run_holdout(cfg: DictConfig) -> int:
-    from pancreas_mtl.evaluation.holdout import SUMMARY_FILE, run_holdout
+    from pancreas_mtl.studies.holdout import SUMMARY_FILE, run_holdout
 
     result = run_holdout(cfg)
     for job in result["jobs"]:
@@ -202,13 +210,13 @@ def _score(value: float | None) -> str:
 
 
 def _compare_schema() -> type:
-    from pancreas_mtl.evaluation.compare import CompareConfig
+    from pancreas_mtl.studies.compare import CompareConfig
 
     return CompareConfig
 
 
 def run_compare(cfg: DictConfig) -> int:
-    from pancreas_mtl.evaluation.compare import compare, format_ranking
+    from pancreas_mtl.studies.compare import compare, format_ranking
 
     rows = compare(cfg)
     print(format_ranking(rows, cfg.metric))
@@ -250,6 +258,25 @@ COMMANDS = {
 
 
 # --- configs from the command line ------------------------------------------------------------------
+
+# The Hydra commands: each module's ``main`` parses sys.argv as its script in a checkout would (train.py,
+# predict.py, tune.py), with run folders, logs and multiruns as there.
+HYDRA_COMMANDS = {
+    "train": ("pancreas_mtl.commands.train", "train a network (conf/train.yaml; Hydra: -m for a multirun, --help)"),
+    "predict": ("pancreas_mtl.commands.predict", "predict masks and subtypes with trained checkpoints (conf/predict.yaml)"),
+    "tune": ("pancreas_mtl.commands.tune", "an Optuna study over training runs (conf/tune.yaml; needs the sweep extra)"),
+}
+
+
+def run_hydra_command(command: str, overrides: Sequence[str]) -> int:
+    """``pancreas-mtl train|predict|tune ...``: the command module's ``main`` with ``sys.argv`` as its own
+    script would see it. argv[0] is the module's file, so Lightning's DDP launcher, which starts ranks
+    1.. by running ``sys.argv`` again, runs the same command (``python <module file> <overrides>``)."""
+    module = importlib.import_module(HYDRA_COMMANDS[command][0])
+    sys.argv = [str(module.__file__), *overrides]
+    result = module.main()  # the Hydra mains exit with 1 or 2 themselves on a refusal; tune returns its code
+    return result if isinstance(result, int) else 0
+
 
 def config_text(command: str) -> str:
     """The text of ``conf/{command}.yaml``, comments included (they document the keys)."""
@@ -334,13 +361,13 @@ def _summary(command: str) -> str:
 
 
 def usage() -> str:
-    width = max(map(len, COMMANDS))
+    width = max(map(len, [*HYDRA_COMMANDS, *COMMANDS]))
     lines = [f"usage: {PROG} <command> key=value ...", "",
-             "Dataset tools and evaluation. Each command reads its keys and defaults from conf/<command>.yaml.",
-             "", "commands:"]
+             "Each command reads its keys and defaults from conf/<command>.yaml.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in HYDRA_COMMANDS.items()]
     lines += [f"  {name:<{width}}  {_summary(name)}" for name in COMMANDS]
     lines += ["", f"{PROG} <command> --help prints the command's keys, their defaults and what each means.",
-              SYNTAX, "Training and prediction: python train.py key=value ..., python predict.py key=value ..."]
+              SYNTAX, "In a checkout, python train.py, predict.py and tune.py are the same three commands."]
     return "\n".join(lines)
 
 
@@ -356,8 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage(), file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
     command, overrides = args[0], args[1:]
+    if command in HYDRA_COMMANDS:
+        return run_hydra_command(command, overrides)
     if command not in COMMANDS:
-        print(f"{PROG}: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}\n"
+        print(f"{PROG}: error: unknown command {command!r}; commands: {', '.join([*HYDRA_COMMANDS, *COMMANDS])}\n"
               f"(see {PROG} --help)", file=sys.stderr)
         return 2
     if any(arg in HELP_FLAGS for arg in overrides):

@@ -31,7 +31,7 @@ import numpy as np
 from omegaconf import MISSING, OmegaConf
 
 from pancreas_mtl.raw.splits import make_split
-from pancreas_mtl.evaluation.crossval import (
+from pancreas_mtl.studies.crossval import (
     headline_scores,
     index_of,
     inference_preset,

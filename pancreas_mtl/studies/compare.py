@@ -29,10 +29,10 @@ from omegaconf import MISSING, OmegaConf
 
 from pancreas_mtl.config import config_dir
 from pancreas_mtl.raw.io import read_volume
-from pancreas_mtl.evaluation.crossval import SUMMARY_FILE, crossval_dir, headline_scores, read_crossval
+from pancreas_mtl.studies.crossval import SUMMARY_FILE, crossval_dir, headline_scores, read_crossval
 from pancreas_mtl.evaluation.evaluate import EvaluationConfig, evaluate
-from pancreas_mtl.evaluation.holdout import SUMMARY_FILE as HOLDOUT_SUMMARY
-from pancreas_mtl.evaluation.holdout import holdout_dir, read_holdout
+from pancreas_mtl.studies.holdout import SUMMARY_FILE as HOLDOUT_SUMMARY
+from pancreas_mtl.studies.holdout import holdout_dir, read_holdout
 from pancreas_mtl.evaluation.metrics import lower_is_better
 from pancreas_mtl.evaluation.runs import REPEAT_KEYS
 from pancreas_mtl.files import atomic_path, save_json, write_csv

@@ -2,7 +2,7 @@
 
 A refusal is an error whose message names the file or key and what was wrong: the run stops with exit
 status 1, or 2 for a usage problem (a required key left out, an unknown key, a value of the wrong type),
-as the ``pancreas-mtl`` commands do (pancreas_mtl/cli.py). Any other exception is a bug and keeps its
+as the ``pancreas-mtl`` commands do (pancreas_mtl/commands/cli.py). Any other exception is a bug and keeps its
 traceback, and so does every error with ``HYDRA_FULL_ERROR=1``.
 
 ``@hydra.main`` catches a task function's exceptions and prints them with a traceback, so the entry

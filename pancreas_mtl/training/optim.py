@@ -2,7 +2,7 @@
 
 Both are ``LambdaLR`` schedules whose factor is a small picklable object, so the schedule's position
 travels in a Lightning checkpoint. They are built from ``conf/scheduler/*.yaml`` as Hydra partials
-and completed by :class:`pancreas_mtl.module.MultiTaskModule` with the run's total number of optimizer
+and completed by :class:`pancreas_mtl.training.module.MultiTaskModule` with the run's total number of optimizer
 steps (``trainer.estimated_stepping_batches``)::
 
     scheduler = poly_lr(optimizer, total_steps=250_000, exponent=0.9)   # nnU-Net: 1000 x 250 steps

@@ -13,7 +13,7 @@ import torch
 import pancreas_mtl
 from pancreas_mtl.files import load_json, save_json
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str | None:

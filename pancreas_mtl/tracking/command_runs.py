@@ -2,14 +2,14 @@
 linked to the training run that made the checkpoint.
 
 A training checkpoint carries its W&B run's reference (``checkpoint["wandb"]``, see
-:class:`pancreas_mtl.monitoring.WandbArtifacts`). A predict run records it in its config
+:class:`pancreas_mtl.training.monitoring.WandbArtifacts`). A predict run records it in its config
 (``train_run_id``, ``train_run_ids`` for an ensemble) and joins the training run's group (its id when
 it had none), and writes its own reference to ``<output>/wandb/wandb_run.json``; an evaluate run of that
 folder finds both there (or the checkpoints through the folder's case records), so the three runs of one
 model share a group and name each other. Online, a run also declares the training run's config artifact
 as its input (W&B's lineage graph); offline runs cannot (no server to resolve it), and keep the ids.
 
-Called from the entry points only (predict.py, ``pancreas_mtl.cli``); the caller catches and warns, a
+Called from the entry points only (predict.py, ``pancreas_mtl.commands.cli``); the caller catches and warns, a
 dashboard never fails a command whose files are written.
 """
 
@@ -26,7 +26,7 @@ from pancreas_mtl.evaluation.evaluate import Evaluation
 from pancreas_mtl.evaluation.plots import roc_curve
 from pancreas_mtl.files import load_json, save_json
 from pancreas_mtl.inference.runner import RunSummary, read_records
-from pancreas_mtl.tracking import (
+from pancreas_mtl.tracking.settings import (
     confusion_plot,
     roc_plot,
     run_reference,

@@ -41,7 +41,7 @@ from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.runner import predict_cases, read_records
 from pancreas_mtl.inference.sources import find_cases
 from pancreas_mtl.output_guard import OutputFolder
-from pancreas_mtl.tracking import log_summary_run
+from pancreas_mtl.tracking.settings import log_summary_run
 
 log = logging.getLogger(__name__)
 

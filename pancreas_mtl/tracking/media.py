@@ -1,7 +1,7 @@
 """One validation's per-case results as W&B media: the table of cases, the worst cases' slices with
 toggleable ground-truth and prediction mask layers, and the subtype ROC curves.
 
-Called through :func:`pancreas_mtl.logging_utils.log_validation_cases`, which catches any error: a
+Called through :func:`pancreas_mtl.training.validation_media.log_validation_cases`, which catches any error: a
 dashboard is never a reason to stop training. Every key is logged with ``trainer/global_step``, the
 x-axis Lightning's W&B logger sets for all metrics, so the panels line up with the ``val/*`` curves.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from pancreas_mtl.evaluation.plots import roc_curve
-from pancreas_mtl.tracking import roc_plot, wandb_table
+from pancreas_mtl.tracking.settings import roc_plot, wandb_table
 
 CASES_KEY = "val/cases"
 WORST_KEY = "val/worst_cases"
@@ -92,7 +92,7 @@ def roc_curves(cases: Sequence[Mapping]) -> dict[str, tuple[np.ndarray, np.ndarr
 def log_validation_media(run: Any, cases: Sequence[Mapping], step: int, epoch: int, labels: Mapping[str, int],
                          num_worst: int) -> None:
     """Log the table (``val/cases``), the worst cases (``val/worst_cases``) and the ROC chart (``val/roc``)
-    of one validation to the W&B ``run``; see :func:`pancreas_mtl.logging_utils.log_validation_cases`."""
+    of one validation to the W&B ``run``; see :func:`pancreas_mtl.training.validation_media.log_validation_cases`."""
     payload: dict[str, Any] = {CASES_KEY: wandb_table(*case_rows(cases, epoch))}
     worst = worst_cases(cases, num_worst)
     if worst:
