@@ -85,7 +85,7 @@ def training_run(run_dir: Path, epochs: int = 4, seed: int = 0, overrides: tuple
         logger.log_metrics({"train/loss_epoch": 2.0 / (1 + step), "train/seg_epoch": 1.4 / (1 + step),
                             "train/cls_epoch": 0.6 / (1 + step), "epoch": epoch}, step=step - 1)
         quality = 1 - 0.8 / (1 + epoch) - rng.uniform(0, 0.05)
-        logger.log_metrics({"val/dice_pancreas": quality, "val/dice_lesion": quality * 0.8, "val/f1_macro": quality * 0.9,
+        logger.log_metrics({"val/whole_pancreas_dice": quality, "val/lesion_dice": quality * 0.8, "val/macro_f1": quality * 0.9,
                             "val/auroc": quality, "val/auroc_0": quality, "val/combined": quality * 0.9,
                             "epoch": epoch}, step=step - 1)
     logger.save()

@@ -282,7 +282,7 @@ def test_two_process_cpu_run_trains_validates_checkpoints_and_resumes(tmp_path):
     # validation on 2 processes equals 1 process on the same checkpoint, each case once (5 cases: odd)
     distributed = logged_validation(run_dir)
     single = validate_in_one_process(data_root, tmp_path / "single", run_dir / "checkpoints" / "last.ckpt")
-    assert {"val/dice_pancreas", "val/dice_lesion", "val/f1_macro", "val/combined"} <= distributed.keys()
+    assert {"val/whole_pancreas_dice", "val/lesion_dice", "val/macro_f1", "val/combined"} <= distributed.keys()
     for key, value in single.items():
         assert distributed[key] == pytest.approx(value, abs=1e-6), key
 

@@ -100,7 +100,7 @@ def test_same_seed_gives_identical_runs(uninterrupted, train_root, tmp_path, det
     step, weights, metrics = final_state(train_in_process(train_root, tmp_path / "again"))
     assert step == uninterrupted[0] == STEPS_PER_EPOCH * EPOCHS
     assert metrics == uninterrupted[2]
-    assert {"val/dice_pancreas", "val/f1_macro", "val/combined"} <= set(metrics)
+    assert {"val/whole_pancreas_dice", "val/macro_f1", "val/combined"} <= set(metrics)
     for key, value in weights.items():
         torch.testing.assert_close(value, uninterrupted[1][key], rtol=0, atol=0)
 

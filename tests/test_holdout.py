@@ -86,7 +86,7 @@ def test_holdout_scores_each_finished_job_on_validation_and_test(scored, dataset
     assert multi["test"]["macro_f1"] == pytest.approx(1 / 6)
     assert single["validation"]["whole_pancreas_dice"] < 1  # pancreas everywhere
     log = notebook_inputs.training_run(first.parent / "log_again", seed=1)  # the same seed writes the same log
-    f1 = [row["val/f1_macro"] for row in read_run_metrics(log) if "val/f1_macro" in row]
+    f1 = [row["val/macro_f1"] for row in read_run_metrics(log) if "val/macro_f1" in row]
     assert result["jobs"][0]["training"] == {"epochs": EPOCHS, "final_f1": pytest.approx(f1[-1]),
                                              "best_f1": pytest.approx(max(f1))}
 

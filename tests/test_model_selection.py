@@ -48,7 +48,7 @@ def test_the_inner_split_chooses_the_checkpoint_and_is_never_trained_on(tiny_dat
 
     metrics = trainer.callback_metrics
     assert float(metrics["select/combined"]) == pytest.approx(float(metrics["inner/combined"]))
-    assert {"inner/dice_pancreas", "inner/f1_macro", "val/combined", "val/f1_macro"} <= set(metrics)
+    assert {"inner/whole_pancreas_dice", "inner/macro_f1", "val/combined", "val/macro_f1"} <= set(metrics)
     # the reported split's scores come from its own 6 cases only
     assert sorted(c["case_id"] for c in module.last_validation["cases"]) == sorted(prepared.split.val)
     assert module.last_validation["inner_metrics"]["combined"] == pytest.approx(float(metrics["inner/combined"]))

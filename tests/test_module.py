@@ -109,12 +109,12 @@ def test_trains_and_validates_with_sliding_windows(tiny_dataset, tmp_path):
     assert trainer.global_step == 2
     metrics = trainer.callback_metrics
     for name in ("train/loss_epoch", "train/seg_epoch", "train/dice_epoch", "train/ce_epoch", "train/cls_epoch",
-                 "val/dice_pancreas", "val/dice_lesion", "val/f1_macro", "val/balanced_accuracy", "val/auroc",
+                 "val/whole_pancreas_dice", "val/lesion_dice", "val/macro_f1", "val/balanced_accuracy", "val/macro_auroc",
                  "val/auroc_0", "val/auroc_1", "val/auroc_2", "val/combined"):
         assert name in metrics, name
-    for name in ("val/dice_pancreas", "val/dice_lesion", "val/f1_macro", "val/balanced_accuracy"):
+    for name in ("val/whole_pancreas_dice", "val/lesion_dice", "val/macro_f1", "val/balanced_accuracy"):
         assert 0.0 <= float(metrics[name]) <= 1.0
-    expected = (metrics["val/dice_pancreas"] + metrics["val/dice_lesion"] + metrics["val/f1_macro"]) / 3
+    expected = (metrics["val/whole_pancreas_dice"] + metrics["val/lesion_dice"] + metrics["val/macro_f1"]) / 3
     assert float(metrics["val/combined"]) == pytest.approx(float(expected), abs=1e-6)
 
     # every validation case scored, the subtype confusion matrix kept, overlays written as PNG
@@ -138,8 +138,8 @@ def test_segmentation_only_validation(tiny_dataset, tmp_path):
     module = build_module(cfg, prepared.plan, None)
     trainer = cpu_trainer(tmp_path, limit_val_batches=2)
     (metrics,) = trainer.validate(module, datamodule=datamodule_for(tiny_dataset), verbose=False)
-    assert "val/f1_macro" not in metrics and module.last_validation["confusion_matrix"] is None
-    assert metrics["val/combined"] == pytest.approx((metrics["val/dice_pancreas"] + metrics["val/dice_lesion"]) / 2)
+    assert "val/macro_f1" not in metrics and module.last_validation["confusion_matrix"] is None
+    assert metrics["val/combined"] == pytest.approx((metrics["val/whole_pancreas_dice"] + metrics["val/lesion_dice"]) / 2)
 
 
 def test_validation_settings_are_an_inference_preset(tiny_dataset, tmp_path):
@@ -160,7 +160,7 @@ def test_validation_settings_are_an_inference_preset(tiny_dataset, tmp_path):
     assert module.hparams.validation["name"] == "fastest"  # saved with the checkpoint's hyperparameters
     (metrics,) = cpu_trainer(tmp_path, limit_val_batches=2).validate(module, datamodule=datamodule_for(tiny_dataset),
                                                                    verbose=False)
-    assert len(module.last_validation["cases"]) == 2 and 0.0 <= metrics["val/dice_pancreas"] <= 1.0
+    assert len(module.last_validation["cases"]) == 2 and 0.0 <= metrics["val/whole_pancreas_dice"] <= 1.0
     with pytest.raises(ValueError, match=r"unknown inference setting\(s\) \['overlapp'\]"):
         make_module(tiny_dataset, validation={"overlapp": 0.5})
 

@@ -48,7 +48,7 @@ def validation_cases(count: int = 4) -> list[dict]:
         image = torch.from_numpy(rng.normal(size=true.shape).astype(np.float32))
         probabilities = torch.softmax(torch.tensor(rng.normal(size=3), dtype=torch.float32), 0)
         cases.append({"case_id": f"case_{index}", "subtype": index % 3, "probabilities": probabilities,
-                      "dice_pancreas": 1.0 - 0.2 * index, "dice_lesion": 1.0 - 0.25 * index,
+                      "whole_pancreas_dice": 1.0 - 0.2 * index, "lesion_dice": 1.0 - 0.25 * index,
                       "slice": validation_slice(image, true, pred, lesion_label=2)})
     return cases
 
@@ -65,8 +65,8 @@ def test_worst_cases_and_table_rows():
     cases = validation_cases()
     assert [case["case_id"] for case in worst_cases(cases, 2)] == ["case_3", "case_2"]
     columns, rows = case_rows(cases, epoch=5)
-    assert columns == ["epoch", "case", "subtype", "predicted_subtype", "p0", "p1", "p2", "dice_pancreas",
-                       "dice_lesion"]
+    assert columns == ["epoch", "case", "subtype", "predicted_subtype", "p0", "p1", "p2", "whole_pancreas_dice",
+                       "lesion_dice"]
     assert rows[1][:3] == [5, "case_1", 1] and rows[1][3] == int(np.argmax(rows[1][4:7]))
     assert sum(rows[0][4:7]) == pytest.approx(1.0, abs=1e-5)
 
@@ -80,7 +80,7 @@ def test_validation_media_in_an_offline_run(offline_wandb):
     [logged] = offline_runs(offline_wandb)
     table = logged.table("val/cases")
     assert [row[1] for row in table["data"]] == ["case_0", "case_1", "case_2", "case_3"]
-    assert table["columns"][-2:] == ["dice_pancreas", "dice_lesion"]
+    assert table["columns"][-2:] == ["whole_pancreas_dice", "lesion_dice"]
     [step] = [step for step in logged.history if "val/worst_cases" in step]
     assert step["trainer/global_step"] == 7 and step["val/worst_cases"]["count"] == 2
     # each image carries two mask layers with the plan's class names, which the UI toggles

@@ -124,7 +124,7 @@ def run_curves_figures(folders: str | Path | Sequence[str | Path]) -> list:
 
 
 def metric_over_epochs_figure(folders: str | Path | Sequence[str | Path], metrics: Sequence[str] = (
-        "val/combined", "val/dice_pancreas", "val/dice_lesion", "val/f1_macro")):
+        "val/combined", "val/whole_pancreas_dice", "val/lesion_dice", "val/macro_f1")):
     """One panel per metric, one line per run of ``folders`` (runs or multiruns) over epochs."""
     from pancreas_mtl.evaluation.plots import new_figure
 

@@ -118,9 +118,9 @@ def training_summary(job: Path) -> dict:
     its best (their gap says how much the model swung); None where the log has no F1."""
     curves = epoch_curves(read_run_metrics(job))
     epochs = max((int(e.max()) + 1 for e, _ in curves.values() if e.size), default=0)
-    if "val/f1_macro" not in curves or not np.isfinite(curves["val/f1_macro"][1]).any():
+    if "val/macro_f1" not in curves or not np.isfinite(curves["val/macro_f1"][1]).any():
         return {"epochs": epochs, "final_f1": None, "best_f1": None}
-    values = curves["val/f1_macro"][1]
+    values = curves["val/macro_f1"][1]
     return {"epochs": epochs, "final_f1": float(values[-1]), "best_f1": float(np.nanmax(values))}
 
 

@@ -34,20 +34,20 @@ def case_rows(cases: Sequence[Mapping], epoch: int) -> tuple[list[str], list[lis
     probabilities = [_probabilities(case) for case in cases]
     num_subtypes = next((p.size for p in probabilities if p is not None), 0)
     columns = ["epoch", "case", "subtype", "predicted_subtype", *(f"p{k}" for k in range(num_subtypes)),
-               "dice_pancreas", "dice_lesion"]
+               "whole_pancreas_dice", "lesion_dice"]
     rows = []
     for case, p in zip(cases, probabilities):
         predicted = None if p is None else int(np.argmax(p))
         scores = [None] * num_subtypes if p is None else [float(v) for v in p]
         rows.append([int(epoch), str(case["case_id"]), case.get("subtype"), predicted, *scores,
-                     float(case["dice_pancreas"]), float(case["dice_lesion"])])
+                     float(case["whole_pancreas_dice"]), float(case["lesion_dice"])])
     return columns, rows
 
 
 def worst_cases(cases: Sequence[Mapping], count: int) -> list[Mapping]:
     """The ``count`` cases with the lowest mean of pancreas and lesion Dice (ties by case id) that kept a slice."""
     def score(case: Mapping) -> float:
-        values = [float(case["dice_pancreas"]), float(case["dice_lesion"])]
+        values = [float(case["whole_pancreas_dice"]), float(case["lesion_dice"])]
         finite = [value for value in values if np.isfinite(value)]
         return float(np.mean(finite)) if finite else 0.0
 
@@ -70,8 +70,8 @@ def masked_image(case: Mapping, labels: Mapping[str, int], epoch: int, shape: tu
     view = case["slice"]
     shape = shape or tuple(view["image"].shape)
     class_labels = {int(value): str(name) for name, value in labels.items()}
-    caption = (f"{case['case_id']} z={view['z']} epoch {epoch}: pancreas Dice {float(case['dice_pancreas']):.3f}, "
-               f"lesion Dice {float(case['dice_lesion']):.3f}")
+    caption = (f"{case['case_id']} z={view['z']} epoch {epoch}: pancreas Dice {float(case['whole_pancreas_dice']):.3f}, "
+               f"lesion Dice {float(case['lesion_dice']):.3f}")
     return wandb.Image(_padded(view["image"], shape), caption=caption, masks={
         "ground_truth": {"mask_data": _padded(view["true"], shape), "class_labels": class_labels},
         "prediction": {"mask_data": _padded(view["pred"], shape), "class_labels": class_labels}})

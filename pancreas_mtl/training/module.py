@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("skip", "stop")
 LOGGED_TRAIN_TERMS = ("loss", "seg", "dice", "ce", "cls")
-DEFAULT_COMBINED = {"dice_pancreas": 1.0, "dice_lesion": 1.0, "f1_macro": 1.0}
+DEFAULT_COMBINED = {"whole_pancreas_dice": 1.0, "lesion_dice": 1.0, "macro_f1": 1.0}
 
 
 # --- the module -------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ class MultiTaskModule(L.LightningModule):
         compile_kwargs: passed to ``nn.Module.compile`` (mode, dynamic, ...).
         channels_last: channels-last 3D weights and inputs (faster convolutions on recent GPUs).
         tf32: TF32 matmuls and convolutions on CUDA (None: leave torch's setting).
-        combined_metric: ``{metric: weight}`` over ``dice_pancreas``, ``dice_lesion``, ``f1_macro``,
+        combined_metric: ``{metric: weight}`` over ``whole_pancreas_dice``, ``lesion_dice``, ``macro_f1``,
             ``balanced_accuracy``, ``auroc``; ``val/combined`` is their weighted mean over the defined ones.
         config: the resolved run config (plain containers), saved in every checkpoint.
     """
@@ -239,8 +239,8 @@ class MultiTaskModule(L.LightningModule):
         true = batch["label"][0, 0].cpu().numpy()                                     # (Z, Y, X)
         self._val_cases.append({
             "case_id": batch["case_id"][0],
-            "dice_pancreas": whole_pancreas_dice(pred, true),
-            "dice_lesion": lesion_dice(pred, true, lesion_label=self.lesion_channel),
+            "whole_pancreas_dice": whole_pancreas_dice(pred, true),
+            "lesion_dice": lesion_dice(pred, true, lesion_label=self.lesion_channel),
             "subtype": int(batch["subtype"][0]),
             "probabilities": None if probabilities is None else probabilities.cpu(),
             "split": split,
@@ -300,8 +300,8 @@ class MultiTaskModule(L.LightningModule):
     def split_metrics(self, cases: list[dict[str, Any]]) -> tuple[dict[str, float], Tensor | None]:
         """Mean Dice, subtype scores and ``combined`` over one split's cases, and the subtype confusion
         matrix (None without a head)."""
-        dice = torch.tensor([[c["dice_pancreas"], c["dice_lesion"]] for c in cases], dtype=torch.float64)
-        metrics = {"dice_pancreas": float(dice[:, 0].mean()), "dice_lesion": float(dice[:, 1].mean())}
+        dice = torch.tensor([[c["whole_pancreas_dice"], c["lesion_dice"]] for c in cases], dtype=torch.float64)
+        metrics = {"whole_pancreas_dice": float(dice[:, 0].mean()), "lesion_dice": float(dice[:, 1].mean())}
         confusion = None
         if cases[0]["probabilities"] is not None:
             probabilities = torch.stack([c["probabilities"] for c in cases])
@@ -309,8 +309,8 @@ class MultiTaskModule(L.LightningModule):
             scores_tracker = ClassificationMetrics(num_classes=probabilities.shape[1])
             scores_tracker.update(probabilities, subtypes)
             scores = scores_tracker.compute()
-            metrics.update({"f1_macro": scores["macro_f1"], "balanced_accuracy": scores["balanced_accuracy"],
-                            "auroc": scores["macro_auroc"]})
+            metrics.update({"macro_f1": scores["macro_f1"], "balanced_accuracy": scores["balanced_accuracy"],
+                            "macro_auroc": scores["macro_auroc"]})
             metrics.update({f"auroc_{k}": scores[f"auroc_{k}"] for k in range(probabilities.shape[1])})
             confusion = scores_tracker.confusion_matrix()
         metrics["combined"] = self.combined_metric(metrics)

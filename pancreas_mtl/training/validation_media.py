@@ -146,7 +146,7 @@ def log_validation_cases(loggers: Sequence, cases: Sequence[Mapping], step: int,
     (:func:`pancreas_mtl.tracking.media.log_validation_media`); other loggers are skipped. Never raises.
 
     Args:
-        cases: ``{case_id, subtype, dice_pancreas, dice_lesion, probabilities ((K,) or None), slice
+        cases: ``{case_id, subtype, whole_pancreas_dice, lesion_dice, probabilities ((K,) or None), slice
             (:func:`validation_slice` or None)}`` per case.
         labels: the plan's ``{name: value}`` segmentation labels, naming the mask classes.
     """
