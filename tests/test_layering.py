@@ -95,6 +95,9 @@ def test_the_package_root_holds_only_general_helpers():
 
 
 def test_every_subpackage_is_a_layer():
+    folders = {p.parent for p in PACKAGE.rglob("*.py")} - {PACKAGE}
+    namespace = sorted(str(f.relative_to(REPO_ROOT)) for f in folders if not (f / "__init__.py").is_file())
+    assert not namespace, f"folders of modules without __init__.py (a wheel would leave them out): {namespace}"
     packages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
     assert packages, "no subpackages found"
     missing = [name for name in packages if _layer([name]) is None]
