@@ -1,5 +1,6 @@
 """The package works installed from a wheel, away from the source tree: its configs ship inside it
-(``pancreas_mtl.conf``), so planning, generating, train.py and predict.py find them."""
+(``pancreas_mtl.conf``), and ``pancreas-mtl train|predict|tune`` run the same commands as the checkout's
+train.py, predict.py and tune.py."""
 
 from __future__ import annotations
 
@@ -45,34 +46,46 @@ def test_a_built_wheel_trains_and_predicts_outside_the_source_tree(tmp_path):
     wheel = next((tmp_path / "dist").glob("pancreas_mtl-*.whl"))
     assert any(name.startswith("pancreas_mtl/conf/planning/") for name in zipfile.ZipFile(wheel).namelist())
 
-    # a fresh environment: the wheel unpacked into its own site-packages; the dependencies (torch, ...) are
-    # reached through a path entry to this environment's site-packages, whose editable-install hook is
-    # not run from there, so `import pancreas_mtl` can only find the wheel
+    # a fresh environment: the wheel installed by pip (which writes the pancreas-mtl console script); the
+    # dependencies (torch, ...) are reached through a path entry to this environment's site-packages, whose
+    # editable-install hook is not run from there, so `import pancreas_mtl` can only find the wheel
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, dict(os.environ))
-    python = venv / "bin" / "python"
+    python, command = venv / "bin" / "python", venv / "bin" / "pancreas-mtl"
+    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
+          str(wheel)], tmp_path, dict(os.environ))
     site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path,
                      dict(os.environ)).stdout.strip())
-    zipfile.ZipFile(wheel).extractall(site)
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    assert command.is_file()
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    for script in ("train.py", "predict.py"):
-        shutil.copy2(REPO_ROOT / script, outside / script)
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     env.update(PANCREAS_MTL_OUTPUTS=str(tmp_path / "outputs"), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     found = _run([str(python), "-c", "import pancreas_mtl.config as c; print(c.__file__); print(c.config_dir())"],
                  outside, env).stdout.split()
     assert all(Path(path).is_relative_to(site) for path in found), found
 
-    _run([str(python), "train.py", "experiment=cpu_demo", "debug=fdr", "data.synthetic.size=tiny", "planning=small",
+    _run([str(command), "train", "experiment=cpu_demo", "debug=fdr", "data.synthetic.size=tiny", "planning=small",
           "data.num_workers=0", "data.preprocessing_workers=0", "data.progress=false", "trainer.precision=32-true",
           "logger=csv"], outside, env)
-    assert list((tmp_path / "outputs" / "runs").rglob("plan.json"))
+    (run_dir,) = {path.parent for path in (tmp_path / "outputs" / "runs").rglob("plan.json")}
+    assert (run_dir / "run_info.json").is_file() and list(run_dir.glob("*.log"))
+    assert list((run_dir / "checkpoints").glob("*.ckpt"))
+    assert list(outside.iterdir()) == []  # Hydra's run folder is under paths.output_root, not the cwd
 
     checkpoint = save_checkpoint(tmp_path / "c.ckpt", tiny_plan())
     names = write_cases(tmp_path / "cases", count=1)
-    _run([str(python), "predict.py", f"ckpt={checkpoint}", f"input={tmp_path / 'cases'}",
+    _run([str(command), "predict", f"ckpt={checkpoint}", f"input={tmp_path / 'cases'}",
           f"output={tmp_path / 'predictions'}", "progress=false"], outside, env)
     assert (tmp_path / "predictions" / f"{names[0]}.nii.gz").is_file()
+
+    # a refused key is one error line and exit 2 or 1, as python predict.py gives it
+    refused = subprocess.run([str(command), "predict", f"ckpt={tmp_path / 'missing.ckpt'}",
+                              f"input={tmp_path / 'cases'}", f"output={tmp_path / 'elsewhere_pred'}"],
+                             cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "missing.ckpt" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    usage = _run([str(command), "--help"], outside, env).stdout
+    assert all(f"  {name} " in usage for name in ("train", "predict", "tune", "evaluate"))
