@@ -41,7 +41,8 @@ from pancreas_mtl.inference.sources import find_cases  # noqa: E402
 from pancreas_mtl.models.multitask import build_model  # noqa: E402
 from pancreas_mtl.planning.fingerprint import load_or_compute_fingerprint  # noqa: E402
 from pancreas_mtl.planning.planner import load_preset, plan_experiment  # noqa: E402
-from pancreas_mtl.synthetic.generator import GENERATOR_VERSION, generate_dataset, load_config  # noqa: E402
+from pancreas_mtl.synthetic.dataset_folder import GENERATOR_VERSION, generate_dataset  # noqa: E402
+from pancreas_mtl.synthetic.generator import load_config  # noqa: E402
 
 CONF = REPO_ROOT / "conf"
 

@@ -74,12 +74,14 @@ from pancreas_mtl.evaluation.metrics import dice  # noqa: E402
 from pancreas_mtl.inference.checkpoint import MODEL_PREFIX, load_network  # noqa: E402
 from pancreas_mtl.inference.input_grid import restore_original_geometry  # noqa: E402
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor  # noqa: E402
-from pancreas_mtl.inference.sliding_window import predict_windows, window_starts  # noqa: E402
+from pancreas_mtl.inference.sliding_window import predict_windows  # noqa: E402
 from pancreas_mtl.inference.sources import find_cases  # noqa: E402
+from pancreas_mtl.inference.windows import window_starts  # noqa: E402
 from pancreas_mtl.models.multitask import build_model  # noqa: E402
 from pancreas_mtl.models.nnunet_io import export_nnunet_model_folder  # noqa: E402
 from pancreas_mtl.planning.planner import load_preset, plan_experiment  # noqa: E402
-from pancreas_mtl.synthetic.generator import generate_dataset, load_config  # noqa: E402
+from pancreas_mtl.synthetic.dataset_folder import generate_dataset  # noqa: E402
+from pancreas_mtl.synthetic.generator import load_config  # noqa: E402
 
 CONF = REPO_ROOT / "conf"
 CT_FOLDER = REPO_ROOT.parent / "shared" / "data" / "ct"

@@ -39,7 +39,8 @@ from _machine import cpu_model  # noqa: E402  (bench/ is on sys.path when a scri
 
 def make_dataset(root: Path) -> Path:
     """The tiny preset with 200 test cases (67/67/66 per subtype) and 6 training cases, no validation."""
-    from pancreas_mtl.synthetic.generator import generate_dataset, load_config
+    from pancreas_mtl.synthetic.dataset_folder import generate_dataset
+    from pancreas_mtl.synthetic.generator import load_config
 
     config = load_config("tiny")
     config.name = "memory_tiny"
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if max(args.counts) > TEST_CASES:
         parser.error(f"at most {TEST_CASES} cases")
-    from pancreas_mtl.synthetic.generator import GENERATOR_VERSION
+    from pancreas_mtl.synthetic.dataset_folder import GENERATOR_VERSION
 
     dataset = make_dataset(OUTPUTS / "bench" / f"memory_tiny_v{GENERATOR_VERSION}")
     work = OUTPUTS / "bench" / "prediction_memory"

@@ -22,7 +22,8 @@ from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.dataset.cache import build_cache
 from pancreas_mtl.planning.fingerprint import compute_fingerprint
 from pancreas_mtl.planning.planner import load_preset, plan_experiment
-from pancreas_mtl.synthetic.generator import generate_dataset, load_config
+from pancreas_mtl.synthetic.dataset_folder import generate_dataset
+from pancreas_mtl.synthetic.generator import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -42,9 +42,10 @@ from pancreas_mtl.evaluation.analysis import (
     load_evaluation,
     metrics_by_subtype,
 )
-from pancreas_mtl.evaluation.case_views import lesion_errors, worst_cases, worst_cases_figure
+from pancreas_mtl.evaluation.case_views import lesion_errors, worst_cases_figure
 from pancreas_mtl.evaluation.evaluate import format_summary
 from pancreas_mtl.evaluation.plots import metric_by_subtype_figure
+from pancreas_mtl.evaluation.selection import worst_cases
 
 evaluation = load_evaluation(evaluation_dir)
 print(format_summary(evaluation.summary))

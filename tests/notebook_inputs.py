@@ -18,7 +18,8 @@ LESION = 2
 
 def tiny_dataset(root: Path, train=(2, 2, 2), validation=(2, 2, 2), test=(1, 1, 1)) -> Path:
     """The tiny synthetic preset with fewer cases (about a second)."""
-    from pancreas_mtl.synthetic.generator import generate_dataset, load_config
+    from pancreas_mtl.synthetic.dataset_folder import generate_dataset
+    from pancreas_mtl.synthetic.generator import load_config
 
     config = load_config("tiny")
     config.train_counts, config.validation_counts, config.test_counts = train, validation, test

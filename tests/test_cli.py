@@ -12,7 +12,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from pancreas_mtl.commands.cli import COMMANDS, main
+from pancreas_mtl.commands.cli import main
+from pancreas_mtl.commands.tools import COMMANDS
 from pancreas_mtl.config import config_dir
 
 REQUIRED = {"generate": ["out"], "convert": ["source", "destination"], "check": ["root"],

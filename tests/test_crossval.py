@@ -22,19 +22,25 @@ from tests.wandb_records import finished_records
 
 NUM_FOLDS = 2
 QUIET = ["bootstrap=50", "progress=false", "plots=false"]
+SEG_ONLY_WEIGHTS = {"whole_pancreas_dice": 1.0, "lesion_dice": 1.0, "macro_f1": 0.0}  # experiment=seg_only's
 
 
 def make_sweep(folder: Path, dataset: Path, folds=(0, 1), seg_bias=(0.0, 5.0, 0.0), data_in_checkpoint=(1,),
-               **data_changes) -> Path:
+               combined_metric=None, **data_changes) -> Path:
     """A sweep folder as ``train.py -m data.fold=0,1`` leaves it: ``<n>/.hydra/config.yaml`` and
     ``<n>/checkpoints/last.ckpt``. Jobs in ``data_in_checkpoint`` also carry the resolved data config in
-    their checkpoint, as training writes it; the others only the model's (the config file is read)."""
+    their checkpoint, as training writes it; the others only the model's (the config file is read). With
+    ``combined_metric`` the run configs hold those weights of the combined score (else none: a run from
+    before the key, scored with conf/module/default.yaml's)."""
     for job, fold in enumerate(folds):
         data = {"source": "folder", "root": str(dataset), "num_subtypes": 3, "split": "kfold", "fold": fold,
                 "num_folds": NUM_FOLDS, "split_seed": 12345, **data_changes}
         job_dir = folder / str(job)
         (job_dir / ".hydra").mkdir(parents=True)
-        (job_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task_name": "train", "data": data}))
+        config = {"task_name": "train", "data": data}
+        if combined_metric is not None:
+            config["module"] = {"combined_metric": dict(combined_metric)}
+        (job_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
         (job_dir / "checkpoints").mkdir()
         path = save_checkpoint(job_dir / "checkpoints" / "last.ckpt", tiny_plan(), seed=fold, seg_bias=list(seg_bias),
                                class_bias=[2.0, 0.0, 0.0])
@@ -152,6 +158,7 @@ def test_compare_ranks_experiments_and_scores_their_ensemble(swept, tmp_path, ca
     ("settings_differ", "data.split_seed: 12345 in 0, 7 in 1"),
     ("checkpoint_of_other_fold", "trained on fold 0, but its job's config"),
     ("validation_folder", "one held-out set rather than folds"),
+    ("weights_differ", "job 1: {'lesion_dice': 1.0, 'macro_f1': 0.0, 'whole_pancreas_dice': 1.0}"),
 ])
 def test_crossval_refuses_what_is_not_one_cross_validation(problem, expected, dataset, tmp_path, capsys):
     sweep = tmp_path / "sweep"
@@ -179,10 +186,42 @@ def test_crossval_refuses_what_is_not_one_cross_validation(problem, expected, da
         (sweep / "1" / "checkpoints" / "last.ckpt").write_bytes((sweep / "0" / "checkpoints" / "last.ckpt").read_bytes())
     elif problem == "validation_folder":
         make_sweep(sweep, dataset, folds=(0,), split="auto")
+    elif problem == "weights_differ":  # fold 1 trained with seg_only's combined score, fold 0 with the default
+        make_sweep(sweep, dataset)
+        ckpt = torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=True)
+        ckpt["pancreas_mtl"]["config"]["module"] = {"combined_metric": SEG_ONLY_WEIGHTS}
+        torch.save(ckpt, sweep / "1" / "checkpoints" / "last.ckpt")
     with pytest.raises(ValueError, match=re.escape(expected)):
         read_sweep(sweep)
     assert main(["crossval", f"multirun={sweep}", *QUIET]) == 1
     assert expected in capsys.readouterr().err
+
+
+def test_crossval_and_compare_rank_a_sweep_by_its_own_combined_score(swept, dataset, tmp_path, capsys):
+    """A sweep trained with seg_only's combined score (the two Dice) is scored, and ranked, by that score, not
+    by the default's mean of three (its networks do have a head here, so macro F1 is defined)."""
+    a, _ = swept
+    seg_only = make_sweep(tmp_path / "seg_only", dataset, combined_metric=SEG_ONLY_WEIGHTS)
+    assert main(["crossval", f"multirun={seg_only}", "device=cpu", *QUIET]) == 0
+    result = json.loads((seg_only / "crossval" / "crossval.json").read_text())
+    summary = json.loads((seg_only / "crossval" / "evaluation" / "summary.json").read_text())
+    dice = [summary["segmentation"][name]["mean"] for name in ("whole_pancreas_dice", "lesion_dice")]
+    assert result["combined_metric"] == SEG_ONLY_WEIGHTS
+    assert result["scores"]["macro_f1"] == pytest.approx(1 / 6)  # defined, and not part of this score
+    assert result["scores"]["combined"] == pytest.approx(sum(dice) / 2)
+    assert result["scores"]["combined"] != pytest.approx((sum(dice) + 1 / 6) / 3)
+    assert json.loads((a / "crossval" / "crossval.json").read_text())["combined_metric"] == {
+        "whole_pancreas_dice": 1.0, "lesion_dice": 1.0, "macro_f1": 1.0}  # a's runs hold none: the YAML's
+    out = tmp_path / "compare"
+    assert main(["compare", f"runs=[{seg_only}]", f"out={out}", *QUIET]) == 0
+    [row] = json.loads((out / "compare.json").read_text())["ranking"]
+    assert row["combined"] == pytest.approx(sum(dice) / 2) and row["combined_metric"] == SEG_ONLY_WEIGHTS
+    # ranked by combined beside a sweep that weighs it otherwise, two different scores would be ranked
+    assert main(["compare", f"runs=[{seg_only},{a}]", f"out={tmp_path / 'mixed'}", *QUIET]) == 1
+    err = capsys.readouterr().err
+    assert "weigh their combined score differently" in err and str(seg_only) in err and str(a) in err
+    assert main(["compare", f"runs=[{seg_only},{a}]", f"out={tmp_path / 'by_dice'}", "metric=lesion_dice",
+                 *QUIET]) == 0
 
 
 @pytest.mark.slow

@@ -18,14 +18,9 @@ from pancreas_mtl.commands.cli import main as cli_main
 from pancreas_mtl.raw.convert import convert_to_nnunet
 from pancreas_mtl.raw.layout import discover
 from pancreas_mtl.dataset.prepare import dataset_root, prepare_dataset
-from pancreas_mtl.synthetic import generator as synthetic
-from pancreas_mtl.synthetic.generator import (
-    GENERATOR_VERSION,
-    MARKER_FILE,
-    generate_dataset,
-    load_config,
-    plan_cases,
-)
+from pancreas_mtl.synthetic import dataset_folder
+from pancreas_mtl.synthetic.dataset_folder import GENERATOR_VERSION, MARKER_FILE, generate_dataset, plan_cases
+from pancreas_mtl.synthetic.generator import load_config
 from tests.conftest import REPO_ROOT, write_distributed_dataset
 
 EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -96,7 +91,7 @@ def test_overwrite_removes_exactly_the_listed_files_and_refuses_beside_foreign_o
 
 
 def test_a_killed_generation_knows_what_it_wrote(tmp_path, mini, monkeypatch):
-    write_case, calls = synthetic._write_case, []
+    write_case, calls = dataset_folder._write_case, []
 
     def killed_after_two(*args):
         if len(calls) == 2:
@@ -104,7 +99,7 @@ def test_a_killed_generation_knows_what_it_wrote(tmp_path, mini, monkeypatch):
         calls.append(args)
         write_case(*args)
 
-    monkeypatch.setattr(synthetic, "_write_case", killed_after_two)
+    monkeypatch.setattr(dataset_folder, "_write_case", killed_after_two)
     root = tmp_path / "synth"
     with pytest.raises(KeyboardInterrupt):
         generate_dataset(root, mini, progress=False)
@@ -124,7 +119,7 @@ def test_a_killed_generation_knows_what_it_wrote(tmp_path, mini, monkeypatch):
 
 
 def test_a_killed_generation_is_completed_by_a_rerun(tmp_path, mini, monkeypatch):
-    monkeypatch.setattr(synthetic, "_write_case", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(dataset_folder, "_write_case", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         generate_dataset(tmp_path / "synth", mini, progress=False)
     monkeypatch.undo()
@@ -215,7 +210,7 @@ def no_generator(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"the generator was called: {args}")
 
-    monkeypatch.setattr(synthetic, "generate_dataset", refuse)
+    monkeypatch.setattr(dataset_folder, "generate_dataset", refuse)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -280,7 +275,7 @@ def test_the_synthetic_source_never_generates_into_a_folder_the_user_named(tmp_p
 def recorded_generator(monkeypatch):
     """The generator replaced by a recorder of the folders it is asked to write."""
     roots = []
-    monkeypatch.setattr(synthetic, "generate_dataset", lambda root, config, **kwargs: roots.append(root))
+    monkeypatch.setattr(dataset_folder, "generate_dataset", lambda root, config, **kwargs: roots.append(root))
     return roots
 
 
@@ -326,7 +321,7 @@ def test_jobs_starting_together_generate_the_synthetic_set_once(tmp_path):
     import subprocess
     import sys
 
-    from pancreas_mtl.synthetic.generator import MARKER_FILE
+    from pancreas_mtl.synthetic.dataset_folder import MARKER_FILE
 
     root = tmp_path / "data" / "synthetic_tiny"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -15,20 +15,15 @@ import pytest
 from pancreas_mtl.config import config_dir
 from pancreas_mtl.raw.io import write_nifti
 from pancreas_mtl.commands.cli import main as cli_main
-from pancreas_mtl.evaluation.evaluate import (
-    EvaluationConfig,
-    evaluate,
-    format_summary,
-    score_case,
-    summarise,
-)
+from pancreas_mtl.evaluation.evaluate import EvaluationConfig, evaluate, format_summary, score_case
 from pancreas_mtl.evaluation.metrics import (
     hausdorff_distance_95,
     image_diagonal_mm,
     normalised_surface_dice,
     segmentation_metrics,
 )
-from pancreas_mtl.evaluation.plots import roc_curve
+from pancreas_mtl.evaluation.roc import roc_curve
+from pancreas_mtl.evaluation.summary import summarise
 from tests.conftest import lps_affine, write_distributed_dataset
 
 # --- known answers ----------------------------------------------------------------------------------------
@@ -224,17 +219,18 @@ def test_mismatched_case_sets_are_an_error_listing_them(tmp_path):
     assert main([f"pred={pred}", f"gt={gt}"]) == 2  # out= missing
 
 
-def test_the_command_line_defaults_are_the_python_defaults():
-    """conf/evaluate.yaml (the command line) and EvaluationConfig (evaluate() from Python) agree."""
+def test_the_schema_types_the_yaml_and_holds_no_values():
+    """EvaluationConfig types conf/evaluate.yaml's keys in its order and has no values of its own; a
+    mapping given to evaluate() from Python is read as changes to the YAML file."""
     from omegaconf import OmegaConf
 
     yaml = OmegaConf.load(config_dir() / "evaluate.yaml")
     python = OmegaConf.structured(EvaluationConfig)
     assert list(yaml) == list(python)
-    for key in python:
-        assert OmegaConf.is_missing(yaml, key) == OmegaConf.is_missing(python, key), key
-        if not OmegaConf.is_missing(python, key):
-            assert yaml[key] == python[key], key
+    assert all(OmegaConf.is_missing(python, key) for key in python)
+    composed = EvaluationConfig.compose({"pred": "p", "gt": "g", "out": "o", "bootstrap": 7})
+    assert composed.bootstrap == 7 and composed.tolerance_mm == yaml.tolerance_mm and composed.probs is None
+    assert composed.pred == "p" and composed.wandb_project == yaml.wandb_project
 
 
 def test_evaluate_command_line_errors(tmp_path, capsys):
@@ -290,7 +286,8 @@ def test_reference_from_a_dataset_root_and_a_split_folder(tmp_path):
 
 
 def test_synthetic_test_labels_are_a_reference(tmp_path):
-    from pancreas_mtl.synthetic.generator import generate_dataset, load_config
+    from pancreas_mtl.synthetic.dataset_folder import generate_dataset
+    from pancreas_mtl.synthetic.generator import load_config
 
     config = load_config("tiny")
     config.train_counts, config.validation_counts, config.test_counts = (0, 0, 0), (0, 0, 0), (1, 1, 1)

@@ -13,15 +13,12 @@ import torch
 
 from pancreas_mtl.losses import ClassificationLoss, MultiTaskLoss, SegmentationLoss
 from pancreas_mtl.models import LesionAttentionHead, MultiStageHead, MultiTaskNet, OneVsRestHead, SingleStageHead
+from tests.conf_values import classification_loss_values, head_values, segmentation_loss_values
 from tests.test_models import PATCH, tiny_net
 
-GUIDED = {"region": "lesion", "truth_guidance": 0.5, "truth_jitter": 1, "image_statistics": True}
-HEADS = {
-    "single_stage": (SingleStageHead, GUIDED),
-    "multistage": (MultiStageHead, GUIDED),
-    "ovr": (OneVsRestHead, GUIDED),
-    "lesion_attention": (LesionAttentionHead, {"truth_guidance": 0.5, "truth_jitter": 1, "image_statistics": True}),
-}
+# each head as conf/model/head/ configures it (pooling over the lesion, truth guidance, image statistics)
+HEADS = {"single_stage": SingleStageHead, "multistage": MultiStageHead, "ovr": OneVsRestHead,
+         "lesion_attention": LesionAttentionHead}
 STEPS = 150
 
 
@@ -54,12 +51,13 @@ def train_tiny(name: str, seed: int = 0) -> tuple[list[float], float]:
     head's probabilities, whatever its loss) and the accuracy on fresh patches in eval mode."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    head_class, knobs = HEADS[name]
     backbone = tiny_net(features=(8, 16, 16, 16))   # 8 full-resolution channels: single_stage reads only those
-    head = head_class(backbone.decoder_channels, 3, dropout=0.0, **knobs)
+    head = HEADS[name](backbone.decoder_channels, 3, **head_values(name, dropout=0.0))
     model = MultiTaskNet(backbone, head)
     kind = head.loss_kind
-    loss = MultiTaskLoss(SegmentationLoss(), ClassificationLoss(3, kind=kind), cls_weight=1.0)
+    loss = MultiTaskLoss(SegmentationLoss(**segmentation_loss_values()),
+                         ClassificationLoss(**classification_loss_values(kind=kind, class_weights=None)),
+                         cls_weight=1.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     cross_entropies = []
     model.train()

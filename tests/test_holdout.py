@@ -25,13 +25,17 @@ EPOCHS = 4  # notebook_inputs.training_run's log
 
 
 def add_job(sweep: Path, number: int, dataset: Path, head: str, seed: int, class_bias, max_epochs: int = EPOCHS,
-            select: bool = True, **data_changes) -> Path:
-    """Job ``<number>/`` of a sweep: its config, overrides and CSV log, and the checkpoint model selection kept."""
+            select: bool = True, combined_metric=None, **data_changes) -> Path:
+    """Job ``<number>/`` of a sweep: its config, overrides and CSV log, and the checkpoint model selection kept;
+    with ``combined_metric`` its config holds those weights of the combined score (else none, as a run from
+    before the key)."""
     job = notebook_inputs.training_run(sweep / str(number), seed=seed, overrides=(f"model/head={head}",))
     data = {"source": "folder", "root": str(dataset), "num_subtypes": 3, "split": "auto", "fold": 0,
             "inner_validation": {"cases": 2}, **data_changes}
-    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task_name": "train", "data": data,
-                                                                "trainer": {"max_epochs": max_epochs}}))
+    config = {"task_name": "train", "data": data, "trainer": {"max_epochs": max_epochs}}
+    if combined_metric is not None:
+        config["module"] = {"combined_metric": dict(combined_metric)}
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (job / "checkpoints").mkdir()
     name = "epoch0002-select0.6000.ckpt" if select else "last.ckpt"
     save_checkpoint(job / "checkpoints" / name, tiny_plan(), seed=seed, seg_bias=[0.0, 5.0, 0.0], class_bias=class_bias)
@@ -138,6 +142,29 @@ def test_each_checkpoint_rule_is_an_experiment_of_its_own(scored, tmp_path):
         f"model/head={head} checkpoint={rule}" for head in ("single_stage", "multistage")
         for rule in ("selected", "epoch0002-select0.6000.ckpt"))
     assert {row["runs"] for row in ranking} == {1, 2} and all(row["splits"] == ["validation", "test"] for row in ranking)
+
+
+def test_each_job_is_scored_by_its_own_combined_score(scored, dataset, tmp_path, capsys):
+    """A job trained with seg_only's combined score (the two Dice) is scored by it, the others by the default
+    weights (their configs hold none); compare does not rank the two kinds by combined."""
+    first, _ = scored
+    default = {"whole_pancreas_dice": 1.0, "lesion_dice": 1.0, "macro_f1": 1.0}
+    for job in json.loads((first / "holdout" / "holdout.json").read_text())["jobs"]:
+        scores = job["scores"]["validation"]
+        assert job["combined_metric"] == default
+        assert scores["combined"] == pytest.approx(np.mean([scores[name] for name in default]))
+    seg_only = tmp_path / "seg_only"
+    weights = {"whole_pancreas_dice": 1.0, "lesion_dice": 1.0}
+    add_job(seg_only, 0, dataset, "none", 1, [0.0, 3.0, 0.0], combined_metric=weights)
+    assert main(["holdout", f"multirun={seg_only}", "checkpoint=selected", "splits=[validation]", *QUIET]) == 0
+    [job] = json.loads((seg_only / "holdout" / "holdout.json").read_text())["jobs"]
+    scores = job["scores"]["validation"]
+    assert job["combined_metric"] == weights and scores["macro_f1"] is not None
+    assert scores["combined"] == pytest.approx((scores["whole_pancreas_dice"] + scores["lesion_dice"]) / 2)
+    assert main(["compare", f"runs=[{first},{seg_only}]", f"out={tmp_path / 'by_combined'}"]) == 1
+    err = capsys.readouterr().err
+    assert "weigh their combined score differently" in err and "model/head=none" in err
+    assert main(["compare", f"runs=[{first},{seg_only}]", f"out={tmp_path / 'by_dice'}", "metric=lesion_dice"]) == 0
 
 
 def test_unfinished_jobs_are_an_error_when_asked(scored, capsys):

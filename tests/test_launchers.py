@@ -245,10 +245,11 @@ def multirun(tmp_path, *overrides, base=BASE, task="debug"):
 
 @pytest.mark.slow
 def test_shards_then_two_fold_multirun_through_submitit_local(tmp_path):
-    from pancreas_mtl.synthetic import generator
+    from pancreas_mtl.synthetic.dataset_folder import generate_dataset
+    from pancreas_mtl.synthetic.generator import load_config
 
     # generated first: the jobs of a multirun start at once, and the set is generated on first use
-    generator.generate_dataset(tmp_path / "data" / "synthetic_tiny", generator.load_config("tiny"), progress=False)
+    generate_dataset(tmp_path / "data" / "synthetic_tiny", load_config("tiny"), progress=False)
 
     shard_sweep = multirun(tmp_path, "prepare_only=true", "data.shard=0/2,1/2")
     entries = sorted((tmp_path / "cache").glob("*/*/*.json"))

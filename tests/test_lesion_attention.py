@@ -8,7 +8,15 @@ import torch
 
 from pancreas_mtl.models import LesionAttentionHead, MultiTaskNet, UNetOutput
 from pancreas_mtl.models.pooling import jitter_mask, lesion_image_statistics, lesion_regions
+from tests.conf_values import head_values
 from tests.test_models import PATCH, tiny_net
+
+
+def attention_head(decoder_channels, **changes) -> LesionAttentionHead:
+    """conf/model/head/lesion_attention.yaml's head without truth guidance, its jitter or the image statistics
+    (each test turns on what it is about), ``changes`` over it."""
+    knobs = {"truth_guidance": 0.0, "truth_jitter": 0, "image_statistics": False, **changes}
+    return LesionAttentionHead(decoder_channels, 3, **head_values("lesion_attention", **knobs))
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +25,7 @@ def image() -> torch.Tensor:
 
 
 def test_lesion_attention_is_uniform_without_lesion_and_focused_on_one():
-    head = LesionAttentionHead([8], 3, init_temperature=0.05)
+    head = attention_head([8], init_temperature=0.05)
     p = torch.zeros(2, 1, 2, 4, 4)
     p[1, 0, 1, 2, 3] = 1.0  # second patch: certain lesion in one voxel
     weights = head.attention_weights(p, stage=0)
@@ -27,7 +35,7 @@ def test_lesion_attention_is_uniform_without_lesion_and_focused_on_one():
 
 def test_lesion_attention_pools_over_the_true_lesion_in_training_only(image):
     net = tiny_net()
-    head = LesionAttentionHead(net.decoder_channels, 3, dropout=0.0, truth_guidance=1.0)
+    head = attention_head(net.decoder_channels, dropout=0.0, truth_guidance=1.0)
     model = MultiTaskNet(net, head)
     mask = torch.zeros(image.shape[0], 1, *image.shape[2:], dtype=torch.bool)
     mask[:, :, 2:5, 3:9, 4:10] = True
@@ -46,11 +54,11 @@ def test_lesion_attention_pools_over_the_true_lesion_in_training_only(image):
     model.eval()
     torch.testing.assert_close(head(unet, mask), head(unet))  # inference: the prediction guides
     with pytest.raises(ValueError, match="truth_guidance"):
-        LesionAttentionHead([8], 3, truth_guidance=1.5)
+        attention_head([8], truth_guidance=1.5)
 
 
 def test_lesion_attention_meanmax_sees_a_bright_voxel_inside_the_lesion_only():
-    head = LesionAttentionHead([1], 3, pool="meanmax", dropout=0.0, init_temperature=0.05)
+    head = attention_head([1], pool="meanmax", dropout=0.0, init_temperature=0.05)
     with torch.no_grad():
         head.project[0].weight.copy_(torch.tensor([[0.0, 1.0]]))  # the token is the max part
         head.project[0].bias.zero_()
@@ -64,7 +72,7 @@ def test_lesion_attention_meanmax_sees_a_bright_voxel_inside_the_lesion_only():
     assert torch.allclose(head(UNetOutput([seg], [outside], outside)), head(unet), atol=1e-4)
     assert not torch.allclose(head(UNetOutput([seg], [inside], inside)), head(unet), atol=1e-4)
     with pytest.raises(ValueError, match="lesion pooling"):
-        LesionAttentionHead([8], 3, pool="median")
+        attention_head([8], pool="median")
 
 
 def test_lesion_regions_split_a_mask_into_core_rim_and_ring():
@@ -77,7 +85,7 @@ def test_lesion_regions_split_a_mask_into_core_rim_and_ring():
 
 
 def test_lesion_attention_regions_tell_a_bright_rim_from_a_bright_core():
-    head = LesionAttentionHead([1], 3, pool="regions", dropout=0.0, init_temperature=1.0)
+    head = attention_head([1], pool="regions", dropout=0.0, init_temperature=1.0)
     seg = torch.full((1, 3, 7, 7, 7), -20.0)
     seg[:, 0] = 20.0                                                 # background ...
     seg[:, 0, 1:6, 1:6, 1:6], seg[:, 2, 1:6, 1:6, 1:6] = -20.0, 20.0  # ... around a 5^3 lesion
@@ -121,7 +129,7 @@ def test_lesion_image_statistics_read_the_image_under_the_lesion():
 
 def test_lesion_attention_with_image_statistics_needs_and_uses_the_image(image):
     net = tiny_net()
-    head = LesionAttentionHead(net.decoder_channels, 3, dropout=0.0, image_statistics=True, input_channels=1)
+    head = attention_head(net.decoder_channels, dropout=0.0, image_statistics=True, input_channels=1)
     model = MultiTaskNet(net, head).eval()
     unet = net(image)
     with pytest.raises(ValueError, match="image"):

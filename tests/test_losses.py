@@ -20,9 +20,21 @@ from pancreas_mtl.losses import (
     soft_dice_loss,
     subtype_count_list,
 )
+from tests.conf_values import classification_loss_values, segmentation_loss_values
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 LN3 = math.log(3.0)
+
+
+def segmentation_loss(**changes) -> SegmentationLoss:
+    """conf/loss/default.yaml's ``seg_loss`` with ``changes``."""
+    return SegmentationLoss(**segmentation_loss_values(**changes))
+
+
+def classification_loss(**changes) -> ClassificationLoss:
+    """conf/loss/default.yaml's ``cls_loss`` with ``changes``, unweighted unless they give class weights (its
+    inverse-frequency weights need the training split's counts)."""
+    return ClassificationLoss(**classification_loss_values(**{"class_weights": None, **changes}))
 
 
 def labels_1d(*rows: list[int]) -> torch.Tensor:
@@ -39,7 +51,7 @@ def confident_logits(label: torch.Tensor, num_classes: int = 3, scale: float = 1
 
 def test_perfect_prediction_gives_dice_minus_one_and_ce_zero():
     label = labels_1d([0, 1, 1, 2, 0, 0, 2, 1], [1, 1, 0, 0, 2, 2, 0, 0])
-    terms = SegmentationLoss()(confident_logits(label), label)
+    terms = segmentation_loss()(confident_logits(label), label)
     assert terms["dice"].item() == pytest.approx(-1.0, abs=1e-6)
     assert terms["ce"].item() == pytest.approx(0.0, abs=1e-6)
     assert terms["seg"].item() == pytest.approx(-1.0, abs=1e-6)
@@ -49,7 +61,7 @@ def test_uniform_logits_give_ln3_ce_and_known_dice():
     # 8 voxels, 2 of class 1 and 2 of class 2: soft Dice per class = (2 * 2/3) / (8/3 + 2) = 2/7
     label = labels_1d([0, 1, 1, 2, 2, 0, 0, 0])
     logits = torch.zeros(1, 3, 1, 1, 8)
-    terms = SegmentationLoss(smooth=0.0)(logits, label)
+    terms = segmentation_loss(smooth=0.0)(logits, label)
     assert terms["ce"].item() == pytest.approx(LN3, rel=1e-6)
     assert terms["dice"].item() == pytest.approx(-2 / 7, rel=1e-6)
     # background included: its Dice is (2 * 4/3) / (8/3 + 4) = 2/5
@@ -107,7 +119,7 @@ def test_deep_supervision_sums_weighted_outputs_and_reaches_the_lowest_output():
     label = torch.randint(0, 3, (2, 1, 4, 8, 8))
     shapes = [(4, 8, 8), (4, 4, 4), (2, 2, 2)]
     outputs = [torch.randn(2, 3, *s, requires_grad=True) for s in shapes]
-    loss = SegmentationLoss()
+    loss = segmentation_loss()
     terms = loss(outputs, label)
     weights = deep_supervision_weights(3)
     expected_dice = sum(w * soft_dice_loss(o, t) for w, o, t in zip(weights, outputs, downsample_label(label, shapes)))
@@ -128,14 +140,14 @@ def test_deep_supervision_off_uses_the_first_output_only():
     torch.manual_seed(1)
     label = torch.randint(0, 3, (1, 1, 4, 4, 4))
     outputs = [torch.randn(1, 3, 4, 4, 4), torch.randn(1, 3, 2, 2, 2)]
-    off = SegmentationLoss(deep_supervision=False, weight_dice=2.0, weight_ce=0.5)(outputs, label)
-    single = SegmentationLoss(weight_dice=2.0, weight_ce=0.5)(outputs[0], label)
+    off = segmentation_loss(deep_supervision=False, weight_dice=2.0, weight_ce=0.5)(outputs, label)
+    single = segmentation_loss(weight_dice=2.0, weight_ce=0.5)(outputs[0], label)
     assert off["seg"].item() == pytest.approx(single["seg"].item())
     assert off["seg"].item() == pytest.approx(2.0 * off["dice"].item() + 0.5 * off["ce"].item(), rel=1e-6)
 
 
 def test_explicit_deep_supervision_weights_are_normalised_and_checked():
-    loss = SegmentationLoss(deep_supervision_weights=[2.0, 2.0])
+    loss = segmentation_loss(deep_supervision_weights=[2.0, 2.0])
     assert loss.output_weights(2) == [0.5, 0.5]
     with pytest.raises(ValueError, match="3 segmentation outputs"):
         loss.output_weights(3)
@@ -153,15 +165,15 @@ def test_inverse_frequency_weights_and_counts():
 
 
 def test_ce_of_uniform_logits_is_ln3():
-    loss = ClassificationLoss(no_lesion_policy="case_label")
+    loss = classification_loss(no_lesion_policy="case_label")
     value = loss(torch.zeros(4, 3), torch.tensor([0, 1, 2, 1]))
     assert value.item() == pytest.approx(LN3, rel=1e-6)
 
 
 def test_class_weights_scale_each_sample():
     logits, subtype = torch.zeros(2, 3), torch.tensor([0, 1])
-    sample_mean = ClassificationLoss(class_weights=[2.0, 1.0, 1.0], no_lesion_policy="case_label")
-    weight_mean = ClassificationLoss(class_weights=[2.0, 1.0, 1.0], no_lesion_policy="case_label",
+    sample_mean = classification_loss(class_weights=[2.0, 1.0, 1.0], no_lesion_policy="case_label")
+    weight_mean = classification_loss(class_weights=[2.0, 1.0, 1.0], no_lesion_policy="case_label",
                                      reduction="weight_mean")
     assert sample_mean(logits, subtype).item() == pytest.approx(1.5 * LN3, rel=1e-6)
     assert weight_mean(logits, subtype).item() == pytest.approx(LN3, rel=1e-6)
@@ -172,8 +184,8 @@ def test_class_weights_scale_each_sample():
 
 def test_inverse_frequency_needs_counts_and_uses_them():
     with pytest.raises(ValueError, match="subtype_counts"):
-        ClassificationLoss(class_weights="inverse_frequency")
-    loss = ClassificationLoss(class_weights="inverse_frequency", subtype_counts={0: 62, 1: 106, 2: 84},
+        classification_loss(class_weights="inverse_frequency")
+    loss = classification_loss(class_weights="inverse_frequency", subtype_counts={0: 62, 1: 106, 2: 84},
                               no_lesion_policy="case_label")
     assert loss.class_weights.tolist() == pytest.approx([252 / 186, 252 / 318, 1.0])
     value = loss(torch.zeros(3, 3), torch.tensor([0, 1, 2]))
@@ -185,7 +197,7 @@ def test_label_smoothing_matches_torch_and_raises_confident_loss():
     logits = torch.tensor([[4.0, 0.0, 0.0], [1.0, 2.0, -1.0]])
     subtype = torch.tensor([0, 1])
     for eps in (0.0, 0.1, 0.3):
-        ours = ClassificationLoss(label_smoothing=eps, no_lesion_policy="case_label")(logits, subtype)
+        ours = classification_loss(label_smoothing=eps, no_lesion_policy="case_label")(logits, subtype)
         reference = F.cross_entropy(logits, subtype, label_smoothing=eps)
         assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
     # hand value for the confident sample: p0 = e^4 / (e^4 + 2); targets (1 - eps + eps/3, eps/3, eps/3)
@@ -193,7 +205,7 @@ def test_label_smoothing_matches_torch_and_raises_confident_loss():
     log_p0 = 4.0 - math.log(math.exp(4.0) + 2)
     log_p_other = -math.log(math.exp(4.0) + 2)
     hand = -((1 - eps + eps / 3) * log_p0 + 2 * (eps / 3) * log_p_other)
-    smoothed = ClassificationLoss(label_smoothing=eps, no_lesion_policy="case_label")(logits[:1], subtype[:1])
+    smoothed = classification_loss(label_smoothing=eps, no_lesion_policy="case_label")(logits[:1], subtype[:1])
     assert smoothed.item() == pytest.approx(hand, rel=1e-6)
     assert hand > -log_p0
 
@@ -202,12 +214,12 @@ def test_skip_policy_uses_only_lesion_patches_with_known_subtype():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [1.0, 2.0, 3.0], [0.0, 4.0, 0.0]])
     subtype = torch.tensor([0, 2, -1, 1])
     has_lesion = torch.tensor([True, False, True, True])
-    skip = ClassificationLoss(no_lesion_policy="skip")
+    skip = classification_loss(no_lesion_policy="skip")
     kept = torch.tensor([0, 3])
     assert skip.sample_mask(subtype, has_lesion).tolist() == [True, False, False, True]
     assert skip(logits, subtype, has_lesion).item() == pytest.approx(
         F.cross_entropy(logits[kept], subtype[kept]).item(), rel=1e-6)
-    case_label = ClassificationLoss(no_lesion_policy="case_label")
+    case_label = classification_loss(no_lesion_policy="case_label")
     kept = torch.tensor([0, 1, 3])
     assert case_label(logits, subtype, has_lesion).item() == pytest.approx(
         F.cross_entropy(logits[kept], subtype[kept]).item(), rel=1e-6)
@@ -218,7 +230,7 @@ def test_skip_policy_uses_only_lesion_patches_with_known_subtype():
 @pytest.mark.parametrize("kind", ["ce", "bce"])
 def test_all_skipped_batch_gives_zero_with_grad(kind):
     logits = torch.randn(2, 3, requires_grad=True)
-    loss = ClassificationLoss(kind=kind)(logits, torch.tensor([-1, 1]), torch.tensor([True, False]))
+    loss = classification_loss(kind=kind)(logits, torch.tensor([-1, 1]), torch.tensor([True, False]))
     assert loss.item() == 0.0
     assert loss.grad_fn is not None
     loss.backward()
@@ -226,7 +238,7 @@ def test_all_skipped_batch_gives_zero_with_grad(kind):
 
 
 def test_one_vs_rest_bce_values():
-    loss = ClassificationLoss(kind="bce", no_lesion_policy="case_label")
+    loss = classification_loss(kind="bce", no_lesion_policy="case_label")
     assert loss(torch.zeros(2, 3), torch.tensor([0, 2])).item() == pytest.approx(math.log(2), rel=1e-6)
 
     def softplus(v):
@@ -236,12 +248,12 @@ def test_one_vs_rest_bce_values():
     # target (1, 0, 0): BCE = softplus(-2), softplus(-1), softplus(0), averaged over the 3 outputs
     hand = (softplus(-2.0) + softplus(-1.0) + softplus(0.0)) / 3
     assert loss(logits, subtype).item() == pytest.approx(hand, rel=1e-6)
-    weighted = ClassificationLoss(kind="bce", pos_weight=[3.0, 1.0, 1.0], no_lesion_policy="case_label")
+    weighted = classification_loss(kind="bce", pos_weight=[3.0, 1.0, 1.0], no_lesion_policy="case_label")
     assert weighted(logits, subtype).item() == pytest.approx((3 * softplus(-2.0) + softplus(-1.0) + softplus(0.0)) / 3,
                                                              rel=1e-6)
     # label smoothing eps: targets (1 - eps/2, eps/2, eps/2)
     eps = 0.2
-    smoothed = ClassificationLoss(kind="bce", label_smoothing=eps, no_lesion_policy="case_label")
+    smoothed = classification_loss(kind="bce", label_smoothing=eps, no_lesion_policy="case_label")
     hand = sum(F.binary_cross_entropy_with_logits(torch.tensor(x), torch.tensor(t)).item()
                for x, t in ((2.0, 1 - eps / 2), (-1.0, eps / 2), (0.0, eps / 2))) / 3
     assert smoothed(logits, subtype).item() == pytest.approx(hand, rel=1e-6)
@@ -249,11 +261,11 @@ def test_one_vs_rest_bce_values():
 
 def test_invalid_options_are_rejected():
     with pytest.raises(ValueError, match="pos_weight"):
-        ClassificationLoss(kind="ce", pos_weight=[1.0, 1.0, 1.0])
+        classification_loss(kind="ce", pos_weight=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="no_lesion_policy"):
-        ClassificationLoss(no_lesion_policy="sometimes")
+        classification_loss(no_lesion_policy="sometimes")
     with pytest.raises(ValueError, match="subtypes must be"):
-        ClassificationLoss(no_lesion_policy="case_label")(torch.zeros(1, 3), torch.tensor([3]))
+        classification_loss(no_lesion_policy="case_label")(torch.zeros(1, 3), torch.tensor([3]))
 
 
 # --- multi-task -------------------------------------------------------------------------------------
@@ -270,7 +282,7 @@ def _batch():
 
 def test_multitask_total_and_terms():
     seg_logits, class_logits, label, subtype = _batch()
-    loss = MultiTaskLoss(SegmentationLoss(), ClassificationLoss(), cls_weight=0.3)
+    loss = MultiTaskLoss(segmentation_loss(), classification_loss(), cls_weight=0.3)
     terms = loss(seg_logits, class_logits, label, subtype)
     assert set(terms) == {"loss", "seg", "dice", "ce", "cls", "cls_samples"}
     # has_lesion from the label: only sample 0 is used
@@ -296,7 +308,7 @@ def test_lesion_label_decides_which_patches_teach_the_head():
     label[1, :, 1:3, 3:5, 3:5] = 3                  # sample 1: the lesion
     seg_logits, class_logits, subtype = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 3), torch.tensor([1, 2])
     sampler_flag = (label == 2).flatten(1).any(1)   # [True, False]
-    loss = MultiTaskLoss(SegmentationLoss(), ClassificationLoss(), cls_weight=0.3, lesion_label=3)
+    loss = MultiTaskLoss(segmentation_loss(), classification_loss(), cls_weight=0.3, lesion_label=3)
     terms = loss(seg_logits, class_logits, label, subtype, sampler_flag)
     assert terms["cls_samples"].item() == 1
     assert terms["cls"].item() == pytest.approx(F.cross_entropy(class_logits[1:], subtype[1:]).item(), rel=1e-6)
@@ -304,8 +316,9 @@ def test_lesion_label_decides_which_patches_teach_the_head():
 
 def test_multitask_without_classification():
     seg_logits, class_logits, label, subtype = _batch()
-    with_head_off = MultiTaskLoss(SegmentationLoss(), ClassificationLoss())(seg_logits, None, label, subtype)
-    seg_only = MultiTaskLoss(SegmentationLoss(), None, cls_weight=0.0)(seg_logits, class_logits, label, subtype)
+    with_subtype_loss = MultiTaskLoss(segmentation_loss(), classification_loss(), cls_weight=0.3)
+    with_head_off = with_subtype_loss(seg_logits, None, label, subtype)
+    seg_only = MultiTaskLoss(segmentation_loss(), None, cls_weight=0.0)(seg_logits, class_logits, label, subtype)
     for terms in (with_head_off, seg_only):
         assert terms["cls"].item() == 0.0 and terms["cls_samples"].item() == 0
         assert terms["loss"].item() == pytest.approx(terms["seg"].item())

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from pancreas_mtl.evaluation import (
+from pancreas_mtl.evaluation.metrics import (
     ClassificationMetrics,
     accuracy,
     balanced_accuracy,
@@ -195,3 +196,56 @@ def test_classification_metrics_accumulates_and_drops_unknown():
     assert np.array_equal(accumulator.confusion_matrix(), confusion_matrix(targets, predictions, 3))
     accumulator.reset()
     assert len(accumulator) == 0 and math.isnan(accumulator.compute()["macro_f1"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rules_for_absent_classes_match_scikit_learn(seed):
+    """The rules torchmetrics breaks (evaluation/metrics.py docstring), against scikit-learn: classes only
+    in the targets, only predicted, or in neither. Per-class F1 and recall NaN where 0/0 (sklearn's
+    zero_division=NaN), balanced accuracy over the classes in the targets, AUROC NaN for a class absent
+    from the targets and the macro the mean of the others."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(seed)
+    num_classes, labels = 5, list(range(5))
+    in_targets = rng.choice(num_classes, size=2 + seed % 2, replace=False)
+    predicted = rng.choice(num_classes, size=3, replace=False)  # overlaps in_targets in some seeds only
+    targets, predictions = rng.choice(in_targets, 30), rng.choice(predicted, 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "y_pred contains classes not in y_true"
+        expected_balanced = metrics.balanced_accuracy_score(targets, predictions)
+    assert balanced_accuracy(targets, predictions, num_classes) == pytest.approx(expected_balanced, abs=1e-12)
+    np.testing.assert_allclose(per_class_f1(targets, predictions, num_classes), metrics.f1_score(
+        targets, predictions, labels=labels, average=None, zero_division=np.nan), atol=1e-12)
+    np.testing.assert_allclose(per_class_recall(targets, predictions, num_classes), metrics.recall_score(
+        targets, predictions, labels=labels, average=None, zero_division=np.nan), atol=1e-12)
+    assert np.array_equal(confusion_matrix(targets, predictions, num_classes),
+                          metrics.confusion_matrix(targets, predictions, labels=labels))
+    probabilities = np.round(rng.dirichlet(np.ones(num_classes), 30), 1)  # in [0, 1], with ties
+    auroc = per_class_auroc(probabilities, targets)
+    expected = [metrics.roc_auc_score(targets == k, probabilities[:, k]) if k in in_targets else np.nan
+                for k in labels]
+    np.testing.assert_allclose(auroc, expected, atol=1e-12)
+    assert macro_auroc(probabilities, targets) == pytest.approx(np.nanmean(expected), abs=1e-12)
+
+
+def test_validation_tensors_and_evaluation_arrays_give_identical_scores():
+    """Validation scores float32 tensors through the accumulator (unknown subtypes among them), the
+    evaluation numpy arrays through classification_scores: the same cases give the same numbers, bit for bit."""
+    from pancreas_mtl.evaluation.metrics import classification_scores
+
+    rng = np.random.default_rng(3)
+    targets = rng.choice([-1, 0, 1], 24)  # subtype 2 declared, never seen
+    logits = rng.normal(size=(24, 3)) - [0, 0, 4]  # subtype 2 is never predicted either
+    probabilities = torch.softmax(torch.from_numpy(logits).float(), dim=1)
+    accumulator = ClassificationMetrics(num_classes=3)
+    accumulator.update(probabilities[:10], torch.from_numpy(targets[:10]))
+    accumulator.update(probabilities[10:], torch.from_numpy(targets[10:]))
+    scores = accumulator.compute()
+    known = targets != -1
+    arrays = probabilities.numpy().astype(np.float64)[known]
+    expected = classification_scores(targets[known], arrays.argmax(1), arrays, num_subtypes=3)
+    assert scores.pop("num_cases") == known.sum()
+    assert scores.keys() == expected.keys()
+    assert all(scores[name] == expected[name] or (math.isnan(scores[name]) and math.isnan(expected[name]))
+               for name in expected), {name: (scores[name], expected[name]) for name in expected}
+    assert math.isnan(scores["f1_2"]) and math.isnan(scores["auroc_2"]) and math.isnan(scores["recall_2"])

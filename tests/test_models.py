@@ -21,6 +21,7 @@ from pancreas_mtl.models import (
 )
 from pancreas_mtl.planning.plan import ChannelIntensity, ChannelNormalization, Fingerprint, Plan
 from pancreas_mtl.planning.planner import load_preset, plan_experiment
+from tests.conf_values import head_values
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PATCH = (16, 32, 32)
@@ -148,7 +149,8 @@ def test_channels_last_matches_contiguous(image):
 def test_compiles_without_graph_breaks(image):
     """fullgraph=True fails on any data-dependent Python control flow (backend 'eager': tracing only)."""
     backbone = ResEncUNet.from_plan(tiny_plan(features=(4, 8, 8), patch_size=(8, 16, 16)))
-    net = MultiTaskNet(backbone, LesionAttentionHead(backbone.decoder_channels, 3)).eval()
+    net = MultiTaskNet(backbone, LesionAttentionHead(backbone.decoder_channels, 3,
+                                                     **head_values("lesion_attention"))).eval()
     x = image[:, :, :8, :16, :16]
     compiled = torch.compile(net, backend="eager", fullgraph=True)
     with torch.no_grad():
@@ -182,8 +184,8 @@ def test_resenc_m_quiz_plan_has_about_102m_parameters():
 @pytest.mark.parametrize("name", list(HEADS))
 def test_head_output_shape_and_gradients_reach_the_encoder(image, name):
     net = tiny_net()
-    head = HEADS[name](net.decoder_channels, 3)
-    logits = head(net(image))
+    head = HEADS[name](net.decoder_channels, 3, **head_values(name))  # as conf/model/head/ configures it
+    logits = head(net(image), image=image)
     assert logits.shape == (2, 3)
     logits.square().sum().backward()
     assert net.stem.conv.weight.grad is not None and net.stem.conv.weight.grad.abs().sum() > 0
@@ -199,16 +201,16 @@ def test_head_works_on_a_patch_without_lesion(image, name):
     seg = out.seg_logits[0].clone()
     seg[:, 2] = -1e4  # the network sees no lesion anywhere
     no_lesion = UNetOutput([seg] + out.seg_logits[1:], out.decoder_features, out.bottleneck)
-    head = HEADS[name](net.decoder_channels, 3)
-    logits = head(no_lesion)
+    head = HEADS[name](net.decoder_channels, 3, **head_values(name))
+    logits = head(no_lesion, image=image)
     assert torch.isfinite(logits).all()
     logits.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
 def test_ovr_head_is_for_binary_cross_entropy():
-    head = OneVsRestHead([8, 4], 3)
-    assert head.loss_kind == "bce" and MultiStageHead([8, 4], 3).loss_kind == "ce"
+    head = OneVsRestHead([8, 4], 3, **head_values("ovr"))
+    assert head.loss_kind == "bce" and MultiStageHead([8, 4], 3, **head_values("multistage")).loss_kind == "ce"
     probabilities = head.probabilities(torch.tensor([[0.0, 0.0, 0.0], [10.0, -10.0, -10.0]]))
     torch.testing.assert_close(probabilities[0], torch.full((3,), 1 / 3))
     assert probabilities[1, 0] > 0.99
@@ -216,11 +218,13 @@ def test_ovr_head_is_for_binary_cross_entropy():
 
 def test_heads_reject_bad_knobs():
     with pytest.raises(ValueError, match="pooling"):
-        SingleStageHead([8, 4], 3, pool="median")
+        SingleStageHead([8, 4], 3, **head_values("single_stage", pool="median"))
     with pytest.raises(ValueError, match="at least 2 subtypes"):
-        MultiStageHead([8, 4], 1)
+        MultiStageHead([8, 4], 1, **head_values("multistage"))
     with pytest.raises(IndexError):
-        SingleStageHead([8, 4], 3, stage=2)
+        SingleStageHead([8, 4], 3, **head_values("single_stage", stage=2))
+    with pytest.raises(TypeError, match="region"):  # no knob has a default: conf/model/head/ holds them
+        SingleStageHead([8, 4], 3, **{k: v for k, v in head_values("single_stage").items() if k != "region"})
 
 
 # multi-task wrapper and configs
@@ -228,7 +232,7 @@ def test_heads_reject_bad_knobs():
 
 def test_multitask_forward_and_segmentation_only(image):
     net = tiny_net()
-    model = MultiTaskNet(net, MultiStageHead(net.decoder_channels, 3)).eval()
+    model = MultiTaskNet(net, MultiStageHead(net.decoder_channels, 3, **head_values("multistage"))).eval()
     with torch.no_grad():
         seg, logits = model(image)
         seg_only = model.backbone(image, deep_supervision=False).seg_logits

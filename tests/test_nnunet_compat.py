@@ -15,8 +15,8 @@ from pancreas_mtl.evaluation.metrics import lesion_dice, whole_pancreas_dice
 from pancreas_mtl.inference.input_grid import restore_original_geometry
 from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.runner import predict_cases
-from pancreas_mtl.inference.sliding_window import gaussian_importance_map
 from pancreas_mtl.inference.sources import find_cases
+from pancreas_mtl.inference.windows import gaussian_importance_map
 from tests.conftest import lps_affine
 from tests.predict_helpers import CONF, Pointwise, boxes_image, compose_predict, expected_labels, tiny_plan
 

@@ -266,11 +266,12 @@ def test_unsupported_architectures_are_named(tmp_path, change, message):
 
 def test_export_takes_a_multitask_network_and_leaves_its_head_out(tmp_path, image):
     from pancreas_mtl.models import MultiStageHead, MultiTaskNet
+    from tests.conf_values import head_values
 
     plan = parity_plan()
     backbone = ResEncUNet.from_plan(plan).eval()
     randomize_(backbone, seed=4)
-    model = MultiTaskNet(backbone, MultiStageHead(backbone.decoder_channels, 3))
+    model = MultiTaskNet(backbone, MultiStageHead(backbone.decoder_channels, 3, **head_values("multistage")))
     loaded, _ = load_nnunet_model_folder(export_nnunet_model_folder(model, plan, tmp_path / "model"))
     with torch.no_grad():
         assert max_difference(loaded(image).seg_logits, backbone(image, deep_supervision=False).seg_logits) == 0

@@ -11,7 +11,8 @@ import pytest
 
 from pancreas_mtl.commands.cli import main
 from pancreas_mtl.output_guard import OutputFolder, OutputFolderError
-from pancreas_mtl.synthetic.generator import generate_dataset, load_config
+from pancreas_mtl.synthetic.dataset_folder import generate_dataset
+from pancreas_mtl.synthetic.generator import load_config
 from tests import notebook_inputs
 from tests.conftest import REPO_ROOT
 from tests.predict_helpers import run_predict, save_checkpoint, tiny_plan, write_cases

@@ -11,6 +11,7 @@ from pancreas_mtl.evaluation.metrics import whole_pancreas_dice
 from pancreas_mtl.losses import ClassificationLoss, MultiTaskLoss, SegmentationLoss
 from pancreas_mtl.models import build_model
 from pancreas_mtl.planning.planner import load_preset
+from tests.conf_values import classification_loss_values, segmentation_loss_values
 from tests.conftest import REPO_ROOT
 
 CASES_PER_SUBTYPE = 2
@@ -46,7 +47,8 @@ def test_small_preset_overfits_segmentation_and_subtype(tmp_path):
     model_cfg.head.dropout = 0.0
     del model_cfg["defaults"]
     model = build_model(model_cfg, plan)
-    loss = MultiTaskLoss(SegmentationLoss(), ClassificationLoss(num_classes=3), cls_weight=0.3)
+    loss = MultiTaskLoss(SegmentationLoss(**segmentation_loss_values()),
+                         ClassificationLoss(**classification_loss_values(class_weights=None)), cls_weight=0.3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     has_lesion = (label == 2).flatten(1).any(1)
     assert has_lesion.all()

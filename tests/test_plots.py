@@ -1,6 +1,6 @@
 """Evaluation pictures and error analysis: the reliability diagram's bins, the per-subtype NSD and HD95
-plots and the worst-case montage evaluate writes, finding each case's image, the slice with the most
-lesion, lesions missed or over-segmented, and an evaluation folder read back."""
+plots and the worst-case montage evaluate writes, finding each case's image, lesions missed or
+over-segmented, and an evaluation folder read back."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from pancreas_mtl.evaluation.analysis import (
     metrics_by_subtype,
 )
 from pancreas_mtl.evaluation.calibration import reliability_bins
-from pancreas_mtl.evaluation.case_views import find_case_files, lesion_errors, lesion_slice, worst_cases
+from pancreas_mtl.evaluation.case_views import lesion_errors
 from pancreas_mtl.evaluation.evaluate import Evaluation, evaluate
 from pancreas_mtl.evaluation.plots import metric_by_subtype_figure
+from pancreas_mtl.evaluation.references import find_case_files
 from tests import notebook_inputs
 from tests.conftest import lps_affine
 
@@ -45,16 +46,9 @@ def _row(case, subtype, dice, hd95=1.0, miss=0):
             "lesion_nsd": dice, "whole_pancreas_nsd": 1.0}
 
 
-def test_worst_cases_order_and_the_lesion_slice():
+def test_metrics_by_subtype_and_its_figure():
+    """(The worst cases and the slice shown: tests/test_selection.py.)"""
     rows = [_row("a", 0, 0.9, 2.0), _row("b", 1, 0.1, 50.0, 1), _row("c", 2, float("nan"), 9.0), _row("d", 0, 0.5, 3.0)]
-    assert [r["case_id"] for r in worst_cases(rows, "lesion_dice", 3)] == ["b", "d", "a"]
-    assert [r["case_id"] for r in worst_cases(rows, "lesion_hd95", 2)] == ["b", "c"]
-    truth, pred = np.zeros((6, 4, 4), np.uint8), np.zeros((6, 4, 4), np.uint8)
-    assert lesion_slice(truth, pred) == 3
-    pred[1, :2] = 2
-    assert lesion_slice(truth, pred) == 1  # no reference lesion: the prediction's
-    truth[4, 0, 0], truth[2, :3, :3] = 2, 2
-    assert lesion_slice(truth, pred) == 2
     table = metrics_by_subtype(rows, ["lesion_dice"])
     assert table.column("subtype") == [0, 1, 2, "all"] and table.column("lesion misses") == [0, 1, 0, 1]
     assert table[0]["lesion_dice mean"] == pytest.approx(0.7) and table[2]["lesion_dice mean"] is None

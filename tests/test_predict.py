@@ -15,14 +15,9 @@ from pancreas_mtl.inference.checkpoint import load_network
 from pancreas_mtl.inference.postprocessing import keep_largest_components
 from pancreas_mtl.inference.predictor import Predictor
 from pancreas_mtl.inference.runner import predict_cases
-from pancreas_mtl.inference.sliding_window import (
-    gaussian_importance_map,
-    lesion_volumes,
-    predict_windows,
-    sliding_window_predict,
-    window_starts,
-)
+from pancreas_mtl.inference.sliding_window import lesion_volumes, predict_windows, sliding_window_predict
 from pancreas_mtl.inference.sources import find_cases
+from pancreas_mtl.inference.windows import gaussian_importance_map, window_starts
 from tests.conftest import lps_affine
 from tests.predict_helpers import (
     Pointwise,

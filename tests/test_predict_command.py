@@ -3,6 +3,7 @@ the exit code."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -86,6 +87,8 @@ def test_presets_compose_into_settings():
     for name, config in composed.items():  # every preset composes to every key, nothing else
         assert sorted(config) == sorted(schema) and config["name"] == name, name
     loaded = {name: InferenceSettings.from_config(config) for name, config in composed.items()}
+    for name in presets:  # InferenceSettings.preset reads a file's defaults list as Hydra composes it
+        assert InferenceSettings.preset(name) == loaded[name], name
     assert loaded["accurate"].overlap == 0.5 and loaded["accurate"].mirror_axes == (0, 1, 2)
     assert loaded["fast"].mirror_axes == () and loaded["fast"].overlap < 0.5 and not loaded["fast"].coarse_to_fine
     assert loaded["fastest"].coarse_to_fine and loaded["fastest"].coarse_factor == (2.0, 2.0, 2.0)
@@ -97,12 +100,13 @@ def test_presets_compose_into_settings():
 
 
 def test_accurate_is_the_one_full_list_and_the_other_presets_list_what_differs():
-    """accurate.yaml lists every key, and the schema's defaults are its values (so a partial mapping is
-    accurate with those keys changed); every other preset starts from accurate and lists only the keys
-    whose values differ from it, plus its name."""
+    """accurate.yaml lists every key, in the schema's order, and the schema holds no values (a partial
+    mapping is accurate with those keys changed); every other preset starts from accurate and lists only
+    the keys whose values differ from it, plus its name."""
     accurate = OmegaConf.to_container(OmegaConf.load(CONF / "inference/accurate.yaml"))
     assert list(accurate) == [field.name for field in fields(InferenceSettings)]
-    assert InferenceSettings.from_config(accurate) == InferenceSettings()
+    assert InferenceSettings.from_config({"sw_batch_size": 3}) == dataclasses.replace(
+        InferenceSettings.from_config(accurate), sw_batch_size=3)
     for path in sorted((CONF / "inference").glob("*.yaml")):
         if path.stem == "accurate":
             continue

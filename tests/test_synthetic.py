@@ -14,16 +14,8 @@ from scipy import ndimage
 from pancreas_mtl.commands.cli import main as cli_main
 from pancreas_mtl.raw.io import read_volume
 from pancreas_mtl.raw.layout import discover
-from pancreas_mtl.synthetic.generator import (
-    FLOAT_MASK_PANCREAS,
-    GENERATOR_VERSION,
-    MARKER_FILE,
-    SyntheticConfig,
-    generate_case,
-    generate_dataset,
-    load_config,
-    plan_cases,
-)
+from pancreas_mtl.synthetic.dataset_folder import GENERATOR_VERSION, MARKER_FILE, generate_dataset, plan_cases
+from pancreas_mtl.synthetic.generator import FLOAT_MASK_PANCREAS, SyntheticConfig, generate_case, load_config
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,18 @@ def test_bad_study_settings_are_refused_by_name(tmp_path, capsys, override, mess
     assert message in capsys.readouterr().err
 
 
+def test_a_search_space_that_changes_the_combined_score_is_refused(tmp_path):
+    """Trials are ranked by their own select/combined: a searched value that changes its weights
+    (module.combined_metric; seg_only weighs the two Dice only) would rank trials on different scores."""
+    overrides = [o for o in study_overrides(tmp_path) if not o.startswith("experiment=")]
+    overrides.append("+tune.params.experiment={type:categorical,choices:[cpu_demo,seg_only]}")
+    cfg = tune.compose_tune(overrides)
+    with pytest.raises(tune.TuneError, match="tune.params.experiment=seg_only changes module.combined_metric"):
+        tune.check_search_space(cfg, overrides)
+    kept = [*overrides[:-1], "+tune.params.experiment={type:categorical,choices:[cpu_demo]}"]
+    assert "experiment" in tune.check_search_space(tune.compose_tune(kept), kept)
+
+
 def test_a_folder_of_something_else_is_refused(tmp_path, capsys):
     study_dir = tmp_path / "runs" / "tune" / "tiny"
     study_dir.mkdir(parents=True)

@@ -51,9 +51,13 @@ def _case(folder, name, image, mask, affine, unit=None) -> Case:
     return Case(name, (image_path,), mask_path, 0, "train")
 
 
-def test_yaml_defaults_are_the_input_limits_defaults():
+def test_the_input_limits_are_the_yaml_values():
     limits = OmegaConf.load(REPO_ROOT / "conf" / "limits" / "default.yaml")
-    assert InputLimits.from_config(limits) == InputLimits()
+    assert InputLimits.defaults() == InputLimits(**OmegaConf.to_container(limits))
+    assert InputLimits.from_config({"max_spacing_mm": 5}) == InputLimits(
+        **{**OmegaConf.to_container(limits), "max_spacing_mm": 5.0})  # the keys left out: the file's
+    with pytest.raises(TypeError, match="conf/limits/default.yaml"):
+        InputLimits(min_spacing_mm=0.1)
     with pytest.raises(ValueError, match="unknown key"):
         InputLimits.from_config({"max_spacing": 5})
 
@@ -113,7 +117,7 @@ def test_implausible_spacing_names_the_file_and_the_spacing(tmp_path, spacing, s
     assert "case odd" in message and str(case.image_paths[0]) in message
     assert shown in message and "from 0.1 to 20 mm" in message and "max_spacing_mm" in message
     # the range is a setting: widened, the same file loads
-    widened = InputLimits(min_spacing_mm=1e-4, max_spacing_mm=2000.0)
+    widened = InputLimits.from_config({"min_spacing_mm": 1e-4, "max_spacing_mm": 2000.0})
     assert load_case(case, limits=widened).spacing == pytest.approx(spacing)
 
 
@@ -165,7 +169,7 @@ def test_gzip_whose_header_lies_is_refused_at_load_with_the_configured_limit(tmp
     case = _case(tmp_path, "lying", image, mask, lps_affine())
     _lying_header(case.image_paths[0], (40, 40, 40), gzipped=True)
     with pytest.raises(DataError) as error:
-        load_case(case, limits=InputLimits(max_image_voxels=50_000))
+        load_case(case, limits=InputLimits.from_config({"max_image_voxels": 50_000}))
     message = str(error.value)
     assert "case lying" in message and str(case.image_paths[0]) in message
     assert "(40, 40, 40), 64,000 voxels" in message and "50,000" in message
@@ -195,7 +199,7 @@ def test_cache_lists_cases_over_the_resampled_limit(distributed_dataset, tmp_pat
     root = dataset_cache_root(tmp_path / "cache", index)
     with pytest.raises(DatasetError) as error:
         build_cache(index, small_plan(), root, cases=index.labelled, progress=False,
-                    limits=InputLimits(max_resampled_voxels=1000))
+                    limits=InputLimits.from_config({"max_resampled_voxels": 1000}))
     assert len(error.value.problems) == len(index.labelled)
     assert all("max_resampled_voxels" in problem.message for problem in error.value.problems)
 

@@ -9,6 +9,7 @@ import torch
 from pancreas_mtl.inference.checkpoint import load_network, read_checkpoint
 from pancreas_mtl.models.factory import UntrustedConfigError, head_classes
 from pancreas_mtl.models.multitask import build_model
+from tests.conf_values import head_values
 from tests.predict_helpers import run_predict, save_checkpoint, tiny_plan, write_cases
 
 
@@ -75,10 +76,15 @@ def test_a_backbone_outside_the_allowlist_is_refused(tmp_path):
 def test_every_head_of_the_package_is_allowed_and_builds():
     names = {name.rsplit(".", 1)[1] for name in head_classes()}
     assert {"SingleStageHead", "MultiStageHead", "OneVsRestHead", "LesionAttentionHead"} <= names
+    head = {"_target_": "pancreas_mtl.models.heads.MultiStageHead", "_partial_": True,
+            **head_values("multistage", hidden=0)}
     model_cfg = {"backbone": {"_target_": "pancreas_mtl.models.resenc_unet.ResEncUNet.from_plan", "_partial_": True},
-                 "head": {"_target_": "pancreas_mtl.models.heads.MultiStageHead", "_partial_": True, "hidden": 0}}
+                 "head": head}
     model = build_model(model_cfg, tiny_plan())
     assert type(model.head).__name__ == "MultiStageHead"
+    # the knobs have no defaults: a stored config without one (saved before it existed) names what it lacks
+    with pytest.raises(ValueError, match="model.head: pancreas_mtl.models.heads.MultiStageHead needs region"):
+        build_model({**model_cfg, "head": {k: v for k, v in head.items() if k != "region"}}, tiny_plan())
 
 
 def test_predict_command_refuses_a_tampered_checkpoint_and_writes_nothing(tmp_path):

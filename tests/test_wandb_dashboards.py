@@ -15,7 +15,8 @@ import torch
 
 from pancreas_mtl.training import validation_media as logging_utils
 from pancreas_mtl.training.validation_media import log_validation_cases, validation_slice
-from pancreas_mtl.tracking.media import case_rows, log_validation_media, worst_cases
+from pancreas_mtl.evaluation.selection import worst_cases
+from pancreas_mtl.tracking.media import case_rows, log_validation_media
 from tests.wandb_records import offline_runs
 
 LABELS = {"background": 0, "pancreas": 1, "lesion": 2}
@@ -63,7 +64,7 @@ def test_validation_slice_keeps_the_lesion_slice_as_small_arrays():
 
 def test_worst_cases_and_table_rows():
     cases = validation_cases()
-    assert [case["case_id"] for case in worst_cases(cases, 2)] == ["case_3", "case_2"]
+    assert [case["case_id"] for case in worst_cases(cases, "lesion_dice", 2)] == ["case_3", "case_2"]
     columns, rows = case_rows(cases, epoch=5)
     assert columns == ["epoch", "case", "subtype", "predicted_subtype", "p0", "p1", "p2", "whole_pancreas_dice",
                        "lesion_dice"]

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from pancreas_mtl.inference.predictor import Predictor
 from pancreas_mtl.inference.settings import InferenceSettings
-from pancreas_mtl.inference.sliding_window import TooManyWindowsError, predict_windows, window_starts
+from pancreas_mtl.inference.sliding_window import predict_windows
+from pancreas_mtl.inference.windows import TooManyWindowsError, window_starts
 from tests.predict_helpers import (
     CONF,
     Pointwise,
@@ -110,7 +111,7 @@ def test_predict_fails_the_case_over_the_cap_and_goes_on(tmp_path):
 def test_the_cap_is_a_checked_setting_in_every_preset_and_in_training_validation():
     """accurate.yaml holds the default; the other presets start from it (test_predict_command.py checks that
     every preset composes to every key)."""
-    default = InferenceSettings().max_windows_per_case
+    default = InferenceSettings.preset("accurate").max_windows_per_case
     assert OmegaConf.load(CONF / "inference/accurate.yaml").max_windows_per_case == default
     composed = compose_predict(["ckpt=x", "input=y", "output=z", "inference=fastest"]).inference
     assert InferenceSettings.from_config(OmegaConf.to_container(composed)).max_windows_per_case == default
@@ -140,7 +141,7 @@ def test_training_validation_refuses_too_many_windows_naming_the_case():
 def test_the_default_cap_never_refuses_a_whole_abdomen_ct():
     """600 x 512 x 512 voxels at target spacing, accurate (overlap 0.5), with the quiz plan's patch and the
     small synthetic plan's: well under the default cap."""
-    cap = InferenceSettings().max_windows_per_case
+    cap = InferenceSettings.preset("accurate").max_windows_per_case
     shape = (600, 512, 512)
     for patch in ((64, 128, 192), (32, 80, 112), (24, 56, 80)):
         count = math.prod(len(window_starts(size, window, 0.5)) for size, window in zip(shape, patch))

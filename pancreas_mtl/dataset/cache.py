@@ -136,7 +136,7 @@ def cached_entry(folder: Path, case: Case, plan_key: str) -> CachedCase | None:
 def build_entry(case: Case, plan: Plan, folder: Path, seed: int = 0, limits: InputLimits | None = None
                 ) -> CachedCase | Problem:
     """Preprocess one case into ``folder``; a bad case comes back as a Problem instead of raising."""
-    limits = limits or InputLimits()
+    limits = limits or InputLimits.defaults()
     try:
         loaded = load_case(case, set(plan.labels.values()), limits)
         result = preprocess(loaded, plan, max_resampled_voxels=limits.max_resampled_voxels)

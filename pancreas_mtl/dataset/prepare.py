@@ -76,22 +76,23 @@ def dataset_root(data_cfg, *, progress: bool = True) -> Path:
         if data_cfg.get("synthetic"):
             log.info("data.source=folder: data.synthetic is ignored, nothing is generated")
         return root
-    from pancreas_mtl.synthetic import generator as synthetic
+    from pancreas_mtl.synthetic.dataset_folder import generate_dataset
+    from pancreas_mtl.synthetic.generator import load_config
 
     root = check_synthetic_root(data_cfg)
     settings = data_cfg.get("synthetic") or {}
     if "size" not in settings:
         raise ValueError("data.source=synthetic needs data.synthetic.size (a preset in conf/synthetic/)")
-    config = synthetic.load_config(settings["size"])
+    config = load_config(settings["size"])
     config.seed = int(settings.get("seed", config.seed))
-    synthetic.generate_dataset(root, config, progress=progress)
+    generate_dataset(root, config, progress=progress)
     return root
 
 
 def check_synthetic_root(data_cfg) -> Path:
     """``data.root`` for ``source=synthetic``, refused when it is a folder the user named (outside
     ``data.synthetic.data_dir``) that the generator did not write."""
-    from pancreas_mtl.synthetic.generator import MARKER_FILE
+    from pancreas_mtl.synthetic.dataset_folder import MARKER_FILE
 
     data_cfg = plain(data_cfg)
     root = Path(data_cfg["root"]).expanduser().resolve()

@@ -86,14 +86,14 @@ def preprocess(loaded: LoadedCase, plan: Plan, image_order: int = 1, *,
     (``image_order`` 1, as training's cache does) or with nnU-Net's cubic resampling (3). An axis is
     resampled separately as ``separate_axis(case spacing, plan spacing, plan.anisotropy_threshold)`` says.
 
-    ``max_resampled_voxels`` (None: ``InputLimits().max_resampled_voxels``) bounds the voxels per
+    ``max_resampled_voxels`` (None: ``InputLimits.defaults().max_resampled_voxels``) bounds the voxels per
     channel at the target spacing; a larger case is a DataError before anything is allocated.
     ``device`` (a GPU the network predicts on): the cropped, normalised image goes there once and is
     resampled there (linear or cubic), and the preprocessed image stays there as a tensor; None or a
     CPU: a numpy array, as the cache stores it.
     """
     if max_resampled_voxels is None:
-        max_resampled_voxels = InputLimits().max_resampled_voxels
+        max_resampled_voxels = InputLimits.defaults().max_resampled_voxels
     spacing = loaded.spacing
     bbox = nonzero_bbox(loaded.image)
     crop_shape = tuple(stop - start for start, stop in bbox)

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pancreas_mtl.evaluation.case_views import CaseFiles, find_case_files
-from pancreas_mtl.evaluation.evaluate import SEGMENTATION_METRICS, Evaluation
+from pancreas_mtl.evaluation.evaluate import PER_CASE_FILE, SUMMARY_FILE, Evaluation
 from pancreas_mtl.evaluation.plots import confusion_matrix_figure, reliability_figure, roc_figure
+from pancreas_mtl.evaluation.references import CaseFiles, find_case_files
+from pancreas_mtl.evaluation.summary import SEGMENTATION_METRICS
 from pancreas_mtl.files import load_json
 from pancreas_mtl.tables import Table
 
-PER_CASE_FILE = "per_case.csv"
-SUMMARY_FILE = "summary.json"
 INTEGER_COLUMNS = ("subtype", "predicted_subtype", "whole_pancreas_miss", "lesion_miss")
 
 

@@ -9,8 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pancreas_mtl.raw.summary import STRUCTURES, DatasetSummary, SliceView
-from pancreas_mtl.evaluation.case_views import SOFT_TISSUE_WINDOW, show_slice
-from pancreas_mtl.evaluation.plots import new_figure
+from pancreas_mtl.evaluation.figures import SOFT_TISSUE_WINDOW, new_figure, show_slice
 from pancreas_mtl.tables import Table
 
 

@@ -8,10 +8,10 @@ pancreas_mtl.commands.cli composes and types with EvaluationConfig.)
 
 ``gt`` is a dataset root in either layout (masks and subtypes from the layout; ``splits=[validation]``
 picks splits), a split folder with ``subtype{k}/`` subfolders, or a folder of masks ``{case}.nii.gz``
-with the subtypes in ``subtypes=`` (JSON ``{case: k}`` or CSV ``Names,Subtype``) or beside the masks
-(``subtypes.json``, ``subtype_mapping.json`` or ``subtype_reference.csv``, as the synthetic set's
-``test_labels/`` has). The predicted subtypes come from ``pred/subtype_results.csv`` and the
-probabilities from ``probs=`` or ``pred/subtype_probabilities.csv`` (``Names,p0,p1,...``).
+with the subtypes in ``subtypes=`` or beside the masks (:mod:`pancreas_mtl.evaluation.references` reads
+them). The predicted subtypes come from ``pred/subtype_results.csv`` and the probabilities from
+``probs=`` or ``pred/subtype_probabilities.csv`` (``Names,p0,p1,...``). The summary and its bootstrap
+intervals are :mod:`pancreas_mtl.evaluation.summary`'s.
 
 Conventions: every metric is computed on the reference file's grid with its voxel spacing (mm), and
 a prediction must have the reference's shape and affine. Dice is metrics.py's (both masks empty: 1).
@@ -27,11 +27,7 @@ AUROC. Confidence intervals: percentile bootstrap over cases (``bootstrap`` resa
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,64 +35,66 @@ import numpy as np
 from omegaconf import MISSING, OmegaConf
 
 from pancreas_mtl.raw.checks import AFFINE_ATOL_MM, clean_labels
-from pancreas_mtl.raw.io import image_suffix, read_volume, strip_suffix
-from pancreas_mtl.raw.layout import CHANNEL_FILE, SUBTYPE_FOLDER, discover, is_dataset_root
-from pancreas_mtl.evaluation.metrics import (
-    LESION_LABEL,
-    accuracy,
-    balanced_accuracy,
-    confusion_matrix,
-    finite_mean,
-    macro_f1,
-    per_class_auroc,
-    per_class_f1,
-    per_class_recall,
-    segmentation_metrics,
-)
+from pancreas_mtl.raw.io import read_volume
+from pancreas_mtl.evaluation.metrics import LESION_LABEL, segmentation_metrics
 from pancreas_mtl.evaluation.plots import PLOT_FILES, write_plots
-from pancreas_mtl.files import save_json
+from pancreas_mtl.evaluation.references import (
+    check_same_cases,
+    find_case_files,
+    label_maps,
+    read_probabilities,
+    read_subtypes,
+    reference_cases,
+)
+from pancreas_mtl.evaluation.summary import SEGMENTATION_METRICS, STRUCTURES, conventions, summarise
+from pancreas_mtl.files import save_json, write_csv
 from pancreas_mtl.output_guard import OutputFolder
 from pancreas_mtl.devices import map_with_progress
 
 log = logging.getLogger(__name__)
 
-SEGMENTATION_METRICS = ("whole_pancreas_dice", "lesion_dice", "whole_pancreas_nsd", "lesion_nsd",
-                        "whole_pancreas_hd95", "lesion_hd95")
 COMMAND = "evaluate"
 PER_CASE_FILE, SUMMARY_FILE = "per_case.csv", "summary.json"
 # what is evaluated: another value of any of these in the same out is another evaluation (refused without
 # overwrite); the other keys only shape its report, and a rerun with them changed replaces its own files
 IDENTITY_KEYS = ("pred", "gt", "probs", "subtypes", "splits", "cases", "tolerance_mm", "num_subtypes")
 PATH_KEYS = ("pred", "gt", "probs", "subtypes")
-STRUCTURES = ("whole_pancreas", "lesion")  # each has a ``{structure}_miss`` flag per case
-SUBTYPE_FILES = ("subtypes.json", "subtype_mapping.json", "subtype_reference.csv")
 
 
 @dataclass
 class EvaluationConfig:
-    """The options of :func:`evaluate`; on the command line the keys of conf/evaluate.yaml, whose defaults
-    equal these (tests/test_evaluate.py checks it)."""
+    """The options of :func:`evaluate`, typing conf/evaluate.yaml's keys (in its order); the values live in
+    that file only (the command line's, and :meth:`compose`'s for a mapping given in Python)."""
 
     pred: str = MISSING                 # folder of predicted masks {case}.nii.gz (+ subtype CSVs)
     gt: str = MISSING                   # reference: dataset root, split folder, or folder of masks
     out: str = MISSING                  # where per_case.csv, summary.json and the plots go
-    probs: str | None = None            # subtype probabilities CSV; default pred/subtype_probabilities.csv
-    subtypes: str | None = None         # reference subtypes (JSON or CSV); default from the gt layout
-    splits: list[str] | None = None     # gt dataset root: the splits to score; null: every labelled case
-    cases: list[str] | None = None      # only these reference cases (ids); null: every one gt and splits give
-    tolerance_mm: float = 2.0           # NSD tolerance
-    bootstrap: int = 1000               # bootstrap resamples for the confidence intervals; 0: none
-    seed: int = 0
-    plots: bool = True                  # PNG plots (needs matplotlib)
-    montage_cases: int = 4              # worst_cases.png: the cases with the lowest lesion Dice; 0: none
-    images: str | None = None           # folder of the images {case}_0000 for it; null: beside the masks or the gt layout
-    calibration_bins: int = 10          # bins of the reliability diagram of the subtype probabilities
-    num_subtypes: int = 3               # the dataset's declared subtypes: macro scores average over all
-    workers: int = 0                    # processes scoring cases; 0: in this process
-    progress: bool = True
-    overwrite: bool = False             # an earlier evaluation of other inputs in out: remove its files first
-    wandb: bool = False                 # the evaluate command (cli) only: also log a W&B run (tracking/command_runs.py)
-    wandb_project: str = "pancreas_mtl"
+    probs: str | None = MISSING         # subtype probabilities CSV; null: pred/subtype_probabilities.csv
+    subtypes: str | None = MISSING      # reference subtypes (JSON or CSV); null: from the gt layout
+    splits: list[str] | None = MISSING  # gt dataset root: the splits to score; null: every labelled case
+    cases: list[str] | None = MISSING   # only these reference cases (ids); null: every one gt and splits give
+    tolerance_mm: float = MISSING       # NSD tolerance
+    bootstrap: int = MISSING            # bootstrap resamples for the confidence intervals; 0: none
+    seed: int = MISSING
+    plots: bool = MISSING               # PNG plots (needs matplotlib)
+    montage_cases: int = MISSING        # worst_cases.png: the cases with the lowest lesion Dice; 0: none
+    images: str | None = MISSING        # folder of the images {case}_0000 for it; null: beside the masks / gt
+    calibration_bins: int = MISSING     # bins of the reliability diagram of the subtype probabilities
+    num_subtypes: int = MISSING         # the dataset's declared subtypes: macro scores average over all
+    workers: int = MISSING              # processes scoring cases; 0: in this process
+    progress: bool = MISSING
+    overwrite: bool = MISSING           # an earlier evaluation of other inputs in out: remove its files first
+    wandb: bool = MISSING               # the evaluate command only: also a W&B run (tracking/command_runs.py)
+    wandb_project: str = MISSING
+
+    @classmethod
+    def compose(cls, config=None):
+        """conf/evaluate.yaml with ``config`` (a mapping or DictConfig of some of its keys) over it, typed by
+        this schema: what :func:`evaluate` reads. An unknown key or a value of the wrong type is an error."""
+        from pancreas_mtl.config import config_dir
+
+        values = OmegaConf.load(config_dir() / "evaluate.yaml")
+        return OmegaConf.merge(OmegaConf.structured(cls), values, config or {})
 
 
 # --- scoring one case -------------------------------------------------------------------------------
@@ -117,173 +115,6 @@ def score_case(case_id: str, pred_path: Path, true_path: Path, tolerance_mm: flo
     return segmentation_metrics(pred_labels, true_labels, true.spacing, tolerance_mm)
 
 
-# --- reading the folders ----------------------------------------------------------------------------
-
-def _masks(folder: Path) -> dict[str, Path]:
-    """{case: path} of the label maps in a folder: image files without a channel number."""
-    return {strip_suffix(p): p for p in sorted(folder.iterdir())
-            if p.is_file() and image_suffix(p) and not p.name.startswith(".")
-            and not CHANNEL_FILE.match(strip_suffix(p))}
-
-
-def read_subtypes(path: str | Path) -> dict[str, int]:
-    """{case: subtype} from JSON ``{case: k}`` or a CSV with ``Names`` and ``Subtype`` columns."""
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object {{case: subtype}}")
-        return {strip_suffix(k): int(v) for k, v in data.items()}
-    rows = _read_csv(path, ["Names", "Subtype"])
-    return {strip_suffix(row["Names"]): int(row["Subtype"]) for row in rows}
-
-
-def read_probabilities(path: str | Path) -> dict[str, np.ndarray]:
-    """{case: (K,) probabilities} from a ``Names,p0,p1,...`` CSV."""
-    rows = _read_csv(path, ["Names", "p0"])
-    columns = sorted((c for c in rows[0] if re.fullmatch(r"p\d+", c)), key=lambda c: int(c[1:])) if rows else []
-    return {strip_suffix(row["Names"]): np.array([float(row[c]) for c in columns]) for row in rows}
-
-
-def _read_csv(path: str | Path, required: Sequence[str]) -> list[dict]:
-    with open(path, newline="") as stream:
-        reader = csv.DictReader(stream)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: expected columns {list(required)}, found {reader.fieldnames}")
-        return list(reader)
-
-
-def reference_cases(gt: str | Path, subtypes: str | Path | None = None, splits: Sequence[str] | None = None,
-                    num_subtypes: int = 3) -> dict[str, tuple[Path, int | None]]:
-    """{case: (reference mask, subtype or None)} from a dataset root, a split folder or a folder of masks."""
-    gt = Path(gt).expanduser()
-    if not gt.is_dir():
-        raise FileNotFoundError(f"reference folder {gt} not found")
-    if is_dataset_root(gt):
-        index = discover(gt, num_subtypes=num_subtypes)
-        reference = {c.case_id: (c.label_path, c.subtype) for c in index.labelled
-                     if splits is None or c.split in splits}
-    else:
-        reference = {case: (path, None) for case, path in _masks(gt).items()}
-        for sub in sorted(p for p in gt.iterdir() if p.is_dir() and SUBTYPE_FOLDER.match(p.name)):
-            subtype = int(SUBTYPE_FOLDER.match(sub.name)["subtype"])
-            reference.update({case: (path, subtype) for case, path in _masks(sub).items()})
-        if subtypes is None:
-            subtypes = next((gt / name for name in SUBTYPE_FILES if (gt / name).is_file()), None)
-    if subtypes is not None:
-        mapping = read_subtypes(subtypes)
-        missing = sorted(set(reference) - set(mapping))
-        if missing:
-            raise ValueError(f"{subtypes}: no subtype for {len(missing)} reference case(s): "
-                             f"{', '.join(missing[:20])}")
-        reference = {case: (path, mapping[case]) for case, (path, _) in reference.items()}
-    if not reference:
-        raise ValueError(f"no reference masks found in {gt}")
-    return reference
-
-
-def check_same_cases(what: str, found: Sequence[str], expected: Sequence[str]) -> None:
-    """ValueError listing the cases missing from ``what`` and those it has beyond the reference."""
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing or extra:
-        lines = [f"{what} and the reference hold different cases:"]
-        if missing:
-            lines.append(f"  missing from {what} ({len(missing)}): {', '.join(missing)}")
-        if extra:
-            lines.append(f"  not in the reference ({len(extra)}): {', '.join(extra)}")
-        raise ValueError("\n".join(lines))
-
-
-# --- the evaluation ---------------------------------------------------------------------------------
-
-def _interval(samples: np.ndarray) -> tuple[float, float]:
-    samples = np.asarray(samples, dtype=np.float64)
-    samples = samples[np.isfinite(samples)]
-    if not samples.size:
-        return float("nan"), float("nan")
-    return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
-
-
-def _bootstrap_means(values: np.ndarray, resamples: np.ndarray) -> np.ndarray:
-    """Mean of the defined values of each resample (rows of case indices); NaN where none is defined."""
-    picked = values[resamples]
-    defined = np.isfinite(picked)
-    counts = defined.sum(axis=1)
-    sums = np.where(defined, picked, 0.0).sum(axis=1)
-    return np.divide(sums, counts, out=np.full(len(sums), np.nan), where=counts > 0)
-
-
-def classification_scores(targets: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray | None,
-                          num_subtypes: int) -> dict[str, float]:
-    """Macro F1 (over all ``num_subtypes`` declared subtypes), balanced accuracy and accuracy of the
-    predicted subtypes, per-subtype F1 and recall, and with probabilities the one-vs-rest AUROC per
-    subtype and their mean."""
-    scores = {"macro_f1": macro_f1(targets, predicted, num_subtypes),
-              "balanced_accuracy": balanced_accuracy(targets, predicted, num_subtypes),
-              "accuracy": accuracy(targets, predicted)}
-    f1, recall = per_class_f1(targets, predicted, num_subtypes), per_class_recall(targets, predicted, num_subtypes)
-    for k in range(num_subtypes):
-        scores[f"f1_{k}"], scores[f"recall_{k}"] = float(f1[k]), float(recall[k])
-    if probabilities is not None:
-        auroc = per_class_auroc(probabilities, targets)
-        scores["macro_auroc"] = finite_mean(auroc)
-        scores.update({f"auroc_{k}": float(auroc[k]) for k in range(num_subtypes)})
-    return scores
-
-
-def summarise(rows: list[dict], probabilities: np.ndarray | None, bootstrap: int = 1000, seed: int = 0,
-              num_subtypes: int = 3) -> dict:
-    """Means with percentile-bootstrap 95% intervals, per-subtype means, and the classification scores.
-
-    Args:
-        rows: per-case dicts with the SEGMENTATION_METRICS, the ``{structure}_miss`` flags (a missing flag
-            counts as no miss), ``subtype`` and ``predicted_subtype`` (or None).
-        probabilities: (N, K) subtype probabilities in the order of ``rows``, or None.
-        num_subtypes: the declared subtypes the macro scores average over.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(rows)
-    misses = {structure: int(sum(bool(row.get(f"{structure}_miss")) for row in rows)) for structure in STRUCTURES}
-    summary: dict = {"num_cases": n, **{f"{structure}_misses": count for structure, count in misses.items()},
-                     "bootstrap": {"resamples": bootstrap, "seed": seed, "interval": 0.95},
-                     "segmentation": {}, "per_subtype": {}}
-    resamples = rng.integers(0, n, size=(bootstrap, n))
-    for name in SEGMENTATION_METRICS:
-        values = np.array([row[name] for row in rows], dtype=np.float64)
-        low, high = _interval(_bootstrap_means(values, resamples)) if bootstrap > 0 else (float("nan"),) * 2
-        defined = values[np.isfinite(values)]
-        summary["segmentation"][name] = {
-            "mean": finite_mean(values), "median": float(np.median(defined)) if defined.size else float("nan"),
-            "ci_low": low, "ci_high": high, "undefined": int(n - defined.size)}
-        if name.endswith("_hd95"):  # the misses are in the mean at the image diagonal: say how many
-            summary["segmentation"][name]["misses"] = misses[name[: -len("_hd95")]]
-    for subtype in sorted({row["subtype"] for row in rows if row["subtype"] is not None}):
-        chosen = [row for row in rows if row["subtype"] == subtype]
-        summary["per_subtype"][str(subtype)] = {
-            "num_cases": len(chosen), **{name: finite_mean([r[name] for r in chosen]) for name in SEGMENTATION_METRICS}}
-
-    labelled = np.array([i for i, row in enumerate(rows)
-                         if row["subtype"] is not None and row.get("predicted_subtype") is not None], dtype=int)
-    if labelled.size:
-        targets = np.array([rows[i]["subtype"] for i in labelled])
-        predicted = np.array([rows[i]["predicted_subtype"] for i in labelled])
-        scored = probabilities[labelled] if probabilities is not None else None
-        boot: dict[str, list[float]] = {}
-        for sample in rng.integers(0, labelled.size, size=(bootstrap, labelled.size)):
-            resampled = classification_scores(targets[sample], predicted[sample],
-                                              None if scored is None else scored[sample], num_subtypes)
-            for key in ("macro_f1", "balanced_accuracy", "macro_auroc"):
-                if key in resampled:
-                    boot.setdefault(key, []).append(resampled[key])
-        summary["classification"] = {
-            "num_cases": int(labelled.size), "declared_subtypes": int(num_subtypes),
-            **classification_scores(targets, predicted, scored, num_subtypes),
-            "ci": {key: dict(zip(("low", "high"), _interval(np.array(values)))) for key, values in boot.items()},
-            "confusion_matrix": confusion_matrix(targets, predicted, num_subtypes).tolist()}
-    return summary
-
-
 # --- the command ------------------------------------------------------------------------------------
 
 @dataclass
@@ -299,7 +130,7 @@ class Evaluation:
 def evaluate(config: EvaluationConfig | dict) -> Evaluation:
     """Score ``config.pred`` against ``config.gt`` and write ``per_case.csv``, ``summary.json`` and the
     plots to ``config.out``; raises ValueError when the case sets differ (listing them)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(EvaluationConfig), config)
+    cfg = EvaluationConfig.compose(config)
     pred_dir, out = Path(cfg.pred).expanduser(), Path(cfg.out).expanduser()
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder {pred_dir} not found")
@@ -315,7 +146,7 @@ def evaluate(config: EvaluationConfig | dict) -> Evaluation:
         if absent:
             raise ValueError(f"cases: {len(absent)} case(s) have no reference in {cfg.gt}: {', '.join(absent[:20])}")
         reference = {case: reference[case] for case in cfg.cases}
-    predictions = _masks(pred_dir)
+    predictions = label_maps(pred_dir)
     check_same_cases(f"the predictions in {pred_dir}", list(predictions), list(reference))
     results_path = pred_dir / "subtype_results.csv"
     probabilities_path = Path(cfg.probs) if cfg.probs else pred_dir / "subtype_probabilities.csv"
@@ -359,32 +190,12 @@ def evaluate(config: EvaluationConfig | dict) -> Evaluation:
     if folder.may_write(SUMMARY_FILE):
         written.append(save_json(_json_safe(summary), out / SUMMARY_FILE).name)
     if cfg.plots:
-        from pancreas_mtl.evaluation.case_views import find_case_files  # it imports this module
         files = (find_case_files(pred_dir, cfg.gt, cases, cfg.images, cfg.subtypes, cfg.num_subtypes)
                  if cfg.montage_cases > 0 else None)
         written += [path.name for path in write_plots(out, rows, matrix, summary, files, cfg.montage_cases,
                                                       cfg.calibration_bins, skip=folder.kept)]
     folder.record(f".{COMMAND}", written)
     return Evaluation(rows, summary, matrix)
-
-
-def conventions(num_subtypes: int) -> dict[str, str]:
-    """How each number in summary.json was computed, for the reader of the file."""
-    return {
-        "grid": "metrics on the reference file's grid and voxel spacing; predictions must share shape and affine",
-        "miss": "a miss is a case where exactly one of prediction and reference is empty (missed or spurious); "
-                "it scores the worst value (Dice 0, NSD 0, HD95 the image diagonal), is flagged by *_miss in "
-                "per_case.csv and counted as *_misses",
-        "dice": "both masks empty: 1.0; one empty: 0.0",
-        "nsd": "normalised surface Dice of border voxels at tolerance_mm; both empty: 1.0, one empty: 0.0",
-        "hd95": "max of the two directed 95th percentiles of border distances (mm); both empty: 0.0, one empty "
-                "(a miss): the image diagonal in mm, sqrt(sum((shape * spacing)^2)), included in the mean",
-        "classification": f"macro F1 over the {num_subtypes} declared subtypes (num_subtypes; a subtype in "
-                          "neither reference nor prediction scores 0, scikit-learn's zero_division=0); balanced "
-                          "accuracy over reference subtypes; one-vs-rest AUROC, NaN for a subtype absent from "
-                          "the reference, macro AUROC over the defined ones",
-        "ci": "percentile bootstrap over cases, 2.5 and 97.5 percentiles",
-    }
 
 
 def _json_safe(value):
@@ -399,8 +210,7 @@ def _json_safe(value):
 
 
 def write_per_case(path: Path, rows: list[dict]) -> Path:
-    from pancreas_mtl.files import write_csv
-
+    """per_case.csv: one row per case, the columns of the rows; floats with 4 decimals, None empty."""
     columns = list(rows[0])
     def cell(value):
         return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else value)

@@ -21,6 +21,18 @@ Conventions, stated once:
   zero_division=0)``). Balanced accuracy is the mean recall over the classes present in the targets
   (scikit-learn's), and one-vs-rest AUROC is NaN for a class that is absent from the targets (or is
   every target); macro AUROC averages the defined ones.
+
+Why not torchmetrics (Lightning installs it; we do not declare it): its 1.9 classification functions
+break these rules, measured against scikit-learn. ``multiclass_f1_score(average="macro")`` leaves a
+class in neither targets nor predictions out of the mean whatever ``zero_division`` says (0.733, not
+0.489, on the toy case of tests/test_metrics.py), and gives undefined per-class F1 and recall as 0, not
+NaN. Macro ``multiclass_recall`` counts a class that is only predicted as recall 0 (0.25 instead of
+balanced accuracy 0.5 for targets [0, 0], predictions [0, 2]). ``multiclass_auroc`` scores a class absent
+from the targets 0 with a warning and averages it in (macro 0.667 instead of 1.0), and softmaxes rows
+with scores above 1. Results are float32, and an empty set of cases raises instead of giving NaN. A
+wrapper would rebuild every rule from its counts, and its DDP sync (``dist_reduce_fx="cat"``) would
+count the cases that the distributed sampler repeats twice, which ``MultiTaskModule._gathered`` drops
+by case id.
 """
 
 from __future__ import annotations
@@ -284,6 +296,24 @@ def macro_auroc(probabilities, targets) -> float:
     return finite_mean(per_class_auroc(probabilities, targets))
 
 
+def classification_scores(targets: np.ndarray, predicted: np.ndarray, probabilities: np.ndarray | None,
+                          num_subtypes: int) -> dict[str, float]:
+    """Macro F1 (over all ``num_subtypes`` declared subtypes), balanced accuracy and accuracy of the
+    predicted subtypes, per-subtype F1 and recall, and with probabilities the one-vs-rest AUROC per
+    subtype and their mean."""
+    scores = {"macro_f1": macro_f1(targets, predicted, num_subtypes),
+              "balanced_accuracy": balanced_accuracy(targets, predicted, num_subtypes),
+              "accuracy": accuracy(targets, predicted)}
+    f1, recall = per_class_f1(targets, predicted, num_subtypes), per_class_recall(targets, predicted, num_subtypes)
+    for k in range(num_subtypes):
+        scores[f"f1_{k}"], scores[f"recall_{k}"] = float(f1[k]), float(recall[k])
+    if probabilities is not None:
+        auroc = per_class_auroc(probabilities, targets)
+        scores["macro_auroc"] = finite_mean(auroc)
+        scores.update({f"auroc_{k}": float(auroc[k]) for k in range(num_subtypes)})
+    return scores
+
+
 class ClassificationMetrics:
     """Collects per-case subtype probabilities over a validation epoch and scores them once.
 
@@ -326,20 +356,8 @@ class ClassificationMetrics:
         return confusion_matrix(self.targets, self.probabilities.argmax(1), self.num_classes)
 
     def compute(self) -> dict[str, float]:
+        """:func:`classification_scores` of the collected cases (the argmax as the prediction), and their number."""
         probabilities, targets = self.probabilities, self.targets
         predictions = probabilities.argmax(1) if len(targets) else np.zeros(0, dtype=np.int64)
-        f1 = per_class_f1(targets, predictions, self.num_classes)
-        recall = per_class_recall(targets, predictions, self.num_classes)
-        auroc = per_class_auroc(probabilities, targets)
-        scores = {
-            "macro_f1": macro_f1(targets, predictions, self.num_classes),
-            "balanced_accuracy": finite_mean(recall),
-            "accuracy": accuracy(targets, predictions),
-            "macro_auroc": finite_mean(auroc),
-            "num_cases": float(len(targets)),
-        }
-        for k in range(self.num_classes):
-            scores[f"f1_{k}"] = float(f1[k])
-            scores[f"recall_{k}"] = float(recall[k])
-            scores[f"auroc_{k}"] = float(auroc[k])
-        return scores
+        return {**classification_scores(targets, predictions, probabilities, self.num_classes),
+                "num_cases": float(len(targets))}

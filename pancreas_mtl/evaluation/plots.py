@@ -1,9 +1,7 @@
 """Evaluation figures: Dice, NSD and HD95 per subtype, the confusion matrix, one-vs-rest ROC curves, the
 reliability diagram of the subtype probabilities, and ``write_plots`` saving them (with the worst-case
-montage of :mod:`pancreas_mtl.evaluation.case_views`) beside per_case.csv. Needs matplotlib.
-
-Figures are ``matplotlib.figure.Figure`` objects made without pyplot: no global state or backend, so the
-same function draws for a PNG, in a training run and in a notebook (which shows a returned figure).
+montage of :mod:`pancreas_mtl.evaluation.case_views`) beside per_case.csv. Needs matplotlib; figures are
+made as :mod:`pancreas_mtl.evaluation.figures` says.
 """
 
 from __future__ import annotations
@@ -14,6 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from pancreas_mtl.evaluation.calibration import reliability_bins
+from pancreas_mtl.evaluation.case_views import worst_cases_figure
+from pancreas_mtl.evaluation.figures import new_figure, save_figure
+from pancreas_mtl.evaluation.roc import subtype_roc_curves
+from pancreas_mtl.evaluation.selection import worst_cases
 
 # (per-case column, title, y limits or None) of the per-subtype distributions
 METRIC_PANELS = {
@@ -21,36 +23,6 @@ METRIC_PANELS = {
     "nsd": (("whole_pancreas_nsd", "whole pancreas NSD", (-0.02, 1.02)), ("lesion_nsd", "lesion NSD", (-0.02, 1.02))),
     "hd95": (("whole_pancreas_hd95", "whole pancreas HD95 (mm)", None), ("lesion_hd95", "lesion HD95 (mm)", None)),
 }
-
-
-def new_figure(**kwargs):
-    """An empty ``Figure`` (``figsize=...``); an ImportError saying what to install without matplotlib."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("the evaluation plots need matplotlib: pip install matplotlib, or pass plots=false "
-                          "(per_case.csv and summary.json are written already)") from error
-    return Figure(**kwargs)
-
-
-def save_figure(figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write a figure as PNG atomically (a temporary name, then a rename); the folder is created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(tmp, dpi=dpi)
-    tmp.replace(path)
-    return path
-
-
-def roc_curve(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rates, true positive rates) of thresholding ``scores``, from (0, 0) to (1, 1)."""
-    order = np.argsort(-scores, kind="stable")
-    hits = positives[order].astype(bool)
-    last_of_ties = np.r_[np.flatnonzero(np.diff(scores[order])), hits.size - 1]
-    tpr = np.r_[0.0, np.cumsum(hits)[last_of_ties] / max(hits.sum(), 1)]
-    fpr = np.r_[0.0, np.cumsum(~hits)[last_of_ties] / max((~hits).sum(), 1)]
-    return fpr, tpr
 
 
 def _subtype_groups(rows: Sequence[dict]) -> list:
@@ -118,14 +90,11 @@ def _known(rows: Sequence[dict], probabilities: np.ndarray) -> tuple[np.ndarray,
 
 def roc_figure(rows: Sequence[dict], probabilities: np.ndarray, aurocs: dict | None = None):
     """One-vs-rest ROC curve per subtype that has positives and negatives among the reference subtypes."""
-    scores, targets = _known(rows, probabilities)
     figure = new_figure(figsize=(4.5, 4.2))
     axis = figure.subplots()
-    for k in range(scores.shape[1]):
-        if 0 < (targets == k).sum() < targets.size:
-            fpr, tpr = roc_curve(scores[:, k], targets == k)
-            auroc = (aurocs or {}).get(f"auroc_{k}", float("nan"))
-            axis.plot(fpr, tpr, label=f"subtype {k} (AUROC {auroc:.3f})")
+    for k, (fpr, tpr) in subtype_roc_curves(probabilities, [row["subtype"] for row in rows]).items():
+        auroc = (aurocs or {}).get(f"auroc_{k}", float("nan"))
+        axis.plot(fpr, tpr, label=f"subtype {k} (AUROC {auroc:.3f})")
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
     axis.set_xlabel("false positive rate")
     axis.set_ylabel("true positive rate")
@@ -184,8 +153,6 @@ def write_plots(out: Path, rows: list[dict], probabilities: np.ndarray | None, s
         figures["roc_curves.png"] = lambda: roc_figure(rows, probabilities, scores or {})
         figures["reliability.png"] = lambda: reliability_figure(rows, probabilities, calibration_bins)
     if case_files and montage_cases > 0:
-        from pancreas_mtl.evaluation.case_views import worst_cases, worst_cases_figure
-
         worst = worst_cases(rows, "lesion_dice", montage_cases)
         figures["worst_cases.png"] = lambda: worst_cases_figure(worst, case_files, "lesion_dice")
     return [save_figure(draw(), out / name) for name, draw in figures.items() if name not in skip]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from pancreas_mtl.evaluation.figures import new_figure, save_figure
 from pancreas_mtl.evaluation.metrics import lower_is_better
 from pancreas_mtl.tables import Table
 
@@ -93,8 +94,6 @@ def epoch_curves(rows: Sequence[Mapping[str, float]]) -> Curves:
 
 def learning_curves_figure(curves: Curves, title: str = ""):
     """Three panels over epochs: training losses, validation metrics, learning rate."""
-    from pancreas_mtl.evaluation.plots import new_figure
-
     panels = [("training loss", [n for n in curves if n.startswith("train/")]),
               ("validation", [n for n in curves if n.startswith(VALIDATION_PREFIXES) and not re.search(r"_\d+$", n)]),
               ("learning rate", [n for n in curves if n.startswith("lr")])]
@@ -126,8 +125,6 @@ def run_curves_figures(folders: str | Path | Sequence[str | Path]) -> list:
 def metric_over_epochs_figure(folders: str | Path | Sequence[str | Path], metrics: Sequence[str] = (
         "val/combined", "val/whole_pancreas_dice", "val/lesion_dice", "val/macro_f1")):
     """One panel per metric, one line per run of ``folders`` (runs or multiruns) over epochs."""
-    from pancreas_mtl.evaluation.plots import new_figure
-
     figure = new_figure(figsize=(4.2 * len(metrics), 3.8))
     axes = np.atleast_1d(figure.subplots(1, len(metrics)))
     for name, run_dir in _named_runs(folders):
@@ -146,8 +143,6 @@ def metric_over_epochs_figure(folders: str | Path | Sequence[str | Path], metric
 
 def write_learning_curves(metrics_csv: str | Path, png: str | Path | None = None) -> Path:
     """The learning-curve PNG of one ``metrics.csv`` (default: ``learning_curves.png`` beside it)."""
-    from pancreas_mtl.evaluation.plots import save_figure
-
     metrics_csv = Path(metrics_csv)
     png = Path(png) if png is not None else metrics_csv.with_name(LEARNING_CURVES_FILE)
     curves = epoch_curves(read_metrics(metrics_csv))

@@ -42,7 +42,8 @@ from pancreas_mtl.inference.checkpoint import load_predictable
 from pancreas_mtl.inference.engines import compiled_cache_dir, resolve_engine, torch_engine_network
 from pancreas_mtl.inference.model_folder import ExportedModel
 from pancreas_mtl.inference.settings import InferenceSettings
-from pancreas_mtl.inference.sliding_window import check_window_count, count_windows, predict_windows
+from pancreas_mtl.inference.sliding_window import predict_windows
+from pancreas_mtl.inference.windows import check_window_count, count_windows
 from pancreas_mtl.models.multitask import MultiTaskNet
 from pancreas_mtl.planning.plan import LESION_LABEL, Plan
 
@@ -164,8 +165,8 @@ class Predictor:
             raise ValueError(f"{len(networks)} networks but {len(plans)} plans and {len(names)} names")
         check_plans_match(plans, names)
         self.plan = plans[0]
-        self.settings = settings or InferenceSettings()
-        self.limits = limits or InputLimits()
+        self.settings = settings or InferenceSettings.preset("accurate")
+        self.limits = limits or InputLimits.defaults()
         self.device = resolve_device(device)
         self.progress = progress
         exported = [isinstance(network, ExportedModel) for network in networks]

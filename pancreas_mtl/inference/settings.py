@@ -3,16 +3,50 @@
 ``conf/inference/accurate.yaml`` lists every key; the other presets start from it (Hydra's defaults
 list) and list only what differs. :class:`InferenceSettings` is the schema those files compose into:
 ``predict.py`` reads ``cfg.inference`` and training's validation ``cfg.module.validation`` (any
-preset: ``python train.py inference@module.validation=fast``). Its defaults are accurate.yaml's (a test
-keeps them equal), so a partial mapping is ``accurate`` with those keys changed, as a preset file is.
+preset: ``python train.py inference@module.validation=fast``). The schema holds no values (every field
+is MISSING): they live in the YAML only. ``InferenceSettings.preset(name)`` reads a preset file, and a
+partial mapping given to ``from_config`` is ``accurate.yaml`` with those keys changed, as a preset file is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+
+from pancreas_mtl.config import config_dir
 
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")  # pancreas_mtl.inference.engines runs them
+BASE_PRESET = "accurate"  # the preset that lists every key; the others start from it
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    """The keys of ``conf/inference/<name>.yaml`` as Hydra composes the preset: the presets its defaults
+    list names first, then its own keys (``_self_``, last when the list leaves it out).
+
+    Raises:
+        ValueError: no such preset (names the ones there are), or a defaults entry other than another
+            preset of conf/inference/ or ``_self_``.
+    """
+    folder = config_dir() / "inference"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ValueError(f"unknown inference preset {name!r}; conf/inference/ has {', '.join(known)}")
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    defaults = list(node.pop("defaults", None) or [])
+    config: dict[str, Any] = {}
+    for entry in defaults if "_self_" in defaults else [*defaults, "_self_"]:
+        if entry == "_self_":
+            config.update(node)
+        elif isinstance(entry, str) and entry != name:
+            config.update(preset_config(entry))
+        else:
+            raise ValueError(f"{path}: defaults entry {entry!r}; a preset starts from other presets of "
+                             "conf/inference/ (by name) and _self_ only")
+    return config
 
 
 @dataclass
@@ -43,32 +77,48 @@ class InferenceSettings:
             so an output folder's record leaves it out.
     """
 
-    # the values of conf/inference/accurate.yaml (tests/test_predict_command.py checks it)
-    name: str = "accurate"
-    overlap: float = 0.5
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
-    sigma_scale: float = 0.125
-    sw_batch_size: int = 2
-    roi_size: tuple[int, int, int] | None = None
-    shrink_window: bool = False
-    min_lesion_volume: float = 0.5
-    coarse_to_fine: bool = False
-    coarse_factor: tuple[float, float, float] = (2.0, 2.0, 2.0)
-    coarse_margin_mm: float = 20.0
-    coarse_overlap: float = 0.25
-    nnunet_compat: bool = False
-    engine: str = "auto"
-    max_windows_per_case: int = 100_000
+    # no values: they are conf/inference/*.yaml's (accurate.yaml lists every key, in this order)
+    name: str = MISSING
+    overlap: float = MISSING
+    mirror_axes: tuple[int, ...] = MISSING
+    sigma_scale: float = MISSING
+    sw_batch_size: int = MISSING
+    roi_size: tuple[int, int, int] | None = MISSING
+    shrink_window: bool = MISSING
+    min_lesion_volume: float = MISSING
+    coarse_to_fine: bool = MISSING
+    coarse_factor: tuple[float, float, float] = MISSING
+    coarse_margin_mm: float = MISSING
+    coarse_overlap: float = MISSING
+    nnunet_compat: bool = MISSING
+    engine: str = MISSING
+    max_windows_per_case: int = MISSING
+
+    def __post_init__(self) -> None:
+        missing = [f.name for f in fields(self) if isinstance(getattr(self, f.name), str)
+                   and getattr(self, f.name) == MISSING]
+        if missing:
+            raise TypeError(f"InferenceSettings needs every key, {missing} not given; the values live in "
+                            "conf/inference/: InferenceSettings.preset(name) or .from_config(mapping) reads them")
+
+    @classmethod
+    def preset(cls, name: str) -> InferenceSettings:
+        """The settings of ``conf/inference/<name>.yaml`` (``accurate``, ``fast``, ``fastest``, ``nnunet``,
+        ``validation``), checked; ValueError for an unknown preset."""
+        return cls.from_config(preset_config(name))
 
     @classmethod
     def from_config(cls, config: Mapping | None) -> InferenceSettings:
         """Settings from a composed preset (``cfg.inference``, ``cfg.module.validation``) or any mapping of
-        its keys (the others: accurate's); ValueError for an unknown key or a value out of range."""
+        its keys (the others: conf/inference/accurate.yaml's); ValueError for an unknown key or a value out
+        of range."""
         config = dict(config or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown inference setting(s) {unknown}; known: {sorted(known)}")
+        if set(config) != known:  # a partial mapping: changes to the preset that lists every key
+            config = {**preset_config(BASE_PRESET), **config}
         if "mirror_axes" in config:
             config["mirror_axes"] = tuple(int(a) for a in config["mirror_axes"] or ())
         if config.get("roi_size") is not None:

@@ -2,8 +2,8 @@
 
 Which patches teach the classifier (``no_lesion_policy``):
 
-- ``skip`` (default): only patches that contain lesion voxels (the plan's lesion label) count. The
-  subtype is a property of the lesion, so a patch without lesion carries no evidence for it; training
+- ``skip`` (conf/loss/default.yaml's): only patches that contain lesion voxels (the plan's lesion label)
+  count. The subtype is a property of the lesion, so a patch without lesion carries no evidence for it; training
   on it with the case's label teaches the head to read the subtype off surrounding pancreas and fat,
   which does not generalise and pulls the head towards the class prior, i.e. the majority-subtype
   collapse others reported on this data. Skipping costs little here: every case has a lesion and the
@@ -112,23 +112,24 @@ class ClassificationLoss(nn.Module):
             (1 - eps) one-hot + eps / 2.
         pos_weight: ``bce`` only: ``None``, K weights of the positive term, or ``"inverse_frequency"``
             (n_negative / n_positive per class, from ``subtype_counts``).
-        no_lesion_policy: ``skip`` (default) or ``case_label``; see the module docstring.
-        reduction: ``sample_mean`` (default): sum of weighted sample losses / number of samples kept.
+        no_lesion_policy: ``skip`` or ``case_label``; see the module docstring.
+        reduction: ``sample_mean``: sum of weighted sample losses / number of samples kept.
             ``weight_mean``: / sum of the kept samples' weights (torch's weighted mean). With nnU-Net's
             batch of 2, ``weight_mean`` cancels the class weight whenever the kept samples share a
             class (always, with one), so class weights would do almost nothing; ``sample_mean`` keeps
             their effect in expectation.
+
+    The values are conf/loss/default.yaml's ``cls_loss`` (``skip``, ``sample_mean``, inverse-frequency class
+    weights); none has a default here.
 
     ``forward(class_logits, subtype, has_lesion)``: ``class_logits`` (B, K), ``subtype`` (B,) int with -1
     unknown, ``has_lesion`` (B,) bool (needed for ``skip``). Returns a scalar tensor; 0 with a grad_fn
     when no sample is kept.
     """
 
-    def __init__(self, num_classes: int = 3, kind: str = "ce",
-                 class_weights: Sequence[float] | str | None = None,
-                 subtype_counts: Sequence[int] | Mapping | None = None, label_smoothing: float = 0.0,
-                 pos_weight: Sequence[float] | str | None = None, no_lesion_policy: str = "skip",
-                 reduction: str = "sample_mean"):
+    def __init__(self, num_classes: int, kind: str, class_weights: Sequence[float] | str | None,
+                 subtype_counts: Sequence[int] | Mapping | None, label_smoothing: float,
+                 pos_weight: Sequence[float] | str | None, no_lesion_policy: str, reduction: str):
         super().__init__()
         if kind not in CLASSIFICATION_KINDS:
             raise ValueError(f"kind must be one of {CLASSIFICATION_KINDS}, got {kind!r}")

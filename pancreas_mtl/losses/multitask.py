@@ -23,6 +23,9 @@ class MultiTaskLoss(nn.Module):
         lesion_label: label value of the lesion (the plan's ``labels["lesion"]``, filled in when the
             module is built); a patch holds a lesion when its full-resolution ``label`` has this value.
 
+    ``seg_loss``, ``cls_loss`` and ``cls_weight`` are conf/loss/default.yaml's keys, with no default here
+    (the YAML is their one home); ``lesion_label`` is the plan's.
+
     Classification is off (``cls`` = 0, no graph) when ``cls_loss`` is ``None``, when the network has no
     head (``class_logits`` is ``None``) or when no ``subtype`` is given.
 
@@ -41,8 +44,8 @@ class MultiTaskLoss(nn.Module):
     loss) and ``cls_samples`` (how many samples the subtype loss used, for logging).
     """
 
-    def __init__(self, seg_loss: SegmentationLoss, cls_loss: ClassificationLoss | None = None,
-                 cls_weight: float = 0.3, lesion_label: int = LESION_LABEL):
+    def __init__(self, seg_loss: SegmentationLoss, cls_loss: ClassificationLoss | None, cls_weight: float,
+                 lesion_label: int = LESION_LABEL):
         super().__init__()
         if cls_weight < 0:
             raise ValueError(f"cls_weight must be >= 0, got {cls_weight}")

@@ -113,6 +113,8 @@ class SegmentationLoss(nn.Module):
         deep_supervision_weights: one weight per output, highest resolution first, normalised to sum 1;
             ``None`` gives nnU-Net's 1/2^i with the lowest resolution at 0 for however many outputs come.
 
+    The values are conf/loss/default.yaml's ``seg_loss`` (nnU-Net's, noted above); none has a default here.
+
     ``forward(seg_logits, label)`` takes ``seg_logits``: a list of (B, C, z, y, x), highest resolution
     first (or one tensor), and ``label``: (B, 1, Z, Y, X) integer labels at the first output's
     resolution (or a list of per-output labels already downsampled). It returns a dict of scalar
@@ -121,9 +123,8 @@ class SegmentationLoss(nn.Module):
     lowest resolution) so every parameter takes part in the graph, which DDP requires.
     """
 
-    def __init__(self, weight_dice: float = 1.0, weight_ce: float = 1.0, batch_dice: bool = False,
-                 include_background: bool = False, smooth: float = 1e-5, deep_supervision: bool = True,
-                 deep_supervision_weights: Sequence[float] | None = None):
+    def __init__(self, weight_dice: float, weight_ce: float, batch_dice: bool, include_background: bool,
+                 smooth: float, deep_supervision: bool, deep_supervision_weights: Sequence[float] | None):
         super().__init__()
         if deep_supervision_weights is not None:
             weights = [float(w) for w in deep_supervision_weights]

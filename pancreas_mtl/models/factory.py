@@ -101,4 +101,11 @@ def build_part(entry: Mapping, allowed: Mapping[str, Callable], where: str, runt
     factory, kwargs = resolve_factory(entry, allowed, where)
     parameters = inspect.signature(factory).parameters
     filled = {key: value for key, value in runtime.items() if key in parameters and key not in kwargs}
+    # the knobs have no defaults in Python (their values live in conf/model/): one the entry lacks is named
+    missing = [name for name, p in parameters.items() if p.default is p.empty and name not in kwargs
+               and name not in filled and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if missing:
+        raise ValueError(f"{where}: {entry.get(TARGET_KEY)} needs {', '.join(missing)}, which the config does not "
+                         "set (conf/model/ holds every value; a config saved before a key existed lacks it: add "
+                         "it with the value that run was trained with)")
     return factory(**kwargs, **filled)

@@ -98,9 +98,9 @@ class GuidedHead(ClassificationHead):
         input_channels: channels of the input image (from the plan).
     """
 
-    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, region: str = "patch",
-                 lesion_channel: int = LESION_LABEL, truth_guidance: float = 0.0, truth_jitter: int = 0,
-                 image_statistics: bool = False, statistics_features: int = 64, input_channels: int = 1):
+    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, *, region: str, truth_guidance: float,
+                 truth_jitter: int, image_statistics: bool, statistics_features: int,
+                 lesion_channel: int = LESION_LABEL, input_channels: int = 1):
         super().__init__(decoder_channels, num_subtypes)
         self.region_guide = RegionGuide(region, lesion_channel, truth_guidance, truth_jitter)
         if image_statistics and region == "patch":
@@ -142,13 +142,15 @@ class SingleStageHead(GuidedHead):
         hidden: hidden units of the classifier, 0 for a single linear layer.
         dropout: dropout before each linear layer of the classifier.
         region, lesion_channel, truth_guidance, truth_jitter, image_statistics, input_channels: where
-            to pool and what else to read (:class:`GuidedHead`); the defaults are PANDA's whole patch.
+            to pool and what else to read (:class:`GuidedHead`).
+
+    The knobs are conf/model/head/single_stage.yaml's keys, with no default here (the YAML is their one
+    home); ``lesion_channel`` and ``input_channels`` come from the plan (``build_model``).
     """
 
-    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage: int = -1, pool: str = "max",
-                 hidden: int = 0, dropout: float = 0.0, region: str = "patch",
-                 lesion_channel: int = LESION_LABEL, truth_guidance: float = 0.0, truth_jitter: int = 0,
-                 image_statistics: bool = False, input_channels: int = 1):
+    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, *, stage: int, pool: str, hidden: int,
+                 dropout: float, region: str, truth_guidance: float, truth_jitter: int, image_statistics: bool,
+                 lesion_channel: int = LESION_LABEL, input_channels: int = 1):
         super().__init__(decoder_channels, num_subtypes, region=region, lesion_channel=lesion_channel,
                          truth_guidance=truth_guidance, truth_jitter=truth_jitter,
                          image_statistics=image_statistics, statistics_features=STATISTICS_FEATURES,
@@ -169,7 +171,7 @@ class StagePooling(nn.Module):
     """Pooling (global, or over a guide's region) plus Linear -> LeakyReLU on every decoder stage; returns
     (B, n_stages, features)."""
 
-    def __init__(self, decoder_channels: Sequence[int], stage_features: int, pool: str = "max"):
+    def __init__(self, decoder_channels: Sequence[int], stage_features: int, pool: str):
         super().__init__()
         self.pool = _check_pool(pool)
         self.project = nn.ModuleList([nn.Linear(c, stage_features) for c in decoder_channels])
@@ -192,13 +194,16 @@ class MultiStageHead(GuidedHead):
         dropout: dropout before each linear layer of the classifier.
         pool: "max" (PANDA), "avg" or "avgmax".
         region, lesion_channel, truth_guidance, truth_jitter, image_statistics, input_channels: where
-            to pool and what else to read (:class:`GuidedHead`); the defaults are PANDA's whole patch.
+            to pool and what else to read (:class:`GuidedHead`).
+
+    The knobs are conf/model/head/multistage.yaml's keys (ovr.yaml's for :class:`OneVsRestHead`;
+    multistage_paper.yaml is PANDA's whole patch), with no default here; ``lesion_channel`` and
+    ``input_channels`` come from the plan (``build_model``).
     """
 
-    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, stage_features: int = 64,
-                 hidden: int = 128, dropout: float = 0.2, pool: str = "max", region: str = "patch",
-                 lesion_channel: int = LESION_LABEL, truth_guidance: float = 0.0, truth_jitter: int = 0,
-                 image_statistics: bool = False, input_channels: int = 1):
+    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, *, stage_features: int, hidden: int,
+                 dropout: float, pool: str, region: str, truth_guidance: float, truth_jitter: int,
+                 image_statistics: bool, lesion_channel: int = LESION_LABEL, input_channels: int = 1):
         super().__init__(decoder_channels, num_subtypes, region=region, lesion_channel=lesion_channel,
                          truth_guidance=truth_guidance, truth_jitter=truth_jitter,
                          image_statistics=image_statistics, statistics_features=STATISTICS_FEATURES,
@@ -293,15 +298,17 @@ class LesionAttentionHead(ClassificationHead):
             (``lesion_image_statistics``: mean, spread, core-to-rim and lesion-to-surroundings
             contrast, edge strength), projected and joined to the stage mixture before the classifier.
         input_channels: channels of the input image (from the plan).
+
+    The knobs are conf/model/head/lesion_attention.yaml's keys, with no default here (the YAML is their
+    one home); ``lesion_channel`` and ``input_channels`` come from the plan (``build_model``).
     """
 
     uses_lesion_mask = True
 
-    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, lesion_channel: int = LESION_LABEL,
-                 stage_features: int = 64, hidden: int = 128, dropout: float = 0.2,
-                 init_temperature: float = 1.0, learn_temperature: bool = True, detach_attention: bool = True,
-                 truth_guidance: float = 0.0, pool: str = "mean", image_statistics: bool = False,
-                 input_channels: int = 1, truth_jitter: int = 0):
+    def __init__(self, decoder_channels: Sequence[int], num_subtypes: int, *, stage_features: int, hidden: int,
+                 dropout: float, init_temperature: float, learn_temperature: bool, detach_attention: bool,
+                 truth_guidance: float, truth_jitter: int, pool: str, image_statistics: bool,
+                 lesion_channel: int = LESION_LABEL, input_channels: int = 1):
         super().__init__(decoder_channels, num_subtypes)
         self.uses_image = bool(image_statistics)
         if pool not in LESION_POOLINGS:

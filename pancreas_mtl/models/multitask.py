@@ -30,7 +30,7 @@ class MultiTaskNet(nn.Module):
             segmentation only.
     """
 
-    def __init__(self, backbone: ResEncUNet, head: ClassificationHead | None = None):
+    def __init__(self, backbone: ResEncUNet, head: ClassificationHead | None):
         super().__init__()
         self.backbone = backbone
         self.head = head

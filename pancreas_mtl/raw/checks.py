@@ -46,8 +46,8 @@ class LoadedCase:
 
 def check_geometry(volume: Volume, path: Path, limits: InputLimits | None = None) -> None:
     """A usable 3D grid: at least 3 voxels per axis, spacing within the plausible CT range of ``limits``
-    (default ``InputLimits()``), orthogonal axes, finite values."""
-    limits = limits or InputLimits()
+    (default ``InputLimits.defaults()``), orthogonal axes, finite values."""
+    limits = limits or InputLimits.defaults()
     if min(volume.shape) < MIN_VOXELS_PER_AXIS:
         raise DataError(path, f"expected at least {MIN_VOXELS_PER_AXIS} voxels along every axis, "
                               f"found shape (z, y, x) {volume.shape}")
@@ -113,10 +113,10 @@ def load_case(case: Case, allowed_labels: set[int] | None = None,
     """Read and check all channels and the mask of a case; raises DataError naming case and file.
 
     Args:
-        limits: plausible spacing and the most voxels a file may declare; None: ``InputLimits()``.
+        limits: plausible spacing and the most voxels a file may declare; None: ``InputLimits.defaults()``.
     """
     allowed_labels = allowed_labels if allowed_labels is not None else {0, 1, 2}
-    limits = limits or InputLimits()
+    limits = limits or InputLimits.defaults()
     try:
         channels: list[Volume] = []
         for path in case.image_paths:

@@ -86,10 +86,10 @@ def read_volume(path: str | Path, max_voxels: int | None = None) -> Volume:
 
     Args:
         max_voxels: most voxels the header may declare, checked before the voxels are read; None:
-            ``InputLimits().max_image_voxels`` (``data.limits.max_image_voxels`` in the config).
+            ``InputLimits.defaults().max_image_voxels`` (``data.limits.max_image_voxels`` in the config).
     """
     path = Path(path)
-    max_voxels = InputLimits().max_image_voxels if max_voxels is None else int(max_voxels)
+    max_voxels = InputLimits.defaults().max_image_voxels if max_voxels is None else int(max_voxels)
     suffix = image_suffix(path)
     if suffix is None:
         raise DataError(path, f"unsupported file type; expected one of {', '.join(SUPPORTED_SUFFIXES)}")

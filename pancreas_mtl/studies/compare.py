@@ -5,9 +5,10 @@ as nnU-Net's find_best_configuration does), or the jobs of fixed-split sweeps gr
 
 Each run is a sweep folder that ``pancreas-mtl crossval`` has scored (or its ``crossval/`` folder), or
 one that ``pancreas-mtl holdout`` has scored (or its ``holdout/`` folder); one comparison takes one kind.
-Cross-validated: the score is read from its ``crossval.json``; ``combined`` is the mean of
-whole-pancreas Dice, lesion Dice and macro F1. A pair ensemble averages the two experiments' out-of-fold
-probabilities case by case (both must have been cross-validated with ``save_probabilities=true``): the
+Cross-validated: the score is read from its ``crossval.json``; ``combined`` is each run's own combined
+score (its ``module.combined_metric``, recorded by crossval and holdout), so ``metric=combined`` ranks
+only runs that weigh it alike (runs that disagree are refused, naming their weights). A pair ensemble
+averages the two experiments' out-of-fold probabilities case by case (both must have been cross-validated with ``save_probabilities=true``): the
 mask is the argmax of the mean probabilities on the input grid, the subtype the argmax of the mean
 subtype probabilities, scored by the same evaluation as every experiment. Holdout-scored: the jobs of
 all the sweeps that differ only in a repeat key (``seed``, ``data.fold``) are one experiment, with the
@@ -29,7 +30,13 @@ from omegaconf import MISSING, OmegaConf
 
 from pancreas_mtl.config import config_dir
 from pancreas_mtl.raw.io import read_volume
-from pancreas_mtl.studies.crossval import SUMMARY_FILE, crossval_dir, headline_scores, read_crossval
+from pancreas_mtl.studies.crossval import (
+    SUMMARY_FILE,
+    crossval_dir,
+    headline_scores,
+    read_crossval,
+    shared_weights,
+)
 from pancreas_mtl.evaluation.evaluate import EvaluationConfig, evaluate
 from pancreas_mtl.studies.holdout import SUMMARY_FILE as HOLDOUT_SUMMARY
 from pancreas_mtl.studies.holdout import holdout_dir, read_holdout
@@ -122,8 +129,9 @@ def _crossval_rows(cfg, names: list[str], output: OutputFolder) -> list[dict]:
         raise ValueError(f"the runs were cross-validated on different datasets ({', '.join(sorted(datasets))}); "
                          "their scores are not comparable")
     rows = [{"name": entry["name"], "members": [entry["name"]], "folder": entry["folder"],
-             "num_cases": entry["crossval"]["num_cases"], **{k: entry["scores"].get(k) for k in COLUMNS}}
-            for entry in entries]
+             "num_cases": entry["crossval"]["num_cases"],
+             "combined_metric": entry["crossval"].get("combined_metric"),
+             **{k: entry["scores"].get(k) for k in COLUMNS}} for entry in entries]
     if cfg.ensembles:
         output.claim()
         for first, second in itertools.combinations(entries, 2):
@@ -131,14 +139,18 @@ def _crossval_rows(cfg, names: list[str], output: OutputFolder) -> list[dict]:
             folder = out / "ensembles" / f"{entries.index(first)}+{entries.index(second)}"
             log.info("ensemble %s -> %s", label, folder)
             predictions = _ensemble_pair(first, second, folder / "predictions", cfg.overwrite)
-            evaluation = evaluate(EvaluationConfig(
+            evaluation = evaluate(EvaluationConfig.compose(dict(
                 pred=str(predictions), gt=first["crossval"]["dataset"], out=str(folder / "evaluation"),
                 tolerance_mm=cfg.tolerance_mm, bootstrap=cfg.bootstrap, seed=cfg.seed, plots=cfg.plots,
                 num_subtypes=int(first["crossval"]["split"].get("num_subtypes") or 3), workers=cfg.workers,
-                progress=cfg.progress, overwrite=cfg.overwrite))
-            scores = headline_scores(evaluation.summary)
+                progress=cfg.progress, overwrite=cfg.overwrite)))
+            # the members' weights where they share them; none (no combined score) where they differ
+            members = [entry["crossval"].get("combined_metric") for entry in (first, second)]
+            weights = members[0] if members[0] == members[1] else None
+            scores = headline_scores(evaluation.summary, weights)
             rows.append({"name": label, "members": [first["name"], second["name"]], "folder": str(folder),
-                         "num_cases": len(evaluation.rows), **{k: scores.get(k) for k in COLUMNS}})
+                         "num_cases": len(evaluation.rows), "combined_metric": weights,
+                         **{k: scores.get(k) for k in COLUMNS}})
     return rows
 
 
@@ -181,7 +193,9 @@ def _holdout_rows(cfg, names: list[str]) -> tuple[list[dict], list[str]]:
         groups.setdefault(name, []).append(job)
     rows = []
     for name, members in groups.items():
+        recorded = {job["folder"]: job["combined_metric"] for job in members if job.get("combined_metric")}
         row = {"name": name, "members": [job["folder"] for job in members], "runs": len(members), "splits": splits,
+               "combined_metric": shared_weights(Path(name), recorded) if recorded else None,
                "num_cases": {split: max((job["scores"].get(split, {}).get("num_cases") or 0) for job in members)
                              for split in splits}}
         for split in splits:
@@ -220,6 +234,8 @@ def compare(cfg) -> list[dict]:
     else:
         rows, splits = _crossval_rows(cfg, names, output), []
         key_column = cfg.metric
+    if cfg.metric == "combined":
+        check_same_combined(rows)
     worst = float("inf") if lower_is_better(cfg.metric) else float("-inf")
 
     def key(row: dict) -> float:
@@ -252,6 +268,21 @@ def compare(cfg) -> list[dict]:
             tmp.write_text(report_table(rows, cfg.metric).to_markdown() + "\n")
     output.record(f".{COMMAND}", OUTPUT_FILES)
     return rows
+
+
+def check_same_combined(rows: list[dict]) -> None:
+    """ValueError naming the rows when they weigh the combined score differently (each is its run's own,
+    ``module.combined_metric``), so that ranking them by it would rank different scores; rows that record
+    no weights (summaries written before they were recorded) are not compared."""
+    distinct: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("combined_metric"):
+            distinct.setdefault(repr(dict(sorted(row["combined_metric"].items()))), []).append(row["name"])
+    if len(distinct) > 1:
+        listed = "\n  ".join(f"{', '.join(names)}: {weights}" for weights, names in distinct.items())
+        raise ValueError("metric=combined: the runs weigh their combined score differently "
+                         f"(module.combined_metric), so it ranks different scores:\n  {listed}\nrank them by one score instead, e.g. "
+                         f"metric=lesion_dice (one of {', '.join(COLUMNS[1:])})")
 
 
 def _cell(value) -> str:

@@ -14,6 +14,9 @@ guessed. Writes, under ``<multirun>/crossval/``:
     evaluation/             the evaluation of out_of_fold/ (per_case.csv, summary.json, plots)
     ensemble.yaml           the fold checkpoints: ``predict.py ckpt=<multirun>/crossval/ensemble.yaml``
     crossval.json           folds, cases, checkpoints, preset, and the scores compare ranks by
+
+``combined`` is the folds' own combined score (``module.combined_metric`` of their run config, the
+weights training's ``val/combined`` used): the folds must agree on it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pancreas_mtl.raw.layout import DatasetIndex, discover
 from pancreas_mtl.raw.splits import make_split
 from pancreas_mtl.dataset.prepare import dataset_root
+from pancreas_mtl.evaluation.combined import combined_score, run_weights
 from pancreas_mtl.evaluation.evaluate import EvaluationConfig, evaluate
 from pancreas_mtl.files import atomic_path, load_json, save_json, sha256, write_csv
 from pancreas_mtl.inference.checkpoint import ENSEMBLE_FILE, ENSEMBLE_FORMAT, plan_sha256, read_checkpoint
@@ -77,13 +81,15 @@ class CrossvalConfig:
 
 @dataclass
 class FoldRun:
-    """One job of the sweep: its folder, fold, checkpoint, data settings and held-out cases."""
+    """One job of the sweep: its folder, fold, checkpoint, data settings, held-out cases and the weights of
+    its combined score."""
 
     job_dir: Path
     fold: int
     checkpoint: Path
     data: dict
     held_out: list[str]
+    combined_metric: dict[str, float]
 
 
 # --- reading the sweep ------------------------------------------------------------------------------
@@ -125,6 +131,28 @@ def run_data_config(job_dir: Path, checkpoint: Path) -> dict:
     return data
 
 
+def run_combined_weights(job_dir: Path, checkpoint: Path) -> dict[str, float]:
+    """The weights of the job's combined score: ``module.combined_metric`` of the config its checkpoint
+    stores (what training ranked by), else of its .hydra/config.yaml, else conf/module/default.yaml's."""
+    _, _, stored = read_checkpoint(checkpoint)
+    config_file = job_dir / ".hydra" / "config.yaml"
+    saved = OmegaConf.to_container(OmegaConf.load(config_file))
+    return run_weights([(f"{checkpoint} (its stored config)", stored), (str(config_file), saved)])
+
+
+def shared_weights(folder: Path, weights: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The one set of combined-score weights of a sweep's jobs (``{job: weights}``); ValueError naming the
+    jobs when they disagree, since their folds would be ranked on different scores."""
+    distinct: dict[str, list[str]] = {}
+    for job, job_weights in weights.items():
+        distinct.setdefault(repr(dict(sorted(job_weights.items()))), []).append(job)
+    if len(distinct) > 1:
+        raise ValueError(f"{folder}: the jobs disagree on module.combined_metric, the combined score they are "
+                         "ranked by:\n  " + "\n  ".join(f"job{'s' * (len(jobs) > 1)} {', '.join(jobs)}: {found}"
+                                                      for found, jobs in distinct.items()))
+    return dict(next(iter(weights.values())))
+
+
 def index_of(data: Mapping) -> DatasetIndex:
     return discover(dataset_root(data, progress=False), num_subtypes=int(data.get("num_subtypes", 3)))
 
@@ -160,8 +188,10 @@ def read_sweep(multirun: str | Path, checkpoint_name: str = "last.ckpt") -> tupl
             raise ValueError(f"job {job}: its split is the dataset's validation folder (data.split="
                              f"{data.get('split')!r}), one held-out set rather than folds; cross-validation "
                              "needs data.split=kfold (or an nnU-Net splits_final.json)")
-        runs.append(FoldRun(job, int(data["fold"]), checkpoint, data, list(split.val)))
+        runs.append(FoldRun(job, int(data["fold"]), checkpoint, data, list(split.val),
+                            run_combined_weights(job, checkpoint)))
     _check_folds(multirun, runs, index)
+    shared_weights(multirun, {run.job_dir.name: run.combined_metric for run in runs})
     return sorted(runs, key=lambda run: run.fold), index
 
 
@@ -186,20 +216,6 @@ def _check_folds(multirun: Path, runs: Sequence[FoldRun], index: DatasetIndex) -
 
 
 # --- the command ------------------------------------------------------------------------------------
-
-def inference_preset(name: str) -> InferenceSettings:
-    """A preset of conf/inference/ composed as predict.py composes ``inference=<name>``."""
-    from hydra import compose, initialize_config_dir
-
-    from pancreas_mtl.config import config_dir
-
-    if not (config_dir() / "inference" / f"{name}.yaml").is_file():
-        known = sorted(p.stem for p in (config_dir() / "inference").glob("*.yaml"))
-        raise ValueError(f"unknown inference preset {name!r}; conf/inference/ has {', '.join(known)}")
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        composed = compose(config_name=f"inference/{name}")
-    return InferenceSettings.from_config(OmegaConf.to_container(composed.inference, resolve=True))
-
 
 def crossval_dir(folder: str | Path) -> Path:
     """The crossval folder of a sweep folder, or the folder itself when it is one."""
@@ -268,17 +284,16 @@ def _finite(value) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def headline_scores(summary: Mapping) -> dict[str, float | None]:
-    """The scores compare ranks by, from an evaluation summary; ``combined`` is the mean of whole-pancreas
-    Dice, lesion Dice and macro F1 (the segmentation scores alone without a classification head)."""
+def headline_scores(summary: Mapping, weights: Mapping[str, float] | None) -> dict[str, float | None]:
+    """The scores compare ranks by, from an evaluation summary; ``combined`` is the runs' own combined score
+    with ``weights`` (their ``module.combined_metric``; undefined scores left out, as training leaves them
+    out of ``val/combined``), None without weights (runs that disagree on them)."""
     segmentation = summary.get("segmentation", {})
     classification = summary.get("classification", {})
     scores: dict[str, float | None] = {name: _finite(value.get("mean")) for name, value in segmentation.items()}
     for key in ("macro_f1", "macro_auroc", "balanced_accuracy", "accuracy"):
         scores[key] = _finite(classification.get(key))
-    parts = [scores.get("whole_pancreas_dice"), scores.get("lesion_dice"), scores.get("macro_f1")]
-    parts = [p for p in parts if p is not None]
-    scores["combined"] = sum(parts) / len(parts) if parts else None
+    scores["combined"] = _finite(combined_score(scores, weights)) if weights else None
     return scores
 
 
@@ -289,7 +304,8 @@ def run_crossval(cfg) -> dict:
     multirun = Path(cfg.multirun).expanduser().resolve()
     runs, index = read_sweep(multirun, cfg.checkpoint)
     out = Path(cfg.out).expanduser().resolve() if cfg.out else multirun / CROSSVAL_DIR
-    settings = inference_preset(cfg.inference)
+    settings = InferenceSettings.preset(cfg.inference)
+    weights = runs[0].combined_metric  # the folds', one set (read_sweep)
     # what decides the predictions and the ensemble (the evaluation's own settings are checked by evaluate)
     identity = {"multirun": str(multirun), "checkpoint": cfg.checkpoint, "inference": settings.name,
                 "precision": cfg.precision}
@@ -316,10 +332,10 @@ def run_crossval(cfg) -> dict:
         raise ValueError(f"{len(failed)} case(s) could not be predicted, so the cross-validation is incomplete:\n  "
                          + "\n  ".join(f"{case}: {reason}" for case, reason in sorted(failed.items())))
     out_of_fold = merge_out_of_fold(fold_dirs, out / "out_of_fold", overwrite=cfg.overwrite)
-    evaluation = evaluate(EvaluationConfig(
+    evaluation = evaluate(EvaluationConfig.compose(dict(
         pred=str(out_of_fold), gt=str(index.root), out=str(out / "evaluation"), tolerance_mm=cfg.tolerance_mm,
         bootstrap=cfg.bootstrap, seed=cfg.seed, plots=cfg.plots, num_subtypes=int(runs[0].data.get("num_subtypes", 3)),
-        workers=cfg.workers, progress=cfg.progress, overwrite=cfg.overwrite))
+        workers=cfg.workers, progress=cfg.progress, overwrite=cfg.overwrite)))
     ensemble = out / ENSEMBLE_FILE
     if folder.may_write(ENSEMBLE_FILE):
         write_ensemble(ensemble, runs)
@@ -328,7 +344,8 @@ def run_crossval(cfg) -> dict:
               "folds": [{"fold": run.fold, "job": run.job_dir.name, "checkpoint": str(run.checkpoint),
                          "held_out": run.held_out} for run in runs],
               "split": {key: runs[0].data.get(key) for key in SHARED_DATA_KEYS},
-              "ensemble": str(ensemble), "scores": headline_scores(evaluation.summary)}
+              "ensemble": str(ensemble), "combined_metric": weights,
+              "scores": headline_scores(evaluation.summary, weights)}
     if folder.may_write(SUMMARY_FILE):
         save_json(result, out / SUMMARY_FILE)
     folder.record(f".{COMMAND}", [ENSEMBLE_FILE, SUMMARY_FILE])

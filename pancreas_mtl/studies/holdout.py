@@ -16,7 +16,8 @@ dataset without test labels is scored on validation only). Writes, under ``<mult
     <job>/<split>/predictions/   predict.py's folder for the job's checkpoint on that split
     <job>/<split>/evaluation/    per_case.csv, summary.json, plots
     holdout.json                 per job: overrides, checkpoint, how it was chosen, the training log's final
-                                 and best validation F1, and the scores of every split (compare reads it)
+                                 and best validation F1, the weights of its combined score (its run config's
+                                 module.combined_metric) and the scores of every split (compare reads it)
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from pancreas_mtl.raw.splits import make_split
 from pancreas_mtl.studies.crossval import (
     headline_scores,
     index_of,
-    inference_preset,
     job_dirs,
+    run_combined_weights,
     run_data_config,
 )
 from pancreas_mtl.evaluation.evaluate import EvaluationConfig, evaluate
 from pancreas_mtl.evaluation.runs import epoch_curves, read_run_metrics, run_overrides
 from pancreas_mtl.files import load_json, save_json
-from pancreas_mtl.inference.predictor import Predictor
+from pancreas_mtl.inference.predictor import InferenceSettings, Predictor
 from pancreas_mtl.inference.runner import predict_cases
 from pancreas_mtl.inference.sources import find_cases
 from pancreas_mtl.output_guard import OutputFolder, refuse_reads
@@ -156,7 +157,7 @@ def run_holdout(cfg) -> dict:
         raise ValueError(f"unfinished must be skip or error, got {cfg.unfinished!r}")
     multirun = Path(cfg.multirun).expanduser().resolve()
     out = Path(cfg.out).expanduser().resolve() if cfg.out else multirun / HOLDOUT_DIR
-    settings = inference_preset(cfg.inference)
+    settings = InferenceSettings.preset(cfg.inference)
     if cfg.engine is not None:
         settings = dataclasses.replace(settings, engine=cfg.engine)
     # what decides the predictions and what they are scored against (the evaluations check their own settings)
@@ -177,6 +178,7 @@ def run_holdout(cfg) -> dict:
             continue
         checkpoint = chosen_checkpoint(job, cfg.checkpoint)
         data = run_data_config(job, checkpoint)
+        weights = run_combined_weights(job, checkpoint)
         index = index_of(data)
         datasets.add(str(index.root))
         refuse_reads(out, [index.root])
@@ -196,12 +198,12 @@ def run_holdout(cfg) -> dict:
                 continue
             folder.claim()
             scores[name] = _score_split(cfg, predictor, images, wanted, reference, out / job.name / name,
-                                        num_subtypes=int(data.get("num_subtypes", 3)),
+                                        num_subtypes=int(data.get("num_subtypes", 3)), weights=weights,
                                         run_info={"checkpoints": [str(checkpoint)], "inference": settings.name})
         jobs.append({"job": job.name, "folder": str(job), "overrides": run_overrides(job),
                      "checkpoint": str(checkpoint),
                      "selected_on": selection_source(job_config) if cfg.checkpoint == SELECTED else "named",
-                     "training": training_summary(job), "scores": scores})
+                     "training": training_summary(job), "combined_metric": weights, "scores": scores})
     if not jobs:
         raise ValueError(f"{multirun}: no finished job to score (unfinished: {', '.join(skipped)})")
     if len(datasets) > 1:
@@ -217,8 +219,9 @@ def run_holdout(cfg) -> dict:
 
 
 def _score_split(cfg, predictor: Predictor, images: tuple[list, dict], wanted: set[str], reference: str, folder: Path, *,
-                 num_subtypes: int, run_info: dict) -> dict:
-    """One job's predictions of one split and their evaluation; the headline scores."""
+                 num_subtypes: int, weights: Mapping[str, float], run_info: dict) -> dict:
+    """One job's predictions of one split and their evaluation; the headline scores (``combined`` with the
+    job's own ``weights``)."""
     cases, problems = images
     chosen = [case for case in cases if case.case_id in wanted]
     summary = predict_cases(predictor, chosen, folder / "predictions", overwrite=cfg.overwrite,
@@ -227,12 +230,12 @@ def _score_split(cfg, predictor: Predictor, images: tuple[list, dict], wanted: s
     if summary.failed:
         raise ValueError(f"{len(summary.failed)} case(s) of {folder} could not be predicted:\n  "
                          + "\n  ".join(f"{case}: {reason}" for case, reason in sorted(summary.failed.items())))
-    evaluation = evaluate(EvaluationConfig(
+    evaluation = evaluate(EvaluationConfig.compose(dict(
         pred=str(folder / "predictions"), gt=reference, out=str(folder / "evaluation"),
         cases=sorted(case.case_id for case in chosen), tolerance_mm=cfg.tolerance_mm,
         bootstrap=cfg.bootstrap, seed=cfg.seed, plots=cfg.plots, num_subtypes=num_subtypes, workers=cfg.workers,
-        progress=cfg.progress, overwrite=cfg.overwrite))
-    scores = headline_scores(evaluation.summary)
+        progress=cfg.progress, overwrite=cfg.overwrite)))
+    scores = headline_scores(evaluation.summary, weights)
     ci = evaluation.summary.get("classification", {}).get("ci", {}).get("macro_f1")
     return {**scores, "num_cases": len(evaluation.rows), "macro_f1_ci": ci}
 

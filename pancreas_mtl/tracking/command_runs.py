@@ -9,8 +9,8 @@ folder finds both there (or the checkpoints through the folder's case records), 
 model share a group and name each other. Online, a run also declares the training run's config artifact
 as its input (W&B's lineage graph); offline runs cannot (no server to resolve it), and keep the ids.
 
-Called from the entry points only (predict.py, ``pancreas_mtl.commands.cli``); the caller catches and warns, a
-dashboard never fails a command whose files are written.
+Called from the commands only (``pancreas_mtl.commands.predict``, ``pancreas_mtl.commands.tools``); the caller
+catches and warns, a dashboard never fails a command whose files are written.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pancreas_mtl.evaluation.evaluate import Evaluation
-from pancreas_mtl.evaluation.plots import roc_curve
+from pancreas_mtl.evaluation.roc import subtype_roc_curves
 from pancreas_mtl.files import load_json, save_json
 from pancreas_mtl.inference.runner import RunSummary, read_records
 from pancreas_mtl.tracking.settings import (
@@ -147,15 +147,12 @@ def _evaluation_training_runs(pred_dir: Path) -> tuple[dict | None, list[dict]]:
 
 
 def roc_curves(rows: Sequence[Mapping], probabilities: np.ndarray | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"subtype k": (fpr, tpr)}`` one-vs-rest over the cases with a reference subtype."""
+    """``{"subtype{k}": (fpr, tpr)}``: :func:`~pancreas_mtl.evaluation.roc.subtype_roc_curves` of the cases
+    with a reference subtype."""
     if probabilities is None:
         return {}
-    known = np.array([row.get("subtype") is not None for row in rows])
-    targets = np.array([row["subtype"] for row in rows if row.get("subtype") is not None])
-    if not targets.size:
-        return {}
-    return {f"subtype{k}": roc_curve(probabilities[known, k], targets == k) for k in range(probabilities.shape[1])
-            if 0 < (targets == k).sum() < targets.size}
+    curves = subtype_roc_curves(probabilities, [row.get("subtype") for row in rows])
+    return {f"subtype{k}": curve for k, curve in curves.items()}
 
 
 def log_evaluation_run(out: str | Path, evaluation: Evaluation, *, pred: str | Path, project: str, config: Mapping,

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from pancreas_mtl.evaluation.plots import roc_curve
+from pancreas_mtl.evaluation.roc import subtype_roc_curves
+from pancreas_mtl.evaluation.selection import worst_cases
 from pancreas_mtl.tracking.settings import roc_plot, wandb_table
 
 CASES_KEY = "val/cases"
@@ -44,17 +45,6 @@ def case_rows(cases: Sequence[Mapping], epoch: int) -> tuple[list[str], list[lis
     return columns, rows
 
 
-def worst_cases(cases: Sequence[Mapping], count: int) -> list[Mapping]:
-    """The ``count`` cases with the lowest mean of pancreas and lesion Dice (ties by case id) that kept a slice."""
-    def score(case: Mapping) -> float:
-        values = [float(case["whole_pancreas_dice"]), float(case["lesion_dice"])]
-        finite = [value for value in values if np.isfinite(value)]
-        return float(np.mean(finite)) if finite else 0.0
-
-    kept = [case for case in cases if case.get("slice") is not None]
-    return sorted(kept, key=lambda case: (score(case), str(case["case_id"])))[:max(int(count), 0)]
-
-
 def _padded(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """(Y, X) padded with zeros (black, background) at the bottom and right to ``shape``."""
     array = np.asarray(array, dtype=np.uint8)
@@ -78,15 +68,14 @@ def masked_image(case: Mapping, labels: Mapping[str, int], epoch: int, shape: tu
 
 
 def roc_curves(cases: Sequence[Mapping]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"subtype k": (fpr, tpr)}`` one-vs-rest, for each subtype present and absent among the cases."""
+    """``{"subtype{k}": (fpr, tpr)}``: :func:`~pancreas_mtl.evaluation.roc.subtype_roc_curves` of the cases
+    with a subtype and probabilities."""
     pairs = [(case.get("subtype"), _probabilities(case)) for case in cases]
     pairs = [(subtype, p) for subtype, p in pairs if subtype is not None and p is not None]
     if not pairs:
         return {}
-    subtypes = np.array([subtype for subtype, _ in pairs])
-    scores = np.stack([p for _, p in pairs])
-    return {f"subtype{k}": roc_curve(scores[:, k], subtypes == k) for k in range(scores.shape[1])
-            if 0 < (subtypes == k).sum() < subtypes.size}
+    curves = subtype_roc_curves(np.stack([p for _, p in pairs]), [subtype for subtype, _ in pairs])
+    return {f"subtype{k}": curve for k, curve in curves.items()}
 
 
 def log_validation_media(run: Any, cases: Sequence[Mapping], step: int, epoch: int, labels: Mapping[str, int],
@@ -94,7 +83,8 @@ def log_validation_media(run: Any, cases: Sequence[Mapping], step: int, epoch: i
     """Log the table (``val/cases``), the worst cases (``val/worst_cases``) and the ROC chart (``val/roc``)
     of one validation to the W&B ``run``; see :func:`pancreas_mtl.training.validation_media.log_validation_cases`."""
     payload: dict[str, Any] = {CASES_KEY: wandb_table(*case_rows(cases, epoch))}
-    worst = worst_cases(cases, num_worst)
+    # the rule of the evaluation's worst_cases.png, among the cases that kept a slice
+    worst = worst_cases([case for case in cases if case.get("slice") is not None], "lesion_dice", num_worst)
     if worst:
         shape = tuple(int(max(case["slice"]["image"].shape[axis] for case in worst)) for axis in (0, 1))
         payload[WORST_KEY] = [masked_image(case, labels, epoch, shape) for case in worst]

@@ -34,7 +34,9 @@ from torch import Tensor, nn
 from pancreas_mtl import __version__
 from pancreas_mtl.config import plain
 from pancreas_mtl.devices import set_tf32
+from pancreas_mtl.evaluation.combined import check_weights, combined_score
 from pancreas_mtl.evaluation.metrics import ClassificationMetrics, lesion_dice, whole_pancreas_dice
+from pancreas_mtl.evaluation.selection import shown_slice
 from pancreas_mtl.config import config_differences
 from pancreas_mtl.inference.checkpoint import MODEL_PREFIX, state_mismatch
 from pancreas_mtl.inference.predictor import Prediction, Predictor
@@ -44,7 +46,6 @@ from pancreas_mtl.training.validation_media import (
     log_confusion_matrix,
     log_image,
     log_validation_cases,
-    overlay_slice_index,
     render_overlay,
     validation_slice,
     write_png,
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("skip", "stop")
 LOGGED_TRAIN_TERMS = ("loss", "seg", "dice", "ce", "cls")
-DEFAULT_COMBINED = {"whole_pancreas_dice": 1.0, "lesion_dice": 1.0, "macro_f1": 1.0}
 
 
 # --- the module -------------------------------------------------------------------------------------
@@ -88,22 +88,26 @@ class MultiTaskModule(L.LightningModule):
         channels_last: channels-last 3D weights and inputs (faster convolutions on recent GPUs).
         tf32: TF32 matmuls and convolutions on CUDA (None: leave torch's setting).
         combined_metric: ``{metric: weight}`` over ``whole_pancreas_dice``, ``lesion_dice``, ``macro_f1``,
-            ``balanced_accuracy``, ``auroc``; ``val/combined`` is their weighted mean over the defined ones.
+            ``macro_auroc``, ``balanced_accuracy``; ``val/combined`` is their weighted mean over the defined
+            ones (:func:`~pancreas_mtl.evaluation.combined.combined_score`, the rule the studies rank by).
         config: the resolved run config (plain containers), saved in every checkpoint.
+
+    Every setting is ``conf/module/default.yaml``'s key of the same name (``build_module`` passes them);
+    none has a default here, so the YAML is their one home.
     """
 
-    def __init__(self, model: MultiTaskNet, loss: nn.Module, plan: Plan | Mapping, optimizer: Callable | Mapping,
-                 validation: InferenceSettings | Mapping, scheduler: Callable | Mapping | None = None,
-                 num_overlays: int = 2, save_overlays: bool = True, nonfinite_loss: str = "skip",
-                 compile: bool = False, compile_kwargs: Mapping | None = None, channels_last: bool = False,
-                 tf32: bool | None = True, combined_metric: Mapping | None = None, config: Mapping | None = None):
+    def __init__(self, model: MultiTaskNet, loss: nn.Module, plan: Plan | Mapping,
+                 optimizer: Callable | Mapping, *, validation: InferenceSettings | Mapping,
+                 scheduler: Callable | Mapping | None, num_overlays: int, save_overlays: bool, nonfinite_loss: str,
+                 compile: bool, compile_kwargs: Mapping | None, channels_last: bool, tf32: bool | None,
+                 combined_metric: Mapping, config: Mapping | None = None):
         super().__init__()
         settings = (validation if isinstance(validation, InferenceSettings)
                     else InferenceSettings.from_config(plain(validation)))
         validation = settings.to_config()  # plain values for the saved hyperparameters
         if nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}, got {nonfinite_loss!r}")
-        combined_metric = dict(plain(combined_metric) or DEFAULT_COMBINED)
+        combined_metric = check_weights(plain(combined_metric), "this run's config")
         compile_kwargs = dict(plain(compile_kwargs) or {})
         self.save_hyperparameters(ignore=["model", "loss", "plan", "optimizer", "scheduler", "config"])
         self.model = model
@@ -318,20 +322,14 @@ class MultiTaskModule(L.LightningModule):
 
     def combined_metric(self, metrics: Mapping[str, float]) -> float:
         """Weighted mean of the configured metrics that are defined (not NaN, present); NaN if none is."""
-        total, weight_sum = 0.0, 0.0
-        for name, weight in self.hparams.combined_metric.items():
-            value = metrics.get(name)
-            if value is not None and np.isfinite(value) and weight:
-                total += float(weight) * float(value)
-                weight_sum += float(weight)
-        return total / weight_sum if weight_sum else float("nan")
+        return combined_score(metrics, self.hparams.combined_metric)
 
     def _overlay(self, image: np.ndarray, true: np.ndarray, pred: np.ndarray, case_id: str, index: int) -> None:
         """Best effort: an axial slice through the lesion as PNG, to the run folder and image-capable loggers."""
         if self.global_rank != 0:
             return
         try:
-            z = overlay_slice_index(true, self.lesion_channel)
+            z = shown_slice(true, pred, self.lesion_channel)
             rgb = render_overlay(image[z], true[z], pred[z], self.lesion_channel)
             if self.hparams.save_overlays:
                 folder = Path(self.trainer.default_root_dir) / "overlays"

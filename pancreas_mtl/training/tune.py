@@ -60,6 +60,7 @@ def check_search_space(cfg: DictConfig, overrides: list[str]) -> dict:
         raise TuneError("tune.params is empty: choose a search space, hparams_search=<name> "
                         f"(conf/hparams_search/: {sorted(p.stem for p in (config_dir() / 'hparams_search').glob('*.yaml'))})")
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    weights = combined_weights(cfg)
     for key, spec in params.items():
         kind = spec.get("type") if isinstance(spec, dict) else None
         expected = {"float": {"low", "high"}, "int": {"low", "high"}, "categorical": {"choices"}}.get(kind)
@@ -77,7 +78,18 @@ def check_search_space(cfg: DictConfig, overrides: list[str]) -> dict:
                 check_trial_settings(trial_cfg)
             except ValueError as error:
                 raise TuneError(f"tune.params.{key}={value}: {error}") from None
+            if combined_weights(trial_cfg) != weights:  # e.g. an experiment with a combined score of its own
+                raise TuneError(f"tune.params.{key}={value} changes module.combined_metric from {weights} to "
+                                f"{combined_weights(trial_cfg)}: the trials would be ranked on different scores "
+                                "(select/combined, val/combined); search keys that keep it, or set it on the "
+                                "command line for every trial")
     return params
+
+
+def combined_weights(cfg: DictConfig) -> dict | None:
+    """The weights of a run config's combined score (``module.combined_metric``), as its trial ranks by them."""
+    weights = OmegaConf.select(cfg, "module.combined_metric")
+    return None if weights is None else OmegaConf.to_container(weights, resolve=True)
 
 
 def check_trial_settings(cfg: DictConfig) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pancreas_mtl.evaluation.selection import shown_slice
 from pancreas_mtl.files import atomic_path
 from pancreas_mtl.planning.plan import LESION_LABEL
 from pancreas_mtl.tracking.settings import confusion_plot, wandb_table
@@ -49,15 +50,6 @@ def write_png(rgb: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def overlay_slice_index(label: np.ndarray, lesion_label: int = LESION_LABEL) -> int:
-    """Axial slice to show for a (Z, Y, X) label map: most lesion voxels, else most foreground, else the middle."""
-    for mask in (label == lesion_label, label > 0):
-        area = mask.reshape(mask.shape[0], -1).sum(1)
-        if area.max() > 0:
-            return int(area.argmax())
-    return label.shape[0] // 2
-
-
 def _contour(mask: np.ndarray) -> np.ndarray:
     """Mask pixels with a 4-neighbour outside the mask (the image edge counts as outside)."""
     padded = np.pad(mask, 1, constant_values=False)
@@ -74,8 +66,9 @@ def grey_levels(image: np.ndarray) -> np.ndarray:
 
 def validation_slice(image: Any, true_labels: np.ndarray, pred_labels: np.ndarray,
                      lesion_label: int = LESION_LABEL) -> dict[str, Any]:
-    """The axial slice of a validation case that overlays show (:func:`overlay_slice_index`), small enough
-    to keep until the epoch ends, when the worst cases are known.
+    """The axial slice of a validation case that overlays show (the one
+    :func:`~pancreas_mtl.evaluation.selection.shown_slice` picks, as the evaluation's figures do), small
+    enough to keep until the epoch ends, when the worst cases are known.
 
     Args:
         image: (Z, Y, X) intensities, a numpy array or a tensor on any device (only the slice is copied).
@@ -85,7 +78,7 @@ def validation_slice(image: Any, true_labels: np.ndarray, pred_labels: np.ndarra
     None (with a warning, once) when the slice cannot be taken: a picture never stops validation.
     """
     try:
-        z = overlay_slice_index(true_labels, lesion_label)
+        z = shown_slice(true_labels, pred_labels, lesion_label)
         plane = image[z]
         if hasattr(plane, "detach"):
             plane = plane.detach().float().cpu().numpy()
