@@ -272,15 +272,16 @@ def lr_trace(scheduler_fn, steps: int, lr: float = 0.01, **kwargs) -> list[float
 
 
 def test_poly_schedule_follows_nnunet():
-    trace = lr_trace(poly_lr, 100)
+    trace = lr_trace(poly_lr, 100, exponent=0.9, warmup_steps=0)
     assert trace[0] == pytest.approx(0.01)
     assert trace[50] == pytest.approx(0.01 * 0.5 ** 0.9)
     assert trace[75] == pytest.approx(0.01 * 0.25 ** 0.9)
     assert trace[100] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="finite"):
-        lr_trace(poly_lr, 0)
+        lr_trace(poly_lr, 0, exponent=0.9, warmup_steps=0)
     with pytest.raises(ValueError, match="finite"):
-        poly_lr(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), total_steps=float("inf"))
+        poly_lr(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), total_steps=float("inf"), exponent=0.9,
+                warmup_steps=0)
 
 
 def test_cosine_schedule_with_warmup():
@@ -291,15 +292,15 @@ def test_cosine_schedule_with_warmup():
     assert trace[110] == pytest.approx(0.001)
     assert all(a >= b for a, b in zip(trace[10:], trace[11:]))
     # a float warm-up is a fraction of the run, and the schedule's position survives a state dict
-    by_fraction = lr_trace(cosine_lr, 100, warmup_steps=0.1)
-    assert by_fraction == pytest.approx(lr_trace(cosine_lr, 100, warmup_steps=10))
+    by_fraction = lr_trace(cosine_lr, 100, warmup_steps=0.1, min_lr_ratio=0.0)
+    assert by_fraction == pytest.approx(lr_trace(cosine_lr, 100, warmup_steps=10, min_lr_ratio=0.0))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    scheduler = cosine_lr(optimizer, total_steps=100, warmup_steps=10)
+    scheduler = cosine_lr(optimizer, total_steps=100, warmup_steps=10, min_lr_ratio=0.0)
     for _ in range(30):
         optimizer.step()
         scheduler.step()
     restored_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    restored = cosine_lr(restored_optimizer, total_steps=100, warmup_steps=10)
+    restored = cosine_lr(restored_optimizer, total_steps=100, warmup_steps=10, min_lr_ratio=0.0)
     restored.load_state_dict(scheduler.state_dict())
     assert restored.get_last_lr() == pytest.approx(scheduler.get_last_lr())
     assert as_factory(OmegaConf.load(CONF / "scheduler/none.yaml")) is None

@@ -116,7 +116,7 @@ def _fit(tmp_path, callback) -> CSVLogger:
 
 
 def test_the_callback_draws_the_curves_when_fitting_ends(tmp_path):
-    callback = LearningCurvesPlot()
+    callback = LearningCurvesPlot("learning_curves.png")
     logger = _fit(tmp_path, callback)
     png = tmp_path / "csv" / "version_0" / "learning_curves.png"
     assert callback.written == [png] and png.read_bytes()[:8] == PNG and logger.log_dir == str(png.parent)
@@ -130,7 +130,7 @@ def test_a_failing_plot_is_a_warning_not_a_failed_run(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr("pancreas_mtl.training.plots.write_learning_curves", broken)
     with caplog.at_level(logging.WARNING, logger="pancreas_mtl.training.plots"):
-        _fit(tmp_path, LearningCurvesPlot())
+        _fit(tmp_path, LearningCurvesPlot("learning_curves.png"))
     assert "could not draw the learning curves" in caplog.text and "no fonts" in caplog.text
 
 

@@ -24,7 +24,7 @@ class LastCheckpoint(L.Callback):
     here) and writes on rank 0 only.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_epochs: int = 1):
+    def __init__(self, dirpath: str | Path, every_n_epochs: int):
         if int(every_n_epochs) < 1:
             raise ValueError(f"last_checkpoint.every_n_epochs must be >= 1, got {every_n_epochs}")
         self.path = Path(dirpath) / "last.ckpt"
@@ -36,7 +36,7 @@ class LastCheckpoint(L.Callback):
         trainer.save_checkpoint(self.path)
 
 
-def step_checkpoint(dirpath: str | Path, every_n_train_steps: int = 0) -> ModelCheckpoint | None:
+def step_checkpoint(dirpath: str | Path, every_n_train_steps: int) -> ModelCheckpoint | None:
     """A callback writing ``last.ckpt`` every N optimizer steps, besides the epoch-end one, so a killed run
     loses at most N steps; None (no callback) for N = 0 (``callbacks.step_checkpoint`` in the config)."""
     if not every_n_train_steps:

@@ -88,7 +88,7 @@ class WandbArtifacts(L.Callback):
     the artifacts (copied into W&B's staging folder) until ``wandb sync`` uploads them.
     """
 
-    def __init__(self, log_model: bool = False):
+    def __init__(self, log_model: bool):
         self.log_model = bool(log_model)
         self._run: Any = None
         self._warned: set[str] = set()

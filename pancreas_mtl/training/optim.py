@@ -73,7 +73,7 @@ class CosineFactor:
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def poly_lr(optimizer: Optimizer, total_steps: int, exponent: float = 0.9, warmup_steps: float = 0) -> LambdaLR:
+def poly_lr(optimizer: Optimizer, total_steps: int, exponent: float, warmup_steps: float) -> LambdaLR:
     """nnU-Net's polynomial decay ``lr0 * (1 - step / total_steps) ** exponent`` (0.9), stepped per optimizer step.
 
     Args:
@@ -87,7 +87,7 @@ def poly_lr(optimizer: Optimizer, total_steps: int, exponent: float = 0.9, warmu
     return LambdaLR(optimizer, PolyFactor(total, float(exponent), warmup_length(warmup_steps, total)))
 
 
-def cosine_lr(optimizer: Optimizer, total_steps: int, warmup_steps: float = 0, min_lr_ratio: float = 0.0) -> LambdaLR:
+def cosine_lr(optimizer: Optimizer, total_steps: int, warmup_steps: float, min_lr_ratio: float) -> LambdaLR:
     """Linear warm-up, then cosine decay from lr0 to ``min_lr_ratio * lr0`` at ``total_steps``.
 
     ``warmup_steps``: an int counts steps, a float in (0, 1) is a fraction of ``total_steps``.

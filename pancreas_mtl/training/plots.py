@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
-from pancreas_mtl.evaluation.runs import LEARNING_CURVES_FILE, METRICS_FILE, write_learning_curves
+from pancreas_mtl.evaluation.runs import METRICS_FILE, write_learning_curves
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class LearningCurvesPlot(L.Callback):
         filename: the PNG's name in the CSV logger's ``version_N/`` folder.
     """
 
-    def __init__(self, filename: str = LEARNING_CURVES_FILE):
+    def __init__(self, filename: str):
         self.filename = filename
         self.written: list[Path] = []
 
