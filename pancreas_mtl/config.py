@@ -23,6 +23,23 @@ def plain(config: Any) -> Any:
     return config
 
 
+# Command-line keys that stand for one key of their block: ``pretrained=PATH`` is ``pretrained.path=PATH``
+# (the block's other keys, pretrained.parts and so on, keep their values).
+SHORTHAND_KEYS = {"pretrained": "pretrained.path"}
+
+
+def expand_shorthands(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Hydra overrides with each ``SHORTHAND_KEYS`` key (also with ``+``/``++``/``~``) written out in full."""
+    expanded = []
+    for override in overrides:
+        key, equals, value = str(override).partition("=")
+        prefix = key[:len(key) - len(key.lstrip("+~"))]
+        if equals and key[len(prefix):] in SHORTHAND_KEYS and prefix in ("", "+", "++"):
+            override = f"{prefix}{SHORTHAND_KEYS[key[len(prefix):]]}={value}"
+        expanded.append(override)
+    return expanded
+
+
 def config_dir() -> Path:
     """The folder of the package's Hydra configs: the repository's ``conf/`` in a source checkout or an
     editable install, the ``pancreas_mtl/conf`` package data in a wheel."""

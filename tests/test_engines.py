@@ -197,7 +197,7 @@ def test_export_writes_a_folder_that_predicts_the_checkpoint_s_masks(tmp_path, c
     out = tmp_path / "model"
     assert main(["export", f"ckpt={checkpoint}", f"out={out}", "precision=fp32"]) == 0
     manifest = json.loads((out / MANIFEST).read_text())
-    assert sorted(manifest["files"]) == ["model.bin", "model.onnx", "model.xml", "plan.json"]
+    assert sorted(manifest["files"]) == ["model.bin", "model.onnx", "model.xml", "plan.json", "weights.pt"]
     assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["files"], MANIFEST])
     assert manifest["window_shape"] == [2, 1, 8, 16, 16] and manifest["complete"]
     assert manifest["head"] == {"num_subtypes": 3, "loss_kind": "ce", "probabilities": "softmax"}

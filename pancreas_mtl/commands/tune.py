@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Sequence
 
 from pancreas_mtl.commands import refusals
-from pancreas_mtl.config import config_dir
+from pancreas_mtl.config import config_dir, expand_shorthands
 
 
 def optuna_experimental_warning() -> type[Warning]:
@@ -29,7 +29,7 @@ def optuna_experimental_warning() -> type[Warning]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The study for these overrides (``sys.argv[1:]`` when None); returns the exit code."""
-    overrides = list(sys.argv[1:] if argv is None else argv)
+    overrides = expand_shorthands(list(sys.argv[1:] if argv is None else argv))  # pretrained=PATH and the like
     if {"-h", "--help"} & set(overrides):
         print(__doc__)
         print(f"conf/tune.yaml ({config_dir() / 'tune.yaml'}):\n")

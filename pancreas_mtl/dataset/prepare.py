@@ -21,6 +21,7 @@ from pancreas_mtl.dataset.cached_case import CachedCase
 from pancreas_mtl.dataset.settings import data_settings
 from pancreas_mtl.planning.fingerprint import load_or_compute_fingerprint
 from pancreas_mtl.planning.plan import Fingerprint, Plan
+from pancreas_mtl.planning.adopted import adopt_plan, is_adopted
 from pancreas_mtl.planning.planner import plan_experiment
 
 log = logging.getLogger(__name__)
@@ -124,10 +125,12 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def _plan_dataset(data, planning_cfg,
-                  progress: bool) -> tuple[DatasetIndex, Path, Fingerprint, Plan, InputLimits]:
+def _plan_dataset(data, planning_cfg, progress: bool, source_plan: Plan | None = None,
+                  source: str = "") -> tuple[DatasetIndex, Path, Fingerprint, Plan, InputLimits]:
     """Discovery, the fingerprint (computed once, under the cache's lock, by whichever process comes first;
-    every other process, shards included, waits and reads it) and the plan, identical for every process."""
+    every other process, shards included, waits and reads it) and the plan, identical for every process:
+    planned from the fingerprint, or with ``planning=from_pretrained`` the pretrained network's
+    ``source_plan`` adopted (``planning.adopted``)."""
     planning_cfg = plain(planning_cfg)
     index = discover(dataset_root(asdict(data), progress=data.progress), num_subtypes=data.num_subtypes)
     cache_root = dataset_cache_root(data.cache_dir, index)
@@ -137,24 +140,33 @@ def _plan_dataset(data, planning_cfg,
         fingerprint = load_or_compute_fingerprint(
             index, cache_root / "fingerprint.json", num_workers=data.preprocessing_workers,
             samples_per_case=data.fingerprint_samples_per_case, progress=progress, limits=limits)
+    if is_adopted(planning_cfg):
+        if source_plan is None and not source:
+            raise ValueError("planning=from_pretrained takes the plan of the pretrained network: set pretrained.path "
+                             "(pretrained=/path/to/<nnU-Net model folder or checkpoint>)")
+        plan = adopt_plan(fingerprint, source_plan, planning_cfg, source)
+        return index, cache_root, fingerprint, plan, limits
     overrides = planning_cfg.pop("overrides", None) or {}
     plan = plan_experiment(fingerprint, planning_cfg, overrides)
     return index, cache_root, fingerprint, plan, limits
 
 
-def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True) -> PreparedDataset:
+def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True, source_plan: Plan | None = None,
+                    source: str = "") -> PreparedDataset:
     """Run (or reuse) every step up to the cache for the dataset and planning configs.
 
     Args:
         data_cfg: the ``data`` config node (root, cache_dir, split, workers, limits, ...), read as changes to
             conf/data/folder.yaml (:func:`~pancreas_mtl.dataset.settings.data_settings`).
         planning_cfg: the ``planning`` config node (a preset from conf/planning/ plus overrides).
+        source_plan, source: with ``planning=from_pretrained``, the pretrained network's plan and what it was
+            read from (``pretrained.path``).
     """
     data = data_settings(data_cfg)
     if data.shard:
         raise ValueError(f"data.shard={data.shard} preprocesses one share of the cases (prepare_shard); "
                          "a run that needs the whole dataset leaves data.shard unset")
-    index, cache_root, fingerprint, plan, limits = _plan_dataset(data, planning_cfg, progress)
+    index, cache_root, fingerprint, plan, limits = _plan_dataset(data, planning_cfg, progress, source_plan, source)
     cached = build_cache(index, plan, cache_root, cases=index.labelled, num_workers=data.preprocessing_workers,
                          progress=progress, limits=limits)
     split = make_split(index, mode=data.split, fold=data.fold, num_folds=data.num_folds, seed=data.split_seed)
@@ -169,7 +181,8 @@ def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True) -> Prepare
                            cases={entry.case_id: entry for entry in cached}, split=split)
 
 
-def prepare_shard(data_cfg, planning_cfg, *, progress: bool = True) -> list[CachedCase]:
+def prepare_shard(data_cfg, planning_cfg, *, progress: bool = True, source_plan: Plan | None = None,
+                  source: str = "") -> list[CachedCase]:
     """Preprocess one share of the labelled cases into the shared cache: ``data.shard=i/n`` takes every n-th
     case from the i-th, in index order. Jobs for 0/n ... (n-1)/n together fill the cache that
     :func:`prepare_dataset` then reuses; they may run at once (the fingerprint is computed once under the
@@ -181,7 +194,7 @@ def prepare_shard(data_cfg, planning_cfg, *, progress: bool = True) -> list[Cach
     shard = parse_shard(data.shard)
     if shard is None:
         raise ValueError("prepare_shard needs data.shard=i/n")
-    index, cache_root, _, plan, limits = _plan_dataset(data, planning_cfg, progress)
+    index, cache_root, _, plan, limits = _plan_dataset(data, planning_cfg, progress, source_plan, source)
     cases = index.labelled[shard[0]::shard[1]]
     cached = build_cache(index, plan, cache_root, cases=cases, num_workers=data.preprocessing_workers,
                          progress=progress, limits=limits)

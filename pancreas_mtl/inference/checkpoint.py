@@ -31,7 +31,7 @@ from pancreas_mtl.planning.plan import Plan, PlanError
 MODEL_PREFIX = "model."
 
 
-def _not_a_checkpoint(path: Path) -> str | None:
+def checkpoint_problem(path: Path) -> str | None:
     """What ``path`` is, when it plainly is not a checkpoint file (missing, a folder, empty, text); else None."""
     if not path.exists():
         return f"checkpoint {path} not found" + (" (a broken symbolic link)" if path.is_symlink() else "")
@@ -153,7 +153,7 @@ def expand_checkpoints(paths: Sequence[str | Path]) -> list[str]:
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, Plan, dict]:
     """(the model's state dict without the ``model.`` prefix, the plan, the run config) of a checkpoint."""
     path = Path(path)
-    problem = _not_a_checkpoint(path)
+    problem = checkpoint_problem(path)
     if problem:
         raise (FileNotFoundError if not path.exists() else ValueError)(problem)
     try:

@@ -12,6 +12,8 @@ sliding windows around the engine.
     plan.json       the checkpoint's plan (preprocessing, spacing, labels, patch)
     model.onnx      the network for that window shape (onnx_graph.WindowNetwork)
     model.xml/.bin  engine=openvino: the same network as OpenVINO IR (read faster than ONNX)
+    weights.pt      the network's state dict (tensors only, read with weights_only): what a warm start
+                    (``pretrained=<folder>``) loads; folders exported before it existed lack it
 
 The export writes only into an empty or new folder or over its own earlier export (``overwrite=true``
 removes the files its manifest lists, nothing else); a folder holding anything else is refused.
@@ -58,6 +60,7 @@ MANIFEST = "manifest.json"
 FORMAT = "pancreas_mtl model folder"
 VERSION = 1
 ONNX_FILE, IR_FILE, IR_WEIGHTS, PLAN_FILE = "model.onnx", "model.xml", "model.bin", "plan.json"
+WEIGHTS_FILE = "weights.pt"
 REQUIRED_FIELDS = ("window_shape", "engine", "precision", "head", "lesion_channel", "outputs", "weights_digest")
 # how class probabilities come from the class logits, per head loss (models.heads: probabilities)
 PROBABILITY_HEADS = {"ce": ClassificationHead, "bce": OneVsRestHead}
@@ -203,9 +206,10 @@ def read_model_folder(path: str | Path) -> ExportedModel:
     missing = [key for key in REQUIRED_FIELDS if key not in manifest]
     if missing:
         raise ValueError(f"{folder / MANIFEST}: lacks {missing}; export the checkpoint again")
-    if set(manifest["sha256"]) != {ONNX_FILE, PLAN_FILE} | ({IR_FILE, IR_WEIGHTS} & set(manifest["sha256"])):
+    optional = {IR_FILE, IR_WEIGHTS, WEIGHTS_FILE}
+    if set(manifest["sha256"]) != {ONNX_FILE, PLAN_FILE} | (optional & set(manifest["sha256"])):
         raise ValueError(f"{folder / MANIFEST}: its digests list {sorted(manifest['sha256'])}, expected "
-                         f"{ONNX_FILE}, {PLAN_FILE} and optionally {IR_FILE}/{IR_WEIGHTS}")
+                         f"{ONNX_FILE}, {PLAN_FILE} and optionally {IR_FILE}/{IR_WEIGHTS}, {WEIGHTS_FILE}")
     _check_listed_inside(folder, manifest)
     for name, expected in manifest["sha256"].items():
         file = folder / name
@@ -293,7 +297,7 @@ def export_model_folder(checkpoint: str | Path, network: MultiTaskNet, plan: Pla
     refuse_reads(out, [checkpoint])
     earlier = _check_out(out, overwrite)
     network = network.cpu().eval()
-    files = [ONNX_FILE, PLAN_FILE] + ([IR_FILE, IR_WEIGHTS] if engine == "openvino" else [])
+    files = [ONNX_FILE, PLAN_FILE, WEIGHTS_FILE] + ([IR_FILE, IR_WEIGHTS] if engine == "openvino" else [])
     head = {"num_subtypes": 0 if network.head is None else network.head.num_subtypes,
             "loss_kind": network.loss_kind,
             "probabilities": PROBABILITY_RULES.get(network.loss_kind) if network.head is not None else None}
@@ -312,6 +316,8 @@ def export_model_folder(checkpoint: str | Path, network: MultiTaskNet, plan: Pla
             openvino.save_model(model, str(tmp), compress_to_fp16=False)
             tmp.with_suffix(".bin").replace(out / IR_WEIGHTS)  # the weights first: the .xml names them
     save_json(plan.to_dict(), out / PLAN_FILE)
+    with atomic_path(out / WEIGHTS_FILE, suffix=".pt") as tmp:  # tensors only: a warm start reads them
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()}}, tmp)
     manifest.update({
         "window_shape": list(window_shape), "engine": engine, "precision": precision, "head": head,
         "lesion_channel": int(plan.labels.get("lesion", LESION_LABEL)), "outputs": output_names(network),

@@ -51,6 +51,7 @@ from pancreas_mtl.training.validation_media import (
     write_png,
 )
 from pancreas_mtl.models.multitask import MultiTaskNet, build_model
+from pancreas_mtl.training.fine_tuning import FineTuning, parameter_groups, scale_learning_rates
 from pancreas_mtl.training.optim import as_factory
 from pancreas_mtl.planning.plan import LESION_LABEL, Plan
 
@@ -126,6 +127,7 @@ class MultiTaskModule(L.LightningModule):
         self._val_cases: list[dict[str, Any]] = []
         self._model_configured = False
         self._predictor: Predictor | None = None
+        self.fine_tuning: FineTuning | None = None  # a warm start's parameter groups (train.py sets it)
 
     @property
     def memory_format(self) -> torch.memory_format | None:
@@ -150,7 +152,8 @@ class MultiTaskModule(L.LightningModule):
         self._model_configured = True
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory(params=parameter_groups(self.model, self.fine_tuning))
+        scale_learning_rates(optimizer)  # pretrained.lr_scale (training.fine_tuning), before the schedule
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)

@@ -34,13 +34,19 @@ from pancreas_mtl.planning.planner import describe_plan
 from pancreas_mtl.training.run_info import write_run_info
 from pancreas_mtl.tracking.settings import training_runs
 from pancreas_mtl.training.validation_schedule import validation_problem
+from pancreas_mtl.training.fine_tuning import FineTuning, FreezeEncoder
+from pancreas_mtl.training.pretrained_sources import PretrainedSource, read_pretrained
+from pancreas_mtl.training.warm_start import PARTS, REPORT_FILE, read_loaded_names, warm_start, write_report
+from pancreas_mtl.planning.plan import Plan
 
 log = logging.getLogger("train")
 
 
-def prepare(cfg: DictConfig) -> PancreasDataModule:
-    """Dataset preparation and the data module; the plan and fingerprint are copied into the run folder."""
-    prepared = prepare_dataset(cfg.data, cfg.planning, progress=cfg.data.progress)
+def prepare(cfg: DictConfig, source_plan: Plan | None = None, source: str = "") -> PancreasDataModule:
+    """Dataset preparation and the data module; the plan and fingerprint are copied into the run folder.
+    ``source_plan``: the pretrained network's plan, which ``planning=from_pretrained`` adopts."""
+    prepared = prepare_dataset(cfg.data, cfg.planning, progress=cfg.data.progress, source_plan=source_plan,
+                               source=source)
     run_dir = Path(cfg.paths.output_dir)
     if is_first_process():  # DDP: run files from rank 0 only
         save_json(prepared.plan.to_dict(), run_dir / "plan.json")
@@ -144,12 +150,75 @@ def cluster_plugins(slurm_cfg: DictConfig | None) -> list:
                              requeue_signal=getattr(signal, str(slurm_cfg.get("requeue_signal", "SIGUSR1"))))]
 
 
+# --- warm start (pretrained=PATH; training.warm_start, training.fine_tuning) ------------------------------
+
+def pretrained_settings(cfg: DictConfig) -> dict | None:
+    """The ``pretrained`` block when ``pretrained.path`` is set, else None."""
+    settings = cfg.get("pretrained")
+    if not settings or not settings.get("path"):
+        return None
+    return OmegaConf.to_container(settings, resolve=True)
+
+
+def check_pretrained_resume(cfg: DictConfig, ckpt_path: str | None) -> bool:
+    """Whether this start continues a warm-started run from its own checkpoint (True: the checkpoint holds the
+    weights, the warm start is not loaded again). ``pretrained`` with a checkpoint of another run folder is
+    refused: resuming restores the weights, so the two would fight over them."""
+    if not ckpt_path or pretrained_settings(cfg) is None:
+        return False
+    if Path(ckpt_path).resolve().is_relative_to(Path(cfg.paths.output_dir).resolve()):
+        return True  # this run folder's own (its config, pretrained included, is checked against the checkpoint's)
+    raise ValueError(
+        f"pretrained.path={cfg.pretrained.path} together with ckpt_path={ckpt_path}: resuming a run restores its "
+        "weights, and a warm start would load others; resume without pretrained (pretrained.path=null), or warm "
+        f"start a new run without ckpt_path (ckpt_path=null), or start from the checkpoint's weights with "
+        f"pretrained={ckpt_path}")
+
+
+def start_fine_tuning(cfg: DictConfig, module, source: PretrainedSource | None, continuing: bool) -> list:
+    """Load the warm start into ``module``'s network (or, continuing, take the names an earlier start loaded
+    from pretrained.json), set its parameter groups, and return the callbacks fine-tuning needs."""
+    settings = pretrained_settings(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    if continuing:
+        names = read_loaded_names(run_dir)
+        if names is None:
+            raise ValueError(f"{run_dir}: resuming a warm-started run, but its {REPORT_FILE} (which parameters were "
+                             "pretrained) is missing; start a new run folder")
+    else:
+        result = warm_start(module.model, source, settings["parts"])
+        names = result.loaded_names
+        if is_first_process():
+            write_report(result, run_dir)
+    module.fine_tuning = FineTuning(frozenset(names), float(settings["lr_scale"]), int(settings["freeze_epochs"]))
+    if not module.fine_tuning.freeze_epochs:
+        return []
+    return [FreezeEncoder(module.fine_tuning.frozen(), module.fine_tuning.freeze_epochs)]
+
+
 # -------------------------------------------------------------------------------------------------------
 
 def train(cfg: DictConfig, extra_callbacks: Sequence = ()) -> float | None:
     """The whole run for a composed config; returns the best ``cfg.optimized_metric`` (None if not logged).
     ``extra_callbacks`` join the configured ones (tune.py's pruning callback, which holds its live trial)."""
     check_settings(cfg)  # before the run writes anything: a refused run leaves no run folder
+    if cfg.get("two_phase"):  # segmentation first, then the multi-task fine-tune from it (training.two_phase)
+        from pancreas_mtl.training.two_phase import run_two_phase
+
+        return run_two_phase(cfg, train, extra_callbacks)
+    # before the run writes anything or the dataset is prepared: a checkpoint refused here leaves nothing
+    ckpt_path = None if cfg.prepare_only else resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    stored_plan = None
+    if ckpt_path:  # a truncated or foreign file, or one carrying code, fails here with its path
+        _, stored_plan, stored_config = read_checkpoint(ckpt_path)
+        check_resume_settings(cfg, ckpt_path, stored_config)
+    continuing = check_pretrained_resume(cfg, ckpt_path)
+    settings = pretrained_settings(cfg)
+    source = None  # the pretrained network, read before any preprocessing so a bad path costs nothing
+    if settings is not None and not continuing:
+        source = read_pretrained(settings["path"], settings["fold"], settings["checkpoint"])
+    source_plan = stored_plan if continuing else (source.plan if source is not None else None)
+    source_name = str(settings["path"]) if settings else ""
     L.seed_everything(cfg.seed, workers=True)
     log.info("run folder %s", cfg.paths.output_dir)
     if is_first_process():  # DDP: run files from rank 0 only
@@ -158,19 +227,17 @@ def train(cfg: DictConfig, extra_callbacks: Sequence = ()) -> float | None:
         if not cfg.prepare_only:
             raise ValueError(f"data.shard={cfg.data.shard} preprocesses one share of the cases and cannot train: "
                              "add prepare_only=true, or leave data.shard unset")
-        prepare_shard(cfg.data, cfg.planning, progress=cfg.data.progress)
+        prepare_shard(cfg.data, cfg.planning, progress=cfg.data.progress, source_plan=source_plan, source=source_name)
         return None
-    # before the dataset is prepared, so a checkpoint refused here costs no preprocessing
-    ckpt_path = None if cfg.prepare_only else resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
-    if ckpt_path:  # a truncated or foreign file, or one carrying code, fails here with its path
-        check_resume_settings(cfg, ckpt_path, read_checkpoint(ckpt_path)[2])
-    datamodule = prepare(cfg)
+    datamodule = prepare(cfg, source_plan, source_name)
     if cfg.prepare_only:
         check_one_batch(datamodule)
         log.info("prepare_only: dataset planned, preprocessed and sampled; stopping before training")
         return None
     datamodule.setup("fit")
     module = build_module(cfg, datamodule.plan, datamodule.subtype_counts())
+    if settings is not None:
+        extra_callbacks = [*start_fine_tuning(cfg, module, source, continuing), *extra_callbacks]
     resumed_run = next(iter(training_runs([ckpt_path])), None) if ckpt_path else None  # W&B continues its run
     loggers = build_loggers(cfg.get("logger"), cfg.paths.output_dir, config=OmegaConf.to_container(cfg, resolve=True),
                             resumed_run=resumed_run)
@@ -196,6 +263,11 @@ def check_settings(cfg: DictConfig, need_validation: bool = False) -> None:
     """ValueError naming a ``data`` count out of range; for a run that would never validate (no
     ``optimized_metric``, no best checkpoint) a warning at the start, or ValueError if ``need_validation``."""
     data_settings(cfg.data)
+    settings = pretrained_settings(cfg)
+    if settings is not None:
+        if settings["parts"] not in PARTS:
+            raise ValueError(f"pretrained.parts={settings['parts']!r}: expected one of {', '.join(PARTS)}")
+        FineTuning(frozenset(), float(settings["lr_scale"]), settings["freeze_epochs"])  # ValueError if out of range
     if cfg.prepare_only:
         return  # trains nothing, validates nothing
     problem = validation_problem(cfg.trainer, cfg.data.iterations_per_epoch)
