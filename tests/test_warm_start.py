@@ -306,3 +306,27 @@ def test_pretrained_path_shorthand_is_written_out():
     assert expand_shorthands(["pretrained=/m/x", "pretrained.parts=all", "+pretrained=/y", "trainer=cpu",
                               "pretrained_other=1"]) == [
         "pretrained.path=/m/x", "pretrained.parts=all", "+pretrained.path=/y", "trainer=cpu", "pretrained_other=1"]
+
+
+# --- planning=from_pretrained ------------------------------------------------------------------------------
+
+def test_an_adopted_plan_refuses_what_it_cannot_take_over():
+    from omegaconf import OmegaConf
+
+    from pancreas_mtl.planning.adopted import adopt_plan
+    from tests.test_models import quiz_fingerprint
+
+    planning = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf/planning/from_pretrained.yaml"))
+    fingerprint = quiz_fingerprint()
+    with pytest.raises(ValueError, match="holds none \\(a plain state dict\\)"):
+        adopt_plan(fingerprint, None, planning, "weights.pt")
+    two_channels = tiny_plan()
+    two_channels.num_input_channels = 2
+    with pytest.raises(ValueError, match="planned for 2 input channel\\(s\\), this dataset has 1"):
+        adopt_plan(fingerprint, two_channels, planning, "model")
+    with pytest.raises(ValueError, match="only patch_size and batch_size"):
+        adopt_plan(fingerprint, tiny_plan(), {**planning, "overrides": {"target_spacing": [1, 1, 1]}}, "model")
+    with pytest.raises(ValueError, match="not divisible by the pretrained network's strides \\[4, 8, 8\\]"):
+        adopt_plan(fingerprint, tiny_plan(), {**planning, "overrides": {"patch_size": [16, 30, 32]}}, "model")
+    adopted = adopt_plan(fingerprint, tiny_plan(), {**planning, "overrides": {"patch_size": [8, 32, 32]}}, "model")
+    assert adopted.patch_size == (8, 32, 32) and adopted.num_subtypes == 3 and adopted.strides == tiny_plan().strides

@@ -97,3 +97,25 @@ def test_the_two_phase_recipe_trains_segmentation_then_the_multitask_fine_tune(o
     report = json.loads((run_dir / "pretrained.json").read_text())
     assert report["source"] == str(run_dir / "segmentation" / "checkpoints" / "last.ckpt")
     assert report["parts"] == "backbone"
+
+
+def test_planning_from_pretrained_takes_an_nnunet_models_plan_and_names_what_differs(segmentation_run, output_root):
+    from pancreas_mtl.planning.plan import Plan
+    from tests.test_warm_start import network, nnunet_model_folder
+
+    own = Plan.from_dict(json.loads((segmentation_run / "plan.json").read_text()))
+    source_plan = Plan.from_dict({**own.to_dict(), "features_per_stage": [8, 16, 24, 32, 32][:own.num_stages],
+                                  "batch_size": 1})
+    folder = output_root / "nnUNet_results" / "Dataset042_Abdomen" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    nnunet_model_folder(folder, network(source_plan), source_plan, num_classes=7)
+    run_dir = output_root / "adopted"
+    train_with_hydra(output_root, run_dir, "planning=from_pretrained", f"pretrained={folder}")
+    adopted = json.loads((run_dir / "plan.json").read_text())
+    assert adopted["features_per_stage"] == source_plan.features_per_stage and adopted["batch_size"] == 1
+    assert adopted["target_spacing"] == list(own.target_spacing) and adopted["num_classes"] == 3
+    report = json.loads((run_dir / "pretrained.json").read_text())
+    assert report["source_format"] == "nnU-Net v2 model folder" and report["details"]["fold"] == 0
+    assert report["counts"]["loaded"] > 0
+    log_text = (run_dir / "cpu_demo.log").read_text()
+    assert "differs from this dataset's own plan (preset M)" in log_text
+    assert "features_per_stage: pretrained [8, 16" in log_text
