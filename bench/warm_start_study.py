@@ -189,7 +189,7 @@ def main() -> None:
     print(f"\n{cpu_model()}, {date.today().isoformat()}, {time.time() - started:.0f} s; "
           f"pretrain {args.pretrain_steps} steps: final whole-pancreas Dice "
           f"{results['pretrain']['final'][METRICS[0]]:.3f}, lesion Dice {results['pretrain']['final'][METRICS[1]]:.3f}\n")
-    print(f"| training cases | start | whole-pancreas Dice | lesion Dice | macro F1 | steps to 90% of final Dice |")
+    print("| training cases | start | whole-pancreas Dice | lesion Dice | macro F1 | steps to 90% of final Dice |")
     print("| --- | --- | --- | --- | --- | --- |")
     for key, runs in results.items():
         if key == "pretrain":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -58,7 +57,7 @@ def test_a_fine_tune_from_a_segmentation_run_learns_faster_than_from_scratch(seg
 
 
 def test_a_warm_started_run_resumes_in_its_folder_and_refuses_another_runs_checkpoint(segmentation_run,
-                                                                                       output_root, caplog):
+                                                                                       output_root):
     source = segmentation_run / "checkpoints" / "last.ckpt"
     run_dir = output_root / "resumed"
     overrides = [f"pretrained={source}", "pretrained.lr_scale=0.5", "pretrained.freeze_epochs=1",
