@@ -330,3 +330,13 @@ def test_an_adopted_plan_refuses_what_it_cannot_take_over():
         adopt_plan(fingerprint, tiny_plan(), {**planning, "overrides": {"patch_size": [16, 30, 32]}}, "model")
     adopted = adopt_plan(fingerprint, tiny_plan(), {**planning, "overrides": {"patch_size": [8, 32, 32]}}, "model")
     assert adopted.patch_size == (8, 32, 32) and adopted.num_subtypes == 3 and adopted.strides == tiny_plan().strides
+
+
+def test_tune_composes_pretrained_for_every_trial(tmp_path):
+    pytest.importorskip("optuna")
+    from pancreas_mtl.training.tune import compose_tune
+
+    cfg = compose_tune(["hparams_search=optuna", f"pretrained={tmp_path / 'm.ckpt'}", "pretrained.lr_scale=0.1",
+                        f"paths.output_root={tmp_path}"])
+    assert cfg.pretrained.path == str(tmp_path / "m.ckpt") and cfg.pretrained.lr_scale == 0.1
+    assert cfg.pretrained.parts == "encoder_decoder"

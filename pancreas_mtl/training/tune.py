@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from pancreas_mtl.config import config_dir
+from pancreas_mtl.config import config_dir, expand_shorthands
 from pancreas_mtl.files import save_json
 from pancreas_mtl.output_guard import RECORDS_DIR, OutputFolder, OutputFolderError, read_manifest
 from pancreas_mtl.training.train import check_settings, train
@@ -49,7 +49,7 @@ class SurplusTrial(RuntimeError):
 def compose_tune(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("tune", overrides=overrides, return_hydra_config=True)
+        cfg = compose("tune", overrides=expand_shorthands(overrides), return_hydra_config=True)  # pretrained=PATH
     HydraConfig.instance().set_config(cfg)
     return cfg
 
