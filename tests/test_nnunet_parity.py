@@ -247,8 +247,8 @@ def test_checkpoints_with_other_objects_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda a: a.update(network_class_name="dynamic_network_architectures.architectures.unet.PlainConvUNet"),
-     "PlainConvUNet.*is not supported"),
+    (lambda a: a.update(network_class_name="dynamic_network_architectures.architectures.unet.ResidualUNet"),
+     "ResidualUNet.*is not supported"),
     (lambda a: a["arch_kwargs"].update(nonlin="torch.nn.ReLU"), "nonlin 'torch.nn.ReLU', expected LeakyReLU"),
     (lambda a: a["arch_kwargs"].update(conv_op="torch.nn.modules.conv.Conv2d"), "expected Conv3d"),
     (lambda a: a["arch_kwargs"].update(dropout_op="torch.nn.Dropout3d", dropout_op_kwargs={"p": 0.2}), "dropout"),

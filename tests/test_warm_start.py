@@ -340,3 +340,19 @@ def test_tune_composes_pretrained_for_every_trial(tmp_path):
                         f"paths.output_root={tmp_path}"])
     assert cfg.pretrained.path == str(tmp_path / "m.ckpt") and cfg.pretrained.lr_scale == 0.1
     assert cfg.pretrained.parts == "encoder_decoder"
+
+
+def test_a_plainconv_nnunet_checkpoint_with_another_label_count_loads_into_the_plainconv_backbone(tmp_path):
+    plan = tiny_plan()
+    plan.network = "plainconv"
+    source_net = network(plan, backbone="plainconv")
+    theirs = nnunet_model_folder(tmp_path / "model", source_net, plan, num_classes=6)
+    source = read_pretrained(tmp_path / "model", 0, "checkpoint_final.pth")
+    assert source.plan.network == "plainconv" and source.plan.num_classes == 6
+    target = network(plan, seed=4, backbone="plainconv")
+    result = warm_start(target, source, "backbone")
+    first = theirs.state_dict()["encoder.stages.0.0.convs.0.conv.weight"]
+    assert same(target.backbone.encoder[0][0].conv.weight, first)
+    assert {e["reason"] for e in result.reinitialised} == {"labels: 6 in the source, 3 here"}
+    with pytest.raises(PretrainedMismatchError, match="model/backbone=plainconv"):
+        match(network(tiny_plan()), source, "encoder")

@@ -1,4 +1,4 @@
-"""The network: residual encoder UNet backbone, subtype classification heads, and their multi-task wrapper.
+"""The network: a ResEnc or PlainConv UNet backbone, subtype classification heads, their multi-task wrapper.
 
 ``build_model(cfg.model, plan)`` builds the network from the ``model`` config group once the plan is
 known; ``nnunet_io`` reads and writes nnU-Net v2 model folders, ``nnunet_plans``
@@ -13,9 +13,10 @@ from pancreas_mtl.models.heads import (
     SingleStageHead,
 )
 from pancreas_mtl.models.multitask import MultiTaskNet, build_model
+from pancreas_mtl.models.plainconv_unet import PlainConvUNet
 from pancreas_mtl.models.resenc_unet import ResEncUNet, UNetOutput, count_parameters
 
 __all__ = [
     "ClassificationHead", "LesionAttentionHead", "MultiStageHead", "MultiTaskNet", "OneVsRestHead",
-    "ResEncUNet", "SingleStageHead", "UNetOutput", "build_model", "count_parameters",
+    "PlainConvUNet", "ResEncUNet", "SingleStageHead", "UNetOutput", "build_model", "count_parameters",
 ]

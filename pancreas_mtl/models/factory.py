@@ -3,8 +3,8 @@
 A model config (``conf/model/``, and the copy every checkpoint carries) names its backbone and head by
 ``_target_``. Hydra's ``instantiate`` would import whatever a name points to and follow nested
 ``_target_`` nodes, so a checkpoint's stored config could run code on load even with
-``torch.load(weights_only=True)``. Here a name is only looked up in an allowlist (the ResEnc
-backbone and the classification heads defined in ``pancreas_mtl.models``) and the other entries must be
+``torch.load(weights_only=True)``. Here a name is only looked up in an allowlist (the ResEnc and
+PlainConv backbones and the classification heads defined in ``pancreas_mtl.models``) and the other entries must be
 plain values: numbers, strings, booleans, None and lists of them. Anything else is refused by name.
 The same path builds the network at training time, so a config that trains also loads.
 """
@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pancreas_mtl.models.heads import ClassificationHead
+from pancreas_mtl.models.plainconv_unet import PlainConvUNet
 from pancreas_mtl.models.resenc_unet import ResEncUNet
 
 TARGET_KEY = "_target_"
@@ -35,7 +36,7 @@ def _qualified_name(obj: Any) -> str:
 
 def backbone_factories() -> dict[str, Callable]:
     """The backbones a config may name, by their ``_target_``."""
-    return {_qualified_name(ResEncUNet) + ".from_plan": ResEncUNet.from_plan}
+    return {_qualified_name(backbone) + ".from_plan": backbone.from_plan for backbone in (ResEncUNet, PlainConvUNet)}
 
 
 def head_classes() -> dict[str, type[ClassificationHead]]:

@@ -12,9 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from pancreas_mtl.models.factory import UntrustedConfigError, backbone_factories, build_part, head_classes
+from pancreas_mtl.models.factory import (
+    UntrustedConfigError,
+    backbone_factories,
+    build_part,
+    head_classes,
+    resolve_factory,
+)
 from pancreas_mtl.models.heads import ClassificationHead
-from pancreas_mtl.models.resenc_unet import ResEncUNet, UNetOutput
+from pancreas_mtl.models.resenc_unet import UNetBackbone, UNetOutput
 
 if TYPE_CHECKING:
     from pancreas_mtl.planning.plan import Plan
@@ -24,13 +30,13 @@ class MultiTaskNet(nn.Module):
     """Shared encoder-decoder with segmentation outputs and, optionally, a classification head.
 
     Args:
-        backbone: the segmentation network; its deep supervision setting decides how many
-            segmentation outputs ``forward`` returns.
+        backbone: the segmentation network (ResEncUNet or PlainConvUNet); its deep supervision
+            setting decides how many segmentation outputs ``forward`` returns.
         head: a classification head called on the backbone's ``UNetOutput``, or None for
             segmentation only.
     """
 
-    def __init__(self, backbone: ResEncUNet, head: ClassificationHead | None):
+    def __init__(self, backbone: UNetBackbone, head: ClassificationHead | None):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -70,6 +76,19 @@ class MultiTaskNet(nn.Module):
         return self.head.probabilities(class_logits)
 
 
+def _check_network(backbone_cfg: Mapping, plan: Plan) -> None:
+    """Refuse a backbone built for another network kind than the plan's (before building it): a plan's
+    topology (convs per stage, no stem) only means the network it was planned for."""
+    factory, _ = resolve_factory(backbone_cfg, backbone_factories(), "model.backbone")
+    backbone_class = factory.__self__  # every allowed factory is a backbone's from_plan
+    if backbone_class.network != plan.network:
+        raise ValueError(
+            f"model.backbone builds a {backbone_class.network} network ({backbone_class.__name__}), but the plan "
+            f"(preset {plan.preset}) is for a {plan.network} network; the backbone and the plan must be for the same "
+            "network: model/backbone=plainconv with planning=plainconv, or model/backbone=resenc with planning=M, L "
+            "or small (planning=from_pretrained takes the pretrained network's kind)")
+
+
 def build_model(model_cfg: Mapping | Any, plan: Plan) -> MultiTaskNet:
     """The network for a plan from the ``model`` config group, or from the copy a checkpoint carries.
 
@@ -92,6 +111,7 @@ def build_model(model_cfg: Mapping | Any, plan: Plan) -> MultiTaskNet:
         raise UntrustedConfigError(f"model config: expected a mapping, found {type(model_cfg).__name__}")
     if not isinstance(model_cfg.get("backbone"), Mapping):
         raise ValueError("model config has no 'backbone' entry (expected e.g. conf/model/backbone/resenc.yaml)")
+    _check_network(model_cfg["backbone"], plan)
     backbone = build_part(model_cfg["backbone"], backbone_factories(), "model.backbone", {"plan": plan})
 
     head_cfg = model_cfg.get("head")

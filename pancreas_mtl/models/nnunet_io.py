@@ -1,7 +1,8 @@
 """Import and export nnU-Net v2 model folders (plans.json, dataset.json, fold_k/checkpoint_final.pth).
 
 Checkpoints are those of nnunetv2 >= 2.4 (``{network_weights, init_args, trainer_name,
-inference_allowed_mirroring_axes, ...}``) for dynamic-network-architectures' ``ResidualEncoderUNet``;
+inference_allowed_mirroring_axes, ...}``) for dynamic-network-architectures' ``ResidualEncoderUNet`` and
+``PlainConvUNet`` (our ResEncUNet and PlainConvUNet);
 the plans are translated by :mod:`pancreas_mtl.models.nnunet_plans`, the weights' key names by
 :mod:`pancreas_mtl.models.nnunet_weights`. Checkpoints are read with ``torch.load(weights_only=True)``;
 the numpy scalars in nnU-Net's training log are allowed explicitly (``NUMPY_SAFE_GLOBALS``), nothing
@@ -20,14 +21,15 @@ from torch import nn
 
 from pancreas_mtl.files import load_json, save_json
 from pancreas_mtl.models.nnunet_plans import (
+    BACKBONES,
     nnunet_dataset_json,
     nnunet_plans,
     plan_from_nnunet,
-    resenc_kwargs_from_architecture,
     resolve_configuration,
+    unet_kwargs_from_architecture,
 )
 from pancreas_mtl.models.nnunet_weights import NnUNetFormatError, load_nnunet_state_dict, to_nnunet_state_dict
-from pancreas_mtl.models.resenc_unet import ResEncUNet
+from pancreas_mtl.models.resenc_unet import UNetBackbone
 from pancreas_mtl.planning.plan import Fingerprint, Plan
 
 
@@ -103,8 +105,9 @@ class NnUNetModelInfo:
 
 def load_nnunet_model_folder(folder: str | Path, fold: int | str = 0, checkpoint_name: str = "checkpoint_final.pth",
                              configuration: str | None = None,
-                             deep_supervision: bool = False) -> tuple[ResEncUNet, NnUNetModelInfo]:
-    """Our ResEncUNet with the weights of an nnU-Net v2 training output folder.
+                             deep_supervision: bool = False) -> tuple[UNetBackbone, NnUNetModelInfo]:
+    """Our twin of an nnU-Net v2 training output folder's network, with its weights: a ResEncUNet for a
+    ResidualEncoderUNet, a PlainConvUNet for a PlainConvUNet (``plan.network`` says which).
 
     Args:
         folder: holds plans.json, dataset.json and fold_{fold}/{checkpoint_name}.
@@ -124,9 +127,9 @@ def load_nnunet_model_folder(folder: str | Path, fold: int | str = 0, checkpoint
     configuration = configuration or init_args.get("configuration") or "3d_fullres"
     plan = plan_from_nnunet(plans, dataset_json, configuration, source=str(folder / "plans.json"))
     config = resolve_configuration(plans, configuration, str(folder / "plans.json"))
-    kwargs = resenc_kwargs_from_architecture(config["architecture"], plan.num_input_channels, plan.num_classes,
-                                             source=str(folder / "plans.json"))
-    model = ResEncUNet(**kwargs, deep_supervision=deep_supervision)
+    network, kwargs = unet_kwargs_from_architecture(config["architecture"], plan.num_input_channels,
+                                                    plan.num_classes, source=str(folder / "plans.json"))
+    model = BACKBONES[network](**kwargs, deep_supervision=deep_supervision)
     load_nnunet_state_dict(model, checkpoint["network_weights"], source=str(checkpoint_path))
     axes = checkpoint.get("inference_allowed_mirroring_axes")
     info = NnUNetModelInfo(folder=folder, checkpoint=checkpoint_path, fold=fold, configuration=configuration,
@@ -151,7 +154,7 @@ def export_nnunet_model_folder(model: nn.Module, plan: Plan, folder: str | Path,
     state, so nnU-Net can predict with the folder but not resume training from it.
 
     Args:
-        model: a ResEncUNet, or a network with one as ``.backbone``.
+        model: a ResEncUNet or PlainConvUNet, or a network with one as ``.backbone``.
         plan: the plan it was trained with; must describe the same network.
         folder: output folder (created).
         dataset_json: nnU-Net dataset.json content; None writes a minimal one from the plan.
@@ -159,8 +162,12 @@ def export_nnunet_model_folder(model: nn.Module, plan: Plan, folder: str | Path,
         fingerprint: the dataset fingerprint, for exact intensity properties and original medians.
     """
     backbone = getattr(model, "backbone", model)
-    if not isinstance(backbone, ResEncUNet):
-        raise TypeError(f"expected a ResEncUNet (or a network with one as .backbone), got {type(model).__name__}")
+    if type(backbone) not in BACKBONES.values():
+        raise TypeError(f"expected a ResEncUNet or PlainConvUNet (or a network with one as .backbone), got "
+                        f"{type(model).__name__}")
+    if backbone.network != plan.network:
+        raise ValueError(f"the network does not match the plan: network {backbone.network} "
+                         f"({type(backbone).__name__}), plan {plan.network}")
     expected = {"in_channels": plan.num_input_channels, "num_classes": plan.num_classes,
                 "features_per_stage": list(plan.features_per_stage),
                 "kernel_sizes": [tuple(k) for k in plan.kernel_sizes], "strides": [tuple(s) for s in plan.strides],

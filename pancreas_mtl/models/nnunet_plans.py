@@ -1,5 +1,6 @@
 """nnU-Net v2 plans and architectures: ``plans.json`` / ``dataset.json`` to our :class:`Plan` and back, and
-dynamic-network-architectures' ``ResidualEncoderUNet`` arguments to and from our :class:`ResEncUNet`.
+dynamic-network-architectures' ``ResidualEncoderUNet`` / ``PlainConvUNet`` arguments to and from our
+:class:`ResEncUNet` / :class:`PlainConvUNet`.
 
 Formats are those of nnunetv2 >= 2.4:
 ``plans['configurations'][c]['architecture'] = {network_class_name, arch_kwargs, _kw_requires_import}``.
@@ -13,19 +14,26 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
-from pancreas_mtl.models.nnunet_weights import NnUNetFormatError
-from pancreas_mtl.models.resenc_unet import ResEncUNet
+from pancreas_mtl.models.nnunet_weights import NNUNET_CLASS_NAMES, NnUNetFormatError
+from pancreas_mtl.models.plainconv_unet import PlainConvUNet
+from pancreas_mtl.models.resenc_unet import ResEncUNet, UNetBackbone
 from pancreas_mtl.planning.anisotropy import ANISOTROPY_THRESHOLD
 from pancreas_mtl.planning.plan import ChannelNormalization, Fingerprint, Plan
 
 RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+PLAINCONV_CLASS = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+# our backbone class of each network kind (Plan.network)
+BACKBONES: dict[str, type[UNetBackbone]] = {"resenc": ResEncUNet, "plainconv": PlainConvUNet}
 CONV3D = ("torch.nn.modules.conv.Conv3d", "torch.nn.Conv3d")
 INSTANCENORM3D = ("torch.nn.modules.instancenorm.InstanceNorm3d", "torch.nn.InstanceNorm3d")
 LEAKYRELU = ("torch.nn.LeakyReLU", "torch.nn.modules.activation.LeakyReLU")
-ARCH_KWARGS = {"n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_blocks_per_stage",
-               "n_conv_per_stage_decoder", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op",
-               "dropout_op_kwargs", "nonlin", "nonlin_kwargs", "deep_supervision", "block",
-               "bottleneck_channels", "stem_channels"}
+COMMON_ARCH_KWARGS = {"n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides",
+                      "n_conv_per_stage_decoder", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op",
+                      "dropout_op_kwargs", "nonlin", "nonlin_kwargs", "deep_supervision"}
+ARCH_KWARGS = COMMON_ARCH_KWARGS | {"n_blocks_per_stage", "block", "bottleneck_channels", "stem_channels"}
+PLAINCONV_ARCH_KWARGS = COMMON_ARCH_KWARGS | {"n_conv_per_stage", "nonlin_first"}
+# the arch_kwargs entry holding our n_blocks_per_stage, per network
+ENCODER_PER_STAGE = {"resenc": "n_blocks_per_stage", "plainconv": "n_conv_per_stage"}
 NORMALIZATION_NAMES = {"ct": "CTNormalization", "zscore": "ZScoreNormalization"}
 RESAMPLING_KWARGS = ("resampling_fn_data_kwargs", "resampling_fn_seg_kwargs", "resampling_fn_probabilities_kwargs")
 
@@ -45,39 +53,55 @@ def _per_stage(value: Any, n_stages: int, what: str, triple: bool = False) -> li
     return list(value)
 
 
-def resenc_kwargs_from_architecture(architecture: Mapping, in_channels: int, num_classes: int,
-                                    source: str = "plans") -> dict:
-    """ResEncUNet constructor arguments from a plans configuration's ``architecture`` entry.
+def network_of_architecture(architecture: Mapping, source: str = "plans") -> str:
+    """The network kind (Plan.network) of a plans configuration's ``architecture`` entry."""
+    name = str(architecture.get("network_class_name", ""))
+    for network, class_name in NNUNET_CLASS_NAMES.items():
+        if name.split(".")[-1] == class_name:
+            return network
+    raise NnUNetFormatError(f"{source}: architecture {name!r} is not supported; only {RESENC_CLASS} (nnU-Net's "
+                            f"ResEnc presets) and {PLAINCONV_CLASS} (its default planner) can be loaded")
+
+
+def unet_kwargs_from_architecture(architecture: Mapping, in_channels: int, num_classes: int,
+                                  source: str = "plans") -> tuple[str, dict]:
+    """(network kind, constructor arguments of its backbone, ``BACKBONES[kind]``) from a plans configuration's
+    ``architecture`` entry.
 
     Raises:
-        NnUNetFormatError: when the architecture is not a 3D ResidualEncoderUNet with BasicBlockD
-            blocks, InstanceNorm, LeakyReLU and no dropout, or its kwargs are inconsistent.
+        NnUNetFormatError: when the architecture is not a 3D ResidualEncoderUNet with BasicBlockD blocks or
+            PlainConvUNet, with InstanceNorm, LeakyReLU and no dropout, or its kwargs are inconsistent.
     """
-    name = architecture.get("network_class_name", "")
-    if name.split(".")[-1] != "ResidualEncoderUNet":
-        raise NnUNetFormatError(f"{source}: architecture {name!r} is not supported; only {RESENC_CLASS} "
-                                "(nnU-Net's ResEnc presets) can be loaded")
+    network = network_of_architecture(architecture, source)
+    class_name = NNUNET_CLASS_NAMES[network]
     kw = dict(architecture.get("arch_kwargs", {}))
-    unknown = sorted(set(kw) - ARCH_KWARGS)
+    unknown = sorted(set(kw) - (ARCH_KWARGS if network == "resenc" else PLAINCONV_ARCH_KWARGS))
     if unknown:
-        raise NnUNetFormatError(f"{source}: unknown ResidualEncoderUNet arch_kwargs {unknown}")
+        raise NnUNetFormatError(f"{source}: unknown {class_name} arch_kwargs {unknown}: a {class_name} with them is "
+                                "not supported")
     checks = [
         (kw.get("conv_op") in CONV3D, f"conv_op {kw.get('conv_op')!r}, expected Conv3d (3D only)"),
         (kw.get("norm_op") in INSTANCENORM3D, f"norm_op {kw.get('norm_op')!r}, expected InstanceNorm3d"),
         (kw.get("nonlin") in LEAKYRELU, f"nonlin {kw.get('nonlin')!r}, expected LeakyReLU"),
         (kw.get("dropout_op") is None or float((kw.get("dropout_op_kwargs") or {}).get("p", 0.0)) == 0.0,
          f"dropout_op {kw.get('dropout_op')!r} with {kw.get('dropout_op_kwargs')}, expected none"),
-        (str(kw.get("block") or "BasicBlockD").split(".")[-1] == "BasicBlockD",
-         f"block {kw.get('block')!r}, expected BasicBlockD"),
-        (kw.get("bottleneck_channels") is None, f"bottleneck_channels {kw.get('bottleneck_channels')!r}, expected None"),
     ]
+    if network == "resenc":
+        checks += [
+            (str(kw.get("block") or "BasicBlockD").split(".")[-1] == "BasicBlockD",
+             f"block {kw.get('block')!r}, expected BasicBlockD"),
+            (kw.get("bottleneck_channels") is None,
+             f"bottleneck_channels {kw.get('bottleneck_channels')!r}, expected None"),
+        ]
+    else:
+        checks.append((not kw.get("nonlin_first", False), "nonlin_first True, expected conv -> norm -> nonlin"))
     norm_kwargs = dict(kw.get("norm_op_kwargs") or {})
     checks += [(norm_kwargs.get("affine", True) is True, f"norm_op_kwargs {norm_kwargs}, expected affine=True"),
                (not norm_kwargs.get("track_running_stats", False),
                 f"norm_op_kwargs {norm_kwargs}, expected no running statistics")]
     errors = [message for ok, message in checks if not ok]
     if errors:
-        raise NnUNetFormatError(f"{source}: ResidualEncoderUNet kwargs differ from ours: " + "; ".join(errors))
+        raise NnUNetFormatError(f"{source}: {class_name} kwargs differ from ours: " + "; ".join(errors))
 
     n_stages = int(kw.get("n_stages", 0))
     features = [int(f) for f in _per_stage(kw.get("features_per_stage"), n_stages, "features_per_stage")]
@@ -86,12 +110,12 @@ def resenc_kwargs_from_architecture(architecture: Mapping, in_channels: int, num
                                 f"{features[0]}; only the default stem is supported")
     decoder = kw.get("n_conv_per_stage_decoder")
     decoder = [decoder] * (n_stages - 1) if not isinstance(decoder, (list, tuple)) else list(decoder)
-    return {
+    per_stage = ENCODER_PER_STAGE[network]
+    return network, {
         "in_channels": int(in_channels), "num_classes": int(num_classes), "features_per_stage": features,
         "kernel_sizes": _per_stage(kw.get("kernel_sizes"), n_stages, "kernel_sizes", triple=True),
         "strides": _per_stage(kw.get("strides"), n_stages, "strides", triple=True),
-        "n_blocks_per_stage": [int(n) for n in _per_stage(kw.get("n_blocks_per_stage"), n_stages,
-                                                          "n_blocks_per_stage")],
+        "n_blocks_per_stage": [int(n) for n in _per_stage(kw.get(per_stage), n_stages, per_stage)],
         "n_conv_per_stage_decoder": [int(n) for n in decoder],
         "conv_bias": bool(kw.get("conv_bias", False)),  # dynamic-network-architectures' default is False
         "norm_eps": float(norm_kwargs.get("eps", 1e-5)),
@@ -99,18 +123,22 @@ def resenc_kwargs_from_architecture(architecture: Mapping, in_channels: int, num
     }
 
 
-def architecture_from_model(model: ResEncUNet) -> dict:
-    """The plans ``architecture`` entry nnU-Net builds ``model``'s twin from."""
+def architecture_from_model(model: UNetBackbone) -> dict:
+    """The plans ``architecture`` entry nnU-Net builds ``model``'s twin from (ResEncUNet: ResidualEncoderUNet,
+    PlainConvUNet: PlainConvUNet)."""
+    if type(model) not in BACKBONES.values():
+        raise TypeError(f"expected a ResEncUNet or a PlainConvUNet, got {type(model).__name__}")
     arch = model.arch
     nonlin_kwargs: dict = {"inplace": True}
     if arch["negative_slope"] != 1e-2:
         nonlin_kwargs["negative_slope"] = arch["negative_slope"]
     return {
-        "network_class_name": RESENC_CLASS,
+        "network_class_name": RESENC_CLASS if model.network == "resenc" else PLAINCONV_CLASS,
         "arch_kwargs": {
             "n_stages": len(arch["features_per_stage"]), "features_per_stage": list(arch["features_per_stage"]),
             "conv_op": CONV3D[0], "kernel_sizes": [list(k) for k in arch["kernel_sizes"]],
-            "strides": [list(s) for s in arch["strides"]], "n_blocks_per_stage": list(arch["n_blocks_per_stage"]),
+            "strides": [list(s) for s in arch["strides"]],
+            ENCODER_PER_STAGE[model.network]: list(arch["n_blocks_per_stage"]),
             "n_conv_per_stage_decoder": list(arch["n_conv_per_stage_decoder"]), "conv_bias": arch["conv_bias"],
             "norm_op": INSTANCENORM3D[0], "norm_op_kwargs": {"eps": arch["norm_eps"], "affine": True},
             "dropout_op": None, "dropout_op_kwargs": None, "nonlin": LEAKYRELU[0], "nonlin_kwargs": nonlin_kwargs,
@@ -176,7 +204,7 @@ def plan_from_nnunet(plans: Mapping, dataset_json: Mapping, configuration: str =
     config = resolve_configuration(plans, configuration, source)
     channels = _channel_names(dataset_json)
     labels = _labels(dataset_json, source)
-    arch = resenc_kwargs_from_architecture(config["architecture"], len(channels), len(labels), source)
+    network, arch = unet_kwargs_from_architecture(config["architecture"], len(channels), len(labels), source)
     properties = plans.get("foreground_intensity_properties_per_channel", {})
     normalization = []
     for channel, (scheme, use_mask) in enumerate(zip(config["normalization_schemes"], config["use_mask_for_norm"])):
@@ -203,7 +231,7 @@ def plan_from_nnunet(plans: Mapping, dataset_json: Mapping, configuration: str =
         features_per_stage=arch["features_per_stage"], n_blocks_per_stage=arch["n_blocks_per_stage"],
         n_conv_per_stage_decoder=arch["n_conv_per_stage_decoder"], num_input_channels=len(channels),
         num_classes=len(labels), num_subtypes=0, labels=labels,
-        anisotropy_threshold=_anisotropy_threshold(config, source),
+        anisotropy_threshold=_anisotropy_threshold(config, source), network=network,
     )
 
 
@@ -227,7 +255,7 @@ def _intensity_properties(plan: Plan, fingerprint: Fingerprint | None) -> dict:
     return properties
 
 
-def nnunet_plans(model: ResEncUNet, plan: Plan, dataset_name: str = "Dataset001_Pancreas",
+def nnunet_plans(model: UNetBackbone, plan: Plan, dataset_name: str = "Dataset001_Pancreas",
                  plans_name: str | None = None, configuration: str = "3d_fullres",
                  fingerprint: Fingerprint | None = None) -> dict:
     """nnU-Net v2 plans.json for a network trained on ``plan`` (resampling: nnU-Net's defaults, with the
@@ -243,10 +271,13 @@ def nnunet_plans(model: ResEncUNet, plan: Plan, dataset_name: str = "Dataset001_
     resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
     if plan.anisotropy_threshold != ANISOTROPY_THRESHOLD:  # unset: nnU-Net's default, as plans it writes
         resampling["separate_z_anisotropy_threshold"] = float(plan.anisotropy_threshold)
+    # the names nnU-Net's own planners give the plans our presets reproduce
     preset = plan.preset if plan.preset in ("M", "L", "XL") else None
+    default_planner = plan.preset == "plainconv"
+    own_name = "nnUNetPlans" if default_planner else f"pancreas_mtl_{plan.preset}"
     return {
         "dataset_name": dataset_name,
-        "plans_name": plans_name or (f"nnUNetResEncUNet{preset}Plans" if preset else f"pancreas_mtl_{plan.preset}"),
+        "plans_name": plans_name or (f"nnUNetResEncUNet{preset}Plans" if preset else own_name),
         "original_median_spacing_after_transp": [float(s) for s in original_spacing],
         "original_median_shape_after_transp": [round(float(s)) for s in original_shape],
         "image_reader_writer": "SimpleITKIO",
@@ -270,7 +301,8 @@ def nnunet_plans(model: ResEncUNet, plan: Plan, dataset_name: str = "Dataset001_
             "architecture": architecture_from_model(model),
             "batch_dice": False,
         }},
-        "experiment_planner_used": f"nnUNetPlannerResEnc{preset}" if preset else "pancreas_mtl.planning.planner",
+        "experiment_planner_used": (f"nnUNetPlannerResEnc{preset}" if preset else
+                                    "ExperimentPlanner" if default_planner else "pancreas_mtl.planning.planner"),
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": _intensity_properties(plan, fingerprint),
     }

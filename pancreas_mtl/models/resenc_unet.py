@@ -2,7 +2,8 @@
 
 The topology, initialisation and parameter count are those of dynamic-network-architectures'
 ``ResidualEncoderUNet`` with BasicBlockD blocks (what nnU-Net's ResEnc M/L/XL presets build);
-``pancreas_mtl.models.nnunet_io`` maps its weights to and from nnU-Net's key names.
+``pancreas_mtl.models.nnunet_io`` maps its weights to and from nnU-Net's key names. ``UNetBackbone``
+(sizes, decoder, forward) is shared with nnU-Net's default network, ``models.plainconv_unet.PlainConvUNet``.
 Tensors are (B, C, Z, Y, X); every spatial triple is in (z, y, x) order.
 """
 
@@ -107,7 +108,102 @@ class DecoderStage(nn.Module):
         return self.convs(torch.cat((self.upsample(below), skip), dim=1))
 
 
-class ResEncUNet(nn.Module):
+def unet_arch(network_class: str, in_channels: int, num_classes: int, features_per_stage: Sequence[int],
+              kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]],
+              n_blocks_per_stage: Sequence[int], n_conv_per_stage_decoder: Sequence[int], conv_bias: bool,
+              norm_eps: float, negative_slope: float) -> dict:
+    """The checked sizes of a UNet backbone as the ``arch`` dict it keeps (everything needed to rebuild it:
+    checkpoints, nnU-Net export); ValueError naming ``network_class`` and the argument that does not fit."""
+    n_stages = len(features_per_stage)
+    kernel_sizes = [tuple(int(k) for k in kernel) for kernel in kernel_sizes]
+    strides = [tuple(int(s) for s in stride) for stride in strides]
+    lengths = {"kernel_sizes": len(kernel_sizes), "strides": len(strides),
+               "n_blocks_per_stage": len(n_blocks_per_stage)}
+    if n_stages < 2 or any(n != n_stages for n in lengths.values()):
+        raise ValueError(f"{network_class} needs at least 2 stages and one entry per stage in every per-stage "
+                         f"argument: features_per_stage has {n_stages}, {lengths}")
+    if len(n_conv_per_stage_decoder) != n_stages - 1:
+        raise ValueError(f"n_conv_per_stage_decoder needs {n_stages - 1} entries (one per decoder stage), "
+                         f"got {list(n_conv_per_stage_decoder)}")
+    if any(len(k) != 3 or min(k) < 1 or k_i % 2 == 0 for k in kernel_sizes for k_i in k):
+        raise ValueError(f"kernel_sizes must be odd (z, y, x) triples, got {kernel_sizes}")
+    if any(len(s) != 3 or min(s) < 1 for s in strides):
+        raise ValueError(f"strides must be positive (z, y, x) triples, got {strides}")
+    if min(n_blocks_per_stage) < 1 or min(n_conv_per_stage_decoder) < 1:
+        raise ValueError(f"every stage needs at least one block and one decoder conv, got "
+                         f"{list(n_blocks_per_stage)} and {list(n_conv_per_stage_decoder)}")
+    return {
+        "in_channels": int(in_channels), "num_classes": int(num_classes),
+        "features_per_stage": [int(f) for f in features_per_stage], "kernel_sizes": kernel_sizes,
+        "strides": strides, "n_blocks_per_stage": [int(n) for n in n_blocks_per_stage],
+        "n_conv_per_stage_decoder": [int(n) for n in n_conv_per_stage_decoder],
+        "conv_bias": bool(conv_bias), "norm_eps": float(norm_eps), "negative_slope": float(negative_slope),
+    }
+
+
+class UNetBackbone(nn.Module):
+    """What nnU-Net's UNets share (ResEncUNet, PlainConvUNet): the sizes, the decoder with one segmentation
+    head per decoder stage, and the forward pass. A subclass builds its encoder and defines ``encode``.
+
+    Decoder stage i (from the deepest) upsamples with a transposed conv, concatenates the encoder skip of
+    the same resolution and applies ``n_conv_per_stage_decoder[i]`` convs; a 1x1 conv per decoder stage
+    gives that stage's segmentation logits.
+    """
+
+    network = ""  # the plan's network kind (Plan.network), set by each subclass
+
+    def _set_sizes(self, arch: dict, deep_supervision: bool) -> None:
+        self.arch = arch
+        self.deep_supervision = bool(deep_supervision)
+        self.num_classes = arch["num_classes"]
+        self.divisor: Triple = tuple(math.prod(s[axis] for s in arch["strides"]) for axis in range(3))
+        features = arch["features_per_stage"]
+        # decoder stage i produces the resolution of encoder stage n_stages - 2 - i
+        self.decoder_channels: list[int] = [features[-(i + 2)] for i in range(len(features) - 1)]
+        self.bottleneck_channels = features[-1]
+
+    def _build_decoder(self) -> None:
+        arch = self.arch
+        features, strides, kernels = arch["features_per_stage"], arch["strides"], arch["kernel_sizes"]
+        common = {"bias": arch["conv_bias"], "norm_eps": arch["norm_eps"], "negative_slope": arch["negative_slope"]}
+        self.decoder = nn.ModuleList([
+            DecoderStage(features[-(i + 1)], features[-(i + 2)], strides[-(i + 1)], kernels[-(i + 2)],
+                         arch["n_conv_per_stage_decoder"][i], **common)
+            for i in range(len(features) - 1)])
+        # built for every decoder stage, so weights load whether or not deep supervision is on
+        self.seg_heads = nn.ModuleList([nn.Conv3d(c, self.num_classes, 1, 1, 0, bias=True)
+                                        for c in self.decoder_channels])
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.encoder)
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        """The output of every encoder stage, full resolution first (the last is the bottleneck)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, deep_supervision: bool | None = None) -> UNetOutput:
+        """x: (B, in_channels, Z, Y, X), each spatial dim a multiple of ``divisor``.
+
+        ``deep_supervision`` overrides the module's setting for this call (None: use it).
+        """
+        if tuple(x.shape[2:][axis] % self.divisor[axis] for axis in range(3)) != (0, 0, 0):
+            raise ValueError(f"input spatial shape {tuple(x.shape[2:])} (z, y, x) is not divisible by the "
+                             f"product of the strides {self.divisor}")
+        supervise_all = self.deep_supervision if deep_supervision is None else deep_supervision
+        skips = self.encode(x)
+        x = skips[-1]
+        decoder_features, seg_logits = [], []
+        last = len(self.decoder) - 1
+        for i, (stage, seg_head) in enumerate(zip(self.decoder, self.seg_heads)):
+            x = stage(x, skips[-(i + 2)])
+            decoder_features.append(x)
+            if supervise_all or i == last:
+                seg_logits.append(seg_head(x))
+        return UNetOutput(seg_logits=seg_logits[::-1], decoder_features=decoder_features, bottleneck=skips[-1])
+
+
+class ResEncUNet(UNetBackbone):
     """Residual encoder UNet of nnU-Net v2 (ResEnc M/L/XL), with deep supervision outputs.
 
     A stem conv maps the input to ``features_per_stage[0]`` channels; encoder stage s is
@@ -138,62 +234,30 @@ class ResEncUNet(nn.Module):
             so every residual block starts as its skip path (nnU-Net does this).
     """
 
+    network = "resenc"  # the plan's network kind (Plan.network) this backbone is built for
+
     def __init__(self, in_channels: int, num_classes: int, features_per_stage: Sequence[int],
                  kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]],
                  n_blocks_per_stage: Sequence[int], n_conv_per_stage_decoder: Sequence[int],
                  deep_supervision: bool = True, conv_bias: bool = True, norm_eps: float = 1e-5,
                  negative_slope: float = 1e-2, zero_init_residual: bool = True):
         super().__init__()
-        n_stages = len(features_per_stage)
-        kernel_sizes = [tuple(int(k) for k in kernel) for kernel in kernel_sizes]
-        strides = [tuple(int(s) for s in stride) for stride in strides]
-        lengths = {"kernel_sizes": len(kernel_sizes), "strides": len(strides),
-                   "n_blocks_per_stage": len(n_blocks_per_stage)}
-        if n_stages < 2 or any(n != n_stages for n in lengths.values()):
-            raise ValueError(f"ResEncUNet needs at least 2 stages and one entry per stage in every per-stage "
-                             f"argument: features_per_stage has {n_stages}, {lengths}")
-        if len(n_conv_per_stage_decoder) != n_stages - 1:
-            raise ValueError(f"n_conv_per_stage_decoder needs {n_stages - 1} entries (one per decoder stage), "
-                             f"got {list(n_conv_per_stage_decoder)}")
-        if any(len(k) != 3 or min(k) < 1 or k_i % 2 == 0 for k in kernel_sizes for k_i in k):
-            raise ValueError(f"kernel_sizes must be odd (z, y, x) triples, got {kernel_sizes}")
-        if any(len(s) != 3 or min(s) < 1 for s in strides):
-            raise ValueError(f"strides must be positive (z, y, x) triples, got {strides}")
-        if min(n_blocks_per_stage) < 1 or min(n_conv_per_stage_decoder) < 1:
-            raise ValueError(f"every stage needs at least one block and one decoder conv, got "
-                             f"{list(n_blocks_per_stage)} and {list(n_conv_per_stage_decoder)}")
-
-        self.arch = {  # everything needed to rebuild this network (checkpoints, nnU-Net export)
-            "in_channels": int(in_channels), "num_classes": int(num_classes),
-            "features_per_stage": [int(f) for f in features_per_stage], "kernel_sizes": kernel_sizes,
-            "strides": strides, "n_blocks_per_stage": [int(n) for n in n_blocks_per_stage],
-            "n_conv_per_stage_decoder": [int(n) for n in n_conv_per_stage_decoder],
-            "conv_bias": bool(conv_bias), "norm_eps": float(norm_eps), "negative_slope": float(negative_slope),
-        }
-        self.deep_supervision = bool(deep_supervision)
-        self.num_classes = int(num_classes)
-        self.divisor: Triple = tuple(math.prod(s[axis] for s in strides) for axis in range(3))
-        # decoder stage i produces the resolution of encoder stage n_stages - 2 - i
-        self.decoder_channels: list[int] = [int(features_per_stage[-(i + 2)]) for i in range(n_stages - 1)]
-        self.bottleneck_channels = int(features_per_stage[-1])
+        self._set_sizes(unet_arch("ResEncUNet", in_channels, num_classes, features_per_stage, kernel_sizes, strides,
+                                  n_blocks_per_stage, n_conv_per_stage_decoder, conv_bias, norm_eps,
+                                  negative_slope), deep_supervision)
+        kernel_sizes, strides = self.arch["kernel_sizes"], self.arch["strides"]
         common = {"bias": conv_bias, "norm_eps": norm_eps, "negative_slope": negative_slope}
 
         self.stem = ConvNormAct(in_channels, features_per_stage[0], kernel_sizes[0], 1, **common)
         self.encoder = nn.ModuleList()
         channels = features_per_stage[0]
-        for s in range(n_stages):
+        for s in range(len(features_per_stage)):
             self.encoder.append(nn.Sequential(*[
                 ResidualBlock(channels if b == 0 else features_per_stage[s], features_per_stage[s],
                               kernel_sizes[s], strides[s] if b == 0 else (1, 1, 1), **common)
                 for b in range(n_blocks_per_stage[s])]))
             channels = features_per_stage[s]
-        self.decoder = nn.ModuleList([
-            DecoderStage(features_per_stage[-(i + 1)], features_per_stage[-(i + 2)], strides[-(i + 1)],
-                         kernel_sizes[-(i + 2)], n_conv_per_stage_decoder[i], **common)
-            for i in range(n_stages - 1)])
-        # built for every decoder stage, so weights load whether or not deep supervision is on
-        self.seg_heads = nn.ModuleList([nn.Conv3d(c, num_classes, 1, 1, 0, bias=True)
-                                        for c in self.decoder_channels])
+        self._build_decoder()
         self.initialize(zero_init_residual)
 
     @classmethod
@@ -219,33 +283,14 @@ class ResEncUNet(nn.Module):
                 nn.init.zeros_(module.conv2.norm.weight)
                 nn.init.zeros_(module.conv2.norm.bias)
 
-    @property
-    def num_stages(self) -> int:
-        return len(self.encoder)
-
-    def forward(self, x: Tensor, deep_supervision: bool | None = None) -> UNetOutput:
-        """x: (B, in_channels, Z, Y, X), each spatial dim a multiple of ``divisor``.
-
-        ``deep_supervision`` overrides the module's setting for this call (None: use it).
-        """
-        if tuple(x.shape[2:][axis] % self.divisor[axis] for axis in range(3)) != (0, 0, 0):
-            raise ValueError(f"input spatial shape {tuple(x.shape[2:])} (z, y, x) is not divisible by the "
-                             f"product of the strides {self.divisor}")
-        supervise_all = self.deep_supervision if deep_supervision is None else deep_supervision
+    def encode(self, x: Tensor) -> list[Tensor]:
+        """The output of every encoder stage, full resolution first (the last is the bottleneck)."""
         x = self.stem(x)
         skips = []
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)
-        bottleneck = x
-        decoder_features, seg_logits = [], []
-        last = len(self.decoder) - 1
-        for i, (stage, seg_head) in enumerate(zip(self.decoder, self.seg_heads)):
-            x = stage(x, skips[-(i + 2)])
-            decoder_features.append(x)
-            if supervise_all or i == last:
-                seg_logits.append(seg_head(x))
-        return UNetOutput(seg_logits=seg_logits[::-1], decoder_features=decoder_features, bottleneck=bottleneck)
+        return skips
 
 
 def count_parameters(module: nn.Module) -> int:

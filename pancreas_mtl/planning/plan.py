@@ -19,6 +19,8 @@ from pancreas_mtl.planning.anisotropy import ANISOTROPY_THRESHOLD
 # place they are written). Code that needs the lesion's value takes it from the plan
 # (``plan.labels["lesion"]``); LESION_LABEL is the default only where no plan is at hand.
 LESION_LABEL = DEFAULT_LABELS["lesion"]
+# the network kinds a plan's topology can be for (Plan.network): the ResEnc UNet and nnU-Net's PlainConvUNet
+NETWORKS = ("resenc", "plainconv")
 
 
 @dataclass
@@ -120,6 +122,9 @@ class Plan:
         anisotropy_threshold: spacing ratio (coarsest / finest) above which a grid is anisotropic and its
             coarse axis is resampled separately (``planning.anisotropy.separate_axis``, decided per case
             from the case's and the plan's spacing, in preprocessing and export).
+        network: the network kind the topology is for: "resenc" (residual encoder UNet, ``n_blocks_per_stage``
+            residual blocks) or "plainconv" (nnU-Net's default PlainConvUNet, ``n_blocks_per_stage`` convs);
+            the backbone config must build the same kind. Plans written before it read as "resenc".
 
     ``anisotropic_axis`` (a property, also written by ``to_dict``) is the axis the plan's grid alone
     makes separate; resampling decides per case.
@@ -141,6 +146,7 @@ class Plan:
     num_subtypes: int = 3
     labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
     anisotropy_threshold: float = ANISOTROPY_THRESHOLD
+    network: str = "resenc"
 
     @property
     def num_stages(self) -> int:
@@ -167,7 +173,7 @@ class Plan:
                    if name not in data and f.default is MISSING and f.default_factory is MISSING]
         if missing:
             raise PlanError("", f"lacks the field(s) {missing}", source)
-        # absent from plans written before it was a plan value: anisotropy_threshold keeps the default
+        # absent from plans written before they were plan values: anisotropy_threshold, network keep defaults
         return cls(**{name: _read_field(name, data[name], source) for name in known if name in data})
 
     def preprocessing_key(self) -> str:
@@ -251,5 +257,9 @@ def _read_field(name: str, value: Any, source: str | Path | None) -> Any:
     if name == "preset":
         if not isinstance(value, str):
             raise PlanError(name, f"expected a string, found {_describe(value)}", source)
+        return value
+    if name == "network":
+        if value not in NETWORKS:
+            raise PlanError(name, f"expected one of {list(NETWORKS)}, found {_describe(value)}", source)
         return value
     return _number(value, float if name == "anisotropy_threshold" else int, name, source)

@@ -1,10 +1,10 @@
-"""The experiment planner: nnU-Net v2's ResEnc planning rules, from a dataset fingerprint to a Plan.
+"""The experiment planner: nnU-Net v2's planning rules, from a dataset fingerprint to a Plan.
 
-The rules are those of nnunetv2's ExperimentPlanner and ResEncUNetPlanner.
-``plan_experiment(fingerprint, preset, overrides)`` is a pure function. Every rule's constant is a
-preset value (``conf/planning/{M,L,small}.yaml``), and every plan value can be overridden. Every
-spatial triple is in tensor axis order (z, y, x); unlike nnU-Net we never transpose axes, the
-rules are the same for every axis.
+The rules are those of nnunetv2's ExperimentPlanner (``network: plainconv``, its PlainConvUNet) and
+ResEncUNetPlanner (``network: resenc``). ``plan_experiment(fingerprint, preset, overrides)`` is a pure
+function. Every rule's constant is a preset value (``conf/planning/{M,L,small,plainconv}.yaml``), and
+every plan value can be overridden. Every spatial triple is in tensor axis order (z, y, x); unlike
+nnU-Net we never transpose axes, the rules are the same for every axis.
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ from typing import Any, Mapping
 import numpy as np
 
 from pancreas_mtl.config import config_dir
-from pancreas_mtl.planning.plan import ChannelNormalization, Fingerprint, Plan
+from pancreas_mtl.planning.plan import NETWORKS, ChannelNormalization, Fingerprint, Plan
 from pancreas_mtl.planning.topology import (
     Topology,
     conv_and_pool_topology,
     feature_map_voxels,
     features_per_stage,
     per_stage,
+    plainconv_feature_map_voxels,
     stage_shapes,
 )
 
 PRESET_KEYS = (
-    "name", "spacing_percentile", "anisotropy_threshold", "anisotropic_spacing_percentile", "spacing_scale",
+    "name", "network",
+    "spacing_percentile", "anisotropy_threshold", "anisotropic_spacing_percentile", "spacing_scale",
     "channel_normalization", "default_normalization",
     "initial_patch_edge", "featuremap_min_edge_length", "max_stages",
     "base_features", "max_features", "blocks_per_stage_encoder", "conv_per_stage_decoder",
@@ -80,6 +82,9 @@ def resolve_preset(preset: Mapping, overrides: Mapping | None = None) -> tuple[d
                        f"{list(PLAN_OVERRIDE_KEYS)} or preset knobs {list(PRESET_KEYS)}")
     plan_values = {k: v for k, v in overrides.items() if k in PLAN_OVERRIDE_KEYS and v is not None}
     preset.update({k: v for k, v in overrides.items() if k in PRESET_KEYS})
+    if preset["network"] not in NETWORKS:
+        raise ValueError(f"planning preset {preset['name']!r}: network {preset['network']!r} is not one of "
+                         f"{list(NETWORKS)}")
     return preset, plan_values
 
 
@@ -156,7 +161,7 @@ def channel_normalization(fingerprint: Fingerprint, preset: Mapping) -> list[Cha
 
 
 def network_sizes(num_stages: int, preset: Mapping) -> tuple[list[int], list[int], list[int]]:
-    """(features, encoder blocks, decoder convs) per stage of the residual encoder UNet."""
+    """(features, encoder blocks (plainconv: convs), decoder convs) per stage of the preset's network."""
     return (features_per_stage(num_stages, int(preset["base_features"]), int(preset["max_features"])),
             per_stage(preset["blocks_per_stage_encoder"], num_stages),
             per_stage(preset["conv_per_stage_decoder"], max(num_stages - 1, 0)) if num_stages > 1 else [])
@@ -165,7 +170,8 @@ def network_sizes(num_stages: int, preset: Mapping) -> tuple[list[int], list[int
 def estimate_feature_map_voxels(topology: Topology, preset: Mapping, num_classes: int) -> int:
     """nnU-Net's memory proxy for one patch of ``topology`` with the preset's network sizes."""
     features, blocks, decoder = network_sizes(topology.num_stages, preset)
-    return feature_map_voxels(topology.patch_size, topology.strides, features, blocks, decoder, num_classes)
+    estimate = plainconv_feature_map_voxels if preset["network"] == "plainconv" else feature_map_voxels
+    return estimate(topology.patch_size, topology.strides, features, blocks, decoder, num_classes)
 
 
 def feature_map_budget(preset: Mapping) -> float:
@@ -293,6 +299,7 @@ def plan_experiment(fingerprint: Fingerprint, preset: Mapping | Any,
         num_subtypes=(max(subtypes) + 1) if subtypes else 0,
         labels=dict(fingerprint.labels),
         anisotropy_threshold=float(preset["anisotropy_threshold"]),
+        network=str(preset["network"]),
     )
 
 
@@ -303,7 +310,7 @@ def describe_plan(plan: Plan) -> str:
 
     axis_names = {0: "z", 1: "y", 2: "x"}
     lines = [
-        f"plan (preset {plan.preset}), axes (z, y, x)",
+        f"plan (preset {plan.preset}, network {plan.network}), axes (z, y, x)",
         f"  target spacing   {triple(round(s, 4) for s in plan.target_spacing)} mm",
         f"  median shape     {triple(plan.median_shape)}",
         f"  patch size       {triple(plan.patch_size)}",
@@ -317,7 +324,8 @@ def describe_plan(plan: Plan) -> str:
         detail = (f"clip [{norm.clip_low:g}, {norm.clip_high:g}], mean {norm.mean:g}, std {norm.std:g}"
                   if norm.scheme == "ct" else "per case")
         lines.append(f"  channel {channel}        {norm.scheme}: {detail}")
-    lines.append(f"  {'stage':>5}  {'kernel':<9}  {'stride':<9}  {'features':>8}  {'blocks':>6}  "
+    lines.append(f"  {'stage':>5}  {'kernel':<9}  {'stride':<9}  {'features':>8}  "
+                 f"{'convs' if plan.network == 'plainconv' else 'blocks':>6}  "
                  f"{'decoder':>7}  feature map")
     shapes = stage_shapes(plan.patch_size, plan.strides)
     for stage in range(plan.num_stages):

@@ -1,9 +1,9 @@
-"""Network topology of the residual encoder UNet from spacing and patch size, and its memory estimate.
+"""Network topology of nnU-Net's UNets from spacing and patch size, and their memory estimates.
 
 These are nnU-Net v2's rules (``get_pool_and_conv_props`` in
 ``nnunetv2/experiment_planning/experiment_planners/network_topology.py`` and
-``compute_conv_feature_map_size`` of dynamic-network-architectures' ``ResidualEncoderUNet``),
-written as pure functions. Every spatial triple is in tensor axis order (z, y, x).
+``compute_conv_feature_map_size`` of dynamic-network-architectures' ``ResidualEncoderUNet`` and
+``PlainConvUNet``), written as pure functions. Every spatial triple is in tensor axis order (z, y, x).
 """
 
 from __future__ import annotations
@@ -155,12 +155,8 @@ def feature_map_voxels(patch_size: Sequence[int], strides: Sequence[Sequence[int
         num_classes: segmentation outputs (counted at full resolution, and at every decoder stage
             with ``deep_supervision``; nnU-Net plans without it).
     """
+    voxels = _stage_voxels(patch_size, strides, features, blocks_per_stage, conv_per_stage_decoder)
     num_stages = len(strides)
-    lengths = (len(features), len(blocks_per_stage), len(conv_per_stage_decoder))
-    if lengths != (num_stages, num_stages, num_stages - 1):
-        raise ValueError(f"{num_stages} stages need as many features and blocks and {num_stages - 1} decoder "
-                         f"entries; got {lengths}")
-    voxels = [math.prod(shape) for shape in stage_shapes(patch_size, strides)]
     total = features[0] * math.prod(int(p) for p in patch_size)  # stem conv
     in_channels = features[0]
     for stage in range(num_stages):
@@ -171,10 +167,43 @@ def feature_map_voxels(patch_size: Sequence[int], strides: Sequence[Sequence[int
         if in_channels != features[stage] or any(s != 1 for s in strides[stage]):
             total += out
         in_channels = features[stage]
+    return int(total + _decoder_voxels(voxels, features, conv_per_stage_decoder, num_classes, deep_supervision))
+
+
+def plainconv_feature_map_voxels(patch_size: Sequence[int], strides: Sequence[Sequence[int]],
+                                 features: Sequence[int], conv_per_stage: Sequence[int],
+                                 conv_per_stage_decoder: Sequence[int], num_classes: int,
+                                 deep_supervision: bool = False) -> int:
+    """Sum of the output sizes (channels x voxels) of every conv of a plain-conv UNet for one patch.
+
+    ``compute_conv_feature_map_size`` of dynamic-network-architectures' ``PlainConvUNet`` (strided
+    convs, no stem), the memory proxy of nnU-Net's default ExperimentPlanner. Arguments as in
+    :func:`feature_map_voxels`, with ``conv_per_stage`` (nnU-Net's ``n_conv_per_stage``) convs per encoder
+    stage, the first of them strided.
+    """
+    voxels = _stage_voxels(patch_size, strides, features, conv_per_stage, conv_per_stage_decoder)
+    total = sum(features[stage] * voxels[stage] * conv_per_stage[stage] for stage in range(len(strides)))
+    return int(total + _decoder_voxels(voxels, features, conv_per_stage_decoder, num_classes, deep_supervision))
+
+
+def _stage_voxels(patch_size, strides, features, per_stage_encoder, conv_per_stage_decoder) -> list[int]:
+    """Voxels of every encoder stage's feature map, after checking the per-stage lengths."""
+    num_stages = len(strides)
+    lengths = (len(features), len(per_stage_encoder), len(conv_per_stage_decoder))
+    if lengths != (num_stages, num_stages, num_stages - 1):
+        raise ValueError(f"{num_stages} stages need as many features and blocks and {num_stages - 1} decoder "
+                         f"entries; got {lengths}")
+    return [math.prod(shape) for shape in stage_shapes(patch_size, strides)]
+
+
+def _decoder_voxels(voxels, features, conv_per_stage_decoder, num_classes: int, deep_supervision: bool) -> int:
+    """The decoder's share (the same UNetDecoder in both networks): per decoder stage its convs after the skip
+    concatenation, the transposed conv from the stage below and the segmentation output."""
+    num_stages, total = len(voxels), 0
     for stage in range(num_stages - 1):
         out = features[stage] * voxels[stage]
-        total += out * conv_per_stage_decoder[num_stages - 2 - stage]  # convs after the skip concatenation
-        total += out  # transposed conv from the stage below
+        total += out * conv_per_stage_decoder[num_stages - 2 - stage]
+        total += out
         if deep_supervision or stage == 0:
             total += num_classes * voxels[stage]
-    return int(total)
+    return total
