@@ -95,6 +95,6 @@ def test_explain_plan_gives_the_planners_plan_and_its_reasons(distributed_datase
     plan, text = explain_plan(fingerprint, preset)
     assert plan == plan_experiment(fingerprint, preset)
     assert "percentile 50 per axis: 2 x 0.8 x 0.8 mm" in text and "coarsest axis z: 2.50x" in text
-    assert "patch: starts at" in text and "topology:" in text and "plan (preset small)" in text
+    assert "patch: starts at" in text and "topology:" in text and "plan (preset small, network resenc)" in text
     _, overridden = explain_plan(fingerprint, preset, {"target_spacing": [2.0, 1.6, 1.6], "patch_size": [8, 16, 16]})
     assert "set by the override target_spacing" in overridden and "the override patch_size" in overridden
