@@ -23,11 +23,8 @@ whose folder already holds its final checkpoint is read, not run again, so a kil
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -37,11 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench._machine import cpu_model  # noqa: E402
-
-METRICS = ("val/whole_pancreas_dice", "val/lesion_dice", "val/macro_f1")
-COMMON = ["experiment=cpu_demo", "data=folder", "data.inner_validation.cases=0", "callbacks.weight_averaging=null",
-          "callbacks.rich_progress_bar=null", "callbacks.rich_model_summary=null", "logger=csv",
-          "module.num_overlays=0", "data.progress=false"]
+from bench._study_runs import METRICS, curve, mean_sd, run_train  # noqa: E402
 
 
 def generate(out: Path) -> tuple[Path, Path, Path]:
@@ -67,39 +60,6 @@ def generate(out: Path) -> tuple[Path, Path, Path]:
             if not link.exists():
                 link.symlink_to(source)
     return pretrain, sixty, small
-
-
-def run_train(run_dir: Path, steps: int, val_every: int, overrides: list[str], log_file: Path) -> None:
-    """``train.py`` for ``steps`` optimizer steps (epochs of ``val_every`` steps, validated after each)."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        import torch
-
-        if torch.load(last, weights_only=True, map_location="cpu")["global_step"] >= steps:
-            return
-    if steps % val_every:
-        raise SystemExit(f"the step budget {steps} is not a multiple of the validation interval {val_every}")
-    command = [sys.executable, "train.py", *COMMON, f"data.iterations_per_epoch={val_every}",
-               f"trainer.max_epochs={steps // val_every}", "trainer.check_val_every_n_epoch=1",
-               f"hydra.run.dir={run_dir}", f"paths.output_root={run_dir.parents[1]}", *overrides]
-    started = time.time()
-    with log_file.open("a") as handle:
-        handle.write(f"\n$ {' '.join(command)}\n")
-        handle.flush()
-        subprocess.run(command, cwd=REPO_ROOT, stdout=handle, stderr=subprocess.STDOUT, check=True,
-                       env={**os.environ, "WANDB_MODE": "offline"})
-    print(f"  {run_dir.name}: {time.time() - started:.0f} s", flush=True)
-
-
-def curve(run_dir: Path) -> list[dict]:
-    """The validation rows of a run's metrics.csv: step and the METRICS."""
-    rows = []
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get(METRICS[0]):
-                rows.append({"step": int(row["step"]) + 1,
-                             **{m: float(row[m]) if row.get(m) else float("nan") for m in METRICS}})
-    return sorted({row["step"]: row for row in rows}.values(), key=lambda row: row["step"])
 
 
 def summarise(run_dir: Path) -> dict:
@@ -142,12 +102,6 @@ def write_nnunet_folder(checkpoint: Path, folder: Path) -> Path:
                 "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)},
                folder / "fold_0" / "checkpoint_final.pth")
     return folder
-
-
-def mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:
