@@ -1,6 +1,7 @@
 """tune.py: Optuna studies over train.py runs that survive killed workers, shared by parallel workers."""
 
 import csv
+import logging
 import os
 import signal
 import subprocess
@@ -174,3 +175,29 @@ def test_a_trial_is_a_wandb_run_of_the_study_group(tmp_path):
     cfg = tune.trial_config(overrides, {"loss.cls_weight": 0.5}, tmp_path / "trial_0000_cls_weight=0.5")
     assert (cfg.logger.wandb.group, cfg.logger.wandb.name, cfg.logger.wandb.job_type) == (
         "tiny", "trial_0000_cls_weight=0.5", "tune")
+
+
+def checkpoint_inner_cases(run_dir):
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return saved["pancreas_mtl"]["config"]["data"]["inner_validation"]["cases"]
+
+
+def test_trials_are_ranked_on_the_inner_split_and_the_best_retrains_on_every_case(tmp_path, caplog):
+    caplog.set_level(logging.INFO)  # the split's log line reaches the runs' train.log
+    study_dir = tmp_path / "runs" / "tune" / "tiny"
+    summary = tune.run_study(study_overrides(tmp_path, "tune.n_trials=1", "tune.retrain_best=true"))
+    trial_dir = next(study_dir.glob("trial_0000_*"))
+    assert checkpoint_inner_cases(trial_dir) == 0.16  # data.inner_validation.sweep_cases
+    rows = [row for path in (trial_dir / "csv").rglob("metrics.csv") for row in csv.DictReader(path.open())]
+    inner = [(row["select/combined"], row["inner/combined"]) for row in rows if row.get("inner/combined")]
+    assert inner and all(select == score for select, score in inner)  # ranked on the inner split
+    assert "9 train / 3 inner validation" in (trial_dir / "train.log").read_text()  # one of each subtype
+
+    retrained = study_dir / "retrained_trial_0000"
+    assert summary["retrained"]["trial"] == 0 and summary["retrained"]["folder"] == str(retrained)
+    assert checkpoint_inner_cases(retrained) == 0
+    assert "12 train / 0 inner validation" in (retrained / "train.log").read_text()
+    assert (retrained / "retrained.json").is_file()
+    stamp = (retrained / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    again = tune.run_study(study_overrides(tmp_path, "tune.n_trials=1", "tune.retrain_best=true"))
+    assert again["retrained"]["trial"] == 0 and (retrained / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp

@@ -171,7 +171,7 @@ def prepare_dataset(data_cfg, planning_cfg, *, progress: bool = True, source_pla
                          progress=progress, limits=limits)
     split = make_split(index, mode=data.split, fold=data.fold, num_folds=data.num_folds, seed=data.split_seed)
     inner = data.inner_validation
-    split = carve_inner(split, index.labelled, inner.cases, inner.seed)
+    split = carve_inner(split, index.labelled, inner.cases or 0, inner.seed)  # None: a run no sweep ranks
     log.info("dataset %s (%s layout): %d labelled case(s), split %s: %d train / %d inner validation / "
              "%d validation; cache %s",
              index.name, index.layout, len(index.labelled), split.source, len(split.train), len(split.inner),

@@ -104,7 +104,9 @@ class SamplingSettings:
 
 @dataclass
 class InnerValidationSettings:
-    cases: float = MISSING
+    cases: Optional[float] = MISSING   # None: 0, or sweep_cases in a run a sweep ranks (training.inner_validation)
+    sweep_cases: float = MISSING
+    replicate_keys: list[str] = MISSING
     seed: int = MISSING
 
 

@@ -231,6 +231,23 @@ class OutputFolder:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @contextmanager
+    def try_lock(self, name: str) -> Iterator[bool]:
+        """Hold the folder's lock ``name`` if no other process holds it: yields True while held, False at
+        once when another process has it (work that one process should do, such as a study's retrain).
+        The system frees it when its holder dies."""
+        self.records.mkdir(parents=True, exist_ok=True)
+        with open(self.records / f".{name}.lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     # --- removing ----------------------------------------------------------------------------------
 
     def remove_unit(self, unit: str) -> list[str]:

@@ -107,10 +107,11 @@ def chosen_checkpoint(job: Path, name: str = SELECTED) -> Path:
     return selected[0]
 
 
-def selection_source(job_config: Mapping) -> str:
+def selection_source(data: Mapping) -> str:
     """Which cases model selection chose the job's checkpoint on: its inner validation split, else the
-    validation split (``named`` in holdout.json for a checkpoint given by name)."""
-    inner = OmegaConf.select(OmegaConf.create(dict(job_config)), "data.inner_validation.cases", default=0) or 0
+    validation split (``named`` in holdout.json for a checkpoint given by name). ``data``: the job's data
+    config as the checkpoint keeps it, where a null ``inner_validation.cases`` has been made a number."""
+    inner = (data.get("inner_validation") or {}).get("cases") or 0
     return f"inner validation ({inner} of the training cases)" if inner else "validation"
 
 
@@ -202,7 +203,7 @@ def run_holdout(cfg) -> dict:
                                         run_info={"checkpoints": [str(checkpoint)], "inference": settings.name})
         jobs.append({"job": job.name, "folder": str(job), "overrides": run_overrides(job),
                      "checkpoint": str(checkpoint),
-                     "selected_on": selection_source(job_config) if cfg.checkpoint == SELECTED else "named",
+                     "selected_on": selection_source(data) if cfg.checkpoint == SELECTED else "named",
                      "training": training_summary(job), "combined_metric": weights, "scores": scores})
     if not jobs:
         raise ValueError(f"{multirun}: no finished job to score (unfinished: {', '.join(skipped)})")

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # --- loggers ----------------------------------------------------------------------------------------
 
-def _swept_keys(hydra_cfg: Mapping) -> set[str] | None:
+def swept_keys(hydra_cfg: Mapping) -> set[str] | None:
     """Keys a multirun varies: the sweep overrides of its command line (``<sweep dir>/multirun.yaml``,
     which Hydra's basic sweeper writes) and a search sweeper's ``params``; None when neither is found."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -57,7 +57,7 @@ def wandb_run_identity(hydra_cfg: Mapping | None, task_name: str) -> dict[str, s
         return {"name": task_name, "group": None}
     group = f"{task_name}_{Path(str(hydra_cfg['sweep']['dir'])).name}"
     overrides = list(hydra_cfg["overrides"]["task"])
-    swept = _swept_keys(hydra_cfg)
+    swept = swept_keys(hydra_cfg)
     if swept is not None:
         overrides = [override for override in overrides if override.split("=", 1)[0].lstrip("+~") in swept]
     separators = hydra_cfg["job"]["config"]["override_dirname"]
@@ -66,7 +66,8 @@ def wandb_run_identity(hydra_cfg: Mapping | None, task_name: str) -> dict[str, s
     return {"name": name or f"{task_name}_{hydra_cfg['job']['num']}", "group": group}
 
 
-def _hydra_config() -> Mapping | None:
+def hydra_config() -> Mapping | None:
+    """This process's Hydra config (``HydraConfig.get()``), None outside a Hydra run."""
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get() if HydraConfig.initialized() else None
@@ -134,7 +135,7 @@ def build_loggers(logger_cfg: Mapping | None, output_dir: str | Path, config: Ma
             # checkpoints go to W&B through monitoring.WandbArtifacts, offline too (Lightning's log_model
             # refuses offline runs and sees ModelCheckpoint files only, not last.ckpt)
             overrides["log_model"] = False
-            identity = wandb_run_identity(_hydra_config(), str((config or {}).get("task_name") or "train"))
+            identity = wandb_run_identity(hydra_config(), str((config or {}).get("task_name") or "train"))
             overrides.update({key: value for key, value in identity.items() if entry.get(key) is None})
             if resumed_run and resumed_run.get("id") and entry.get("id") is None:
                 if valid_run_id(resumed_run["id"]):

@@ -28,6 +28,7 @@ from pancreas_mtl.devices import set_tf32
 from pancreas_mtl.files import save_json
 from pancreas_mtl.config import config_differences
 from pancreas_mtl.inference.checkpoint import read_checkpoint
+from pancreas_mtl.training.inner_validation import ranking_of_this_run, resolve_inner_validation
 from pancreas_mtl.training.loggers import build_loggers
 from pancreas_mtl.training.module import build_module
 from pancreas_mtl.planning.planner import describe_plan
@@ -201,6 +202,7 @@ def start_fine_tuning(cfg: DictConfig, module, source: PretrainedSource | None, 
 def train(cfg: DictConfig, extra_callbacks: Sequence = ()) -> float | None:
     """The whole run for a composed config; returns the best ``cfg.optimized_metric`` (None if not logged).
     ``extra_callbacks`` join the configured ones (tune.py's pruning callback, which holds its live trial)."""
+    resolve_inner_validation(cfg, ranking_of_this_run(cfg, is_first_process()))  # null: 0 unless a sweep ranks it
     check_settings(cfg)  # before the run writes anything: a refused run leaves no run folder
     if cfg.get("two_phase"):  # segmentation first, then the multi-task fine-tune from it (training.two_phase)
         from pancreas_mtl.training.two_phase import run_two_phase

@@ -5,7 +5,10 @@ study settings ``tune.*``) and runs Optuna trials until the study in ``tune.stor
 ``tune.n_trials`` finished ones. Each trial is :func:`pancreas_mtl.training.train.train` in this
 process on the composed train config plus the sampled overrides, in its own run folder
 ``<tune.study_dir>/trial_<number>_<params>``, and returns the best validation ``optimized_metric`` of
-its run. A pruner stops trials whose validation metric falls behind (Optuna's Lightning callback,
+its run. Each trial holds ``data.inner_validation.sweep_cases`` of its training cases out (where
+``data.inner_validation.cases`` is null) and is ranked on them (``select/*``), so the study does not pick
+on the validation split it reports; ``tune.retrain_best`` then trains the best settings again on every
+case. A pruner stops trials whose validation metric falls behind (Optuna's Lightning callback,
 handed to the trial's run with its live trial). Several workers (the same command in other processes or
 SLURM jobs) share one study through the storage; a worker killed mid-trial leaves a trial whose
 heartbeat stops, which the next worker to start fails and queues again.
@@ -30,16 +33,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pancreas_mtl.config import config_dir, expand_shorthands
 from pancreas_mtl.files import save_json
-from pancreas_mtl.output_guard import RECORDS_DIR, OutputFolder, OutputFolderError, read_manifest
+from pancreas_mtl.output_guard import OutputFolder
+from pancreas_mtl.training.inner_validation import resolve_inner_validation, trial_ranking
 from pancreas_mtl.training.train import check_settings, train
+from pancreas_mtl.training.tune_storage import (TuneError, check_fixed_overrides, claim_study_dir, fixed_overrides,
+                                                open_storage, retry_callback_class)
 
 log = logging.getLogger("tune")
 FINISHED = ("COMPLETE", "PRUNED")
-STUDY_FILE, BEST_FILE = "study.json", "best.json"  # in tune.study_dir, beside the trials' run folders
-
-
-class TuneError(ValueError):
-    """A study that cannot start: wrong storage, folder or search space."""
+BEST_FILE = "best.json"  # in tune.study_dir, beside the trials' run folders and study.json
 
 
 class SurplusTrial(RuntimeError):
@@ -154,6 +156,7 @@ def trial_config(overrides: list[str], values: dict, run_dir: Path) -> DictConfi
     sampled = [f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items()]
     cfg = compose_tune([*overrides, *sampled])
     check_trial_settings(cfg)  # before the trial's folder is written
+    resolve_inner_validation(cfg, trial_ranking(cfg))  # null: the trial holds sweep_cases out to be ranked on
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
         # last.ckpt, or hpc_ckpt_N.ckpt that Lightning writes on SLURM's requeue signal: the newest
@@ -190,88 +193,6 @@ def trial_log(log_file: Path):
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
-
-
-def retry_callback_class():
-    """Optuna's callback that queues a stale trial again: RetryHeartbeatStaleTrialCallback from Optuna 5 on."""
-    import optuna
-
-    return getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-
-
-def open_storage(cfg: DictConfig):
-    import optuna
-
-    url = str(cfg.tune.storage)
-    if "://" not in url:
-        raise TuneError(f"tune.storage={url!r} is not a database URL; for a file write sqlite:///{Path(url).absolute()}")
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    retry = retry_callback_class()(max_retry=cfg.tune.max_retry)
-    retry_kwarg = ({"heartbeat_stale_trial_callback": retry} if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")
-                   else {"failed_trial_callback": retry})
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.tune.heartbeat_interval,
-                                          grace_period=cfg.tune.grace_period, **retry_kwarg)
-    except Exception as error:
-        raise TuneError(f"tune.storage={url}: cannot open the study database ({type(error).__name__}: {error})") from error
-
-
-def claim_study_dir(study_dir: Path, cfg: DictConfig) -> OutputFolder:
-    """One folder, one study (the output-folder guard): a folder holding another study's trials, or anything
-    this tool did not write, is refused."""
-    marker = study_dir / STUDY_FILE
-    identity = {"study_name": str(cfg.tune.study_name)}
-    found = read_manifest(marker)
-    if found is not None and found.get("study_name") != cfg.tune.study_name:
-        raise TuneError(f"tune.study_dir={study_dir} holds study {found.get('study_name')!r} ({STUDY_FILE}), not "
-                        f"{cfg.tune.study_name!r}; choose another tune.study_dir or tune.study_name")
-    if found is not None and not (study_dir / RECORDS_DIR).is_dir():  # a study an earlier version started
-        folder = OutputFolder(study_dir, "tune", identity).claim()
-        folder.record(".study", [STUDY_FILE])
-        return folder
-    try:
-        folder = OutputFolder.open(study_dir, "tune", identity=identity, writes=[STUDY_FILE])
-    except OutputFolderError as error:
-        raise TuneError(f"tune.study_dir={study_dir}: {error}") from None
-    if folder.may_write(STUDY_FILE):
-        save_json({"study_name": cfg.tune.study_name, "storage": str(cfg.tune.storage)}, marker)
-        folder.record(".study", [STUDY_FILE])
-    return folder
-
-
-FIXED_OVERRIDES = "fixed_overrides"  # the study's user attribute: {key: override} of the worker that created it
-
-
-def fixed_overrides(overrides: list[str], worker_overrides) -> dict[str, str]:
-    """{key: override as given} of the command line's overrides that every trial of the study shares: all
-    but ``tune.worker_overrides`` (and the keys below them), which may differ between workers."""
-    worker_keys = [str(key) for key in worker_overrides or []]
-    fixed = {}
-    for override in overrides:
-        key = override.split("=", 1)[0].strip().lstrip("+~")
-        if not any(key == worker_key or key.startswith(f"{worker_key}.") for worker_key in worker_keys):
-            fixed[key] = override.strip()  # a key given twice: the later one applies, as in Hydra
-    return fixed
-
-
-def check_fixed_overrides(study, fixed: dict[str, str], cfg: DictConfig) -> None:
-    """Record ``fixed`` with a new study; refuse to join a study recorded with other fixed overrides,
-    listing each that differs."""
-    recorded = study.user_attrs.get(FIXED_OVERRIDES)
-    if recorded is None and study.get_trials(deepcopy=False):
-        log.warning("study %s records no fixed overrides (created by an earlier tune.py): this worker's are "
-                    "not compared with those of its trials", study.study_name)
-        return
-    if recorded is None:
-        study.set_user_attr(FIXED_OVERRIDES, fixed)
-        recorded = study.user_attrs[FIXED_OVERRIDES]  # two workers creating it at once: the one that wrote last
-    differences = [f"{recorded.get(key, f'no {key}')} (study) vs {fixed.get(key, f'no {key}')} (this worker)"
-                   for key in sorted(set(recorded) | set(fixed)) if recorded.get(key) != fixed.get(key)]
-    if differences:
-        raise TuneError(f"study {study.study_name} in {cfg.tune.storage} was created with other overrides: "
-                        f"{'; '.join(differences)}; start this worker with the study's overrides (tune."
-                        "worker_overrides may differ), or choose another tune.study_name")
 
 
 def count(study, *states: str) -> int:
@@ -341,15 +262,51 @@ def run_study(overrides: list[str]) -> dict:
         if refused:
             raise refused[0]
         ran += 1
-    return summarise(study, folder)
+    retrained = retrain_best(study, overrides, study_dir, folder) if cfg.tune.retrain_best else None
+    return summarise(study, folder, retrained)
 
 
-def summarise(study, folder: OutputFolder) -> dict:
+RETRAIN_LOCK = "retrain"  # one worker retrains the best trial; the others go on
+
+
+def retrain_best(study, overrides: list[str], study_dir: Path, folder: OutputFolder) -> dict | None:
+    """The best trial's settings trained again on every training case (``data.inner_validation.cases=0``,
+    the same run length) in ``<study_dir>/retrained_trial_<number>/``, once the study has all its trials
+    (``tune.retrain_best``); its ``last.ckpt`` is the study's model. One worker retrains while the others
+    stop; a killed retrain resumes from its last.ckpt when a worker starts again. Returns the retrain's
+    record for best.json, None where nothing was retrained (yet)."""
+    cfg = compose_tune(overrides)
+    if count(study, *FINISHED) < cfg.tune.n_trials or not count(study, "COMPLETE"):
+        log.info("tune.retrain_best: the study has %d of %d trials finished, %d complete; the worker that finishes "
+                 "the last one retrains the best", count(study, *FINISHED), cfg.tune.n_trials, count(study, "COMPLETE"))
+        return None
+    best = study.best_trial
+    run_dir = study_dir / f"retrained_trial_{best.number:04d}"
+    record = {"trial": best.number, "params": best.params, "folder": str(run_dir),
+              "checkpoint": str(run_dir / "checkpoints" / "last.ckpt")}
+    if (run_dir / "retrained.json").is_file():
+        return record
+    with folder.try_lock(RETRAIN_LOCK) as held:
+        if not held:
+            log.info("tune.retrain_best: another worker is retraining trial %d in %s", best.number, run_dir)
+            return None
+        run_cfg = trial_config([*overrides, "data.inner_validation.cases=0"], best.params, run_dir)
+        log.info("tune.retrain_best: trial %d %s again on every training case -> %s%s", best.number, best.params,
+                 run_dir, f", resuming from {run_cfg.ckpt_path}" if run_cfg.ckpt_path else "")
+        with trial_log(run_dir / "train.log"):
+            record["val_metric"] = train(run_cfg)
+        save_json(record, run_dir / "retrained.json")
+    return record
+
+
+def summarise(study, folder: OutputFolder, retrained: dict | None = None) -> dict:
     summary = {"study_name": study.study_name, "finished": count(study, *FINISHED),
                "complete": count(study, "COMPLETE"), "pruned": count(study, "PRUNED"), "failed": count(study, "FAIL")}
     if summary["complete"]:
         best = study.best_trial
         summary.update(best_trial=best.number, best_value=best.value, best_params=best.params)
+    if retrained is not None:
+        summary["retrained"] = retrained
     if folder.may_write(BEST_FILE):
         with folder.lock():  # several workers may finish at once
             save_json(summary, folder.path / BEST_FILE)
