@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from omegaconf import DictConfig, open_dict
 
-from pancreas_mtl.training.loggers import hydra_config, swept_keys
+from pancreas_mtl.training.loggers import hydra_config, is_multirun, swept_keys
 
 log = logging.getLogger("train")
 RANKED_ENV = "PANCREAS_MTL_RANKED_BY"  # set by rank 0: why the run is ranked, "" when it is not
@@ -28,7 +28,7 @@ RANKED_ENV = "PANCREAS_MTL_RANKED_BY"  # set by rank 0: why the run is ranked, "
 def multirun_ranking(cfg: DictConfig, hydra_cfg: Mapping | None) -> str:
     """Why a run is one a Hydra multirun ranks by ``select/*`` (a sentence), "" when it is not."""
     metric = str(cfg.get("optimized_metric") or "")
-    if hydra_cfg is None or str(hydra_cfg.get("mode")).rsplit(".", 1)[-1] != "MULTIRUN" or not metric.startswith("select/"):
+    if not is_multirun(hydra_cfg) or not metric.startswith("select/"):
         return ""
     swept = swept_keys(hydra_cfg)
     replicates = {str(key) for key in cfg.data.inner_validation.replicate_keys}
@@ -68,5 +68,5 @@ def resolve_inner_validation(cfg: DictConfig, ranked_by: str) -> None:
         log.info("inner validation split: %s of the training cases (data.inner_validation.sweep_cases), as %s",
                  cases, ranked_by)
     else:
-        log.info("inner validation split: none, every training case trains (a single run; %s is val/*)",
-                 cfg.get("optimized_metric"))
+        log.info("inner validation split: none, every training case trains (no sweep ranks this run by "
+                 "select/*; select/combined is val/combined)")

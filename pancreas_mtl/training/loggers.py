@@ -45,6 +45,11 @@ def swept_keys(hydra_cfg: Mapping) -> set[str] | None:
     return keys if found else None
 
 
+def is_multirun(hydra_cfg: Mapping | None) -> bool:
+    """Whether a Hydra config (``HydraConfig.get()``; None outside Hydra) is a job of a multirun."""
+    return hydra_cfg is not None and str(hydra_cfg.get("mode")).rsplit(".", 1)[-1] == "MULTIRUN"  # RunMode.MULTIRUN
+
+
 def wandb_run_identity(hydra_cfg: Mapping | None, task_name: str) -> dict[str, str | None]:
     """The W&B ``name`` and ``group`` of a run from its Hydra config (``HydraConfig.get()``; None outside Hydra).
 
@@ -53,7 +58,7 @@ def wandb_run_identity(hydra_cfg: Mapping | None, task_name: str) -> dict[str, s
     (``data.fold=1,seed=2``; all of the job's overrides when the swept keys cannot be found). A single
     run is named ``task_name`` and has no group.
     """
-    if hydra_cfg is None or str(hydra_cfg.get("mode")).rsplit(".", 1)[-1] != "MULTIRUN":  # RunMode.MULTIRUN
+    if not is_multirun(hydra_cfg):
         return {"name": task_name, "group": None}
     group = f"{task_name}_{Path(str(hydra_cfg['sweep']['dir'])).name}"
     overrides = list(hydra_cfg["overrides"]["task"])

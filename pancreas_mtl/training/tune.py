@@ -262,23 +262,22 @@ def run_study(overrides: list[str]) -> dict:
         if refused:
             raise refused[0]
         ran += 1
-    retrained = retrain_best(study, overrides, study_dir, folder) if cfg.tune.retrain_best else None
+    retrained = retrain_best(study, overrides, cfg.tune.n_trials, study_dir, folder) if cfg.tune.retrain_best else None
     return summarise(study, folder, retrained)
 
 
 RETRAIN_LOCK = "retrain"  # one worker retrains the best trial; the others go on
 
 
-def retrain_best(study, overrides: list[str], study_dir: Path, folder: OutputFolder) -> dict | None:
+def retrain_best(study, overrides: list[str], n_trials: int, study_dir: Path, folder: OutputFolder) -> dict | None:
     """The best trial's settings trained again on every training case (``data.inner_validation.cases=0``,
     the same run length) in ``<study_dir>/retrained_trial_<number>/``, once the study has all its trials
     (``tune.retrain_best``); its ``last.ckpt`` is the study's model. One worker retrains while the others
     stop; a killed retrain resumes from its last.ckpt when a worker starts again. Returns the retrain's
     record for best.json, None where nothing was retrained (yet)."""
-    cfg = compose_tune(overrides)
-    if count(study, *FINISHED) < cfg.tune.n_trials or not count(study, "COMPLETE"):
+    if count(study, *FINISHED) < n_trials or not count(study, "COMPLETE"):
         log.info("tune.retrain_best: the study has %d of %d trials finished, %d complete; the worker that finishes "
-                 "the last one retrains the best", count(study, *FINISHED), cfg.tune.n_trials, count(study, "COMPLETE"))
+                 "the last one retrains the best", count(study, *FINISHED), n_trials, count(study, "COMPLETE"))
         return None
     best = study.best_trial
     run_dir = study_dir / f"retrained_trial_{best.number:04d}"
